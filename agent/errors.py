@@ -1,0 +1,186 @@
+"""One error hierarchy for all of edgeship.
+
+Two roots matter to callers:
+
+* :class:`BundleError` — the bundle itself is bad (signature, digest, rollback,
+  expired, malformed). Retrying the same bytes will fail the same way.
+* :class:`FetchError` — we could not get something (download, broker). Retrying
+  later may succeed.
+
+Every message says what to do about the problem. The CLIs catch only
+:class:`EdgeshipError` and print its text, never a traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BadSignatureError",
+    "BrokerError",
+    "BundleError",
+    "BundleTooLargeError",
+    "CompatibilityError",
+    "ConfigError",
+    "DigestMismatchError",
+    "DownloadError",
+    "DuplicateMemberError",
+    "EdgeshipError",
+    "ExpiredError",
+    "ExtraMemberError",
+    "FetchError",
+    "HealthCheckError",
+    "InferenceError",
+    "InputValidationError",
+    "KeyFileError",
+    "MalformedManifestError",
+    "ManifestMismatchError",
+    "MemberOrderError",
+    "MissingMemberError",
+    "NotATarError",
+    "OverloadedError",
+    "RollbackError",
+    "RuntimeUnavailableError",
+    "SchemaVersionError",
+    "SizeMismatchError",
+    "StateError",
+    "ThresholdError",
+    "TruncatedBundleError",
+    "UnsafeMemberError",
+    "UntrustedSignerError",
+]
+
+
+class EdgeshipError(Exception):
+    """Root of every error edgeship raises on purpose."""
+
+
+# --- the bundle is bad -----------------------------------------------------------
+
+
+class BundleError(EdgeshipError):
+    """The bundle is not acceptable. The same bytes will always be refused."""
+
+
+class NotATarError(BundleError):
+    """The file is not a bundle: not an uncompressed POSIX (ustar) tar."""
+
+
+class TruncatedBundleError(BundleError):
+    """The bundle ends before its structure says it should."""
+
+
+class BundleTooLargeError(BundleError):
+    """The bundle or one of its members is larger than the configured limit."""
+
+
+class UnsafeMemberError(BundleError):
+    """A member is not a plain regular file with a safe relative path."""
+
+
+class DuplicateMemberError(BundleError):
+    """Two members have the same path."""
+
+
+class MemberOrderError(BundleError):
+    """Members are not in the order the format fixes."""
+
+
+class MissingMemberError(BundleError):
+    """A member the manifest lists (or the format requires) is absent."""
+
+
+class ExtraMemberError(BundleError):
+    """A member is present that the manifest does not list."""
+
+
+class SizeMismatchError(BundleError):
+    """A member's size differs from the size the manifest declares."""
+
+
+class DigestMismatchError(BundleError):
+    """A member's sha256 differs from the digest the manifest declares."""
+
+
+class ManifestMismatchError(BundleError):
+    """manifest.json is not byte-for-byte the payload that was signed."""
+
+
+class BadSignatureError(BundleError):
+    """A signature from a trusted key id does not verify, or the envelope is malformed."""
+
+
+class UntrustedSignerError(BundleError):
+    """No signature comes from a key the trust policy lists."""
+
+
+class ThresholdError(BundleError):
+    """Fewer distinct trusted keys signed than the trust policy's threshold."""
+
+
+class MalformedManifestError(BundleError):
+    """The manifest is not valid UTF-8 JSON or does not follow the schema."""
+
+
+class SchemaVersionError(MalformedManifestError):
+    """The manifest uses a newer major schema version than this agent reads."""
+
+
+class CompatibilityError(BundleError):
+    """The bundle's compatibility section excludes this device."""
+
+
+class RollbackError(BundleError):
+    """The bundle's sequence is below the device's anti-rollback floor."""
+
+
+class ExpiredError(BundleError):
+    """The bundle's expiry time has passed (beyond the allowed clock slack)."""
+
+
+class HealthCheckError(BundleError):
+    """The model failed its on-device health check (golden outputs or latency)."""
+
+
+# --- we could not get it ---------------------------------------------------------
+
+
+class FetchError(EdgeshipError):
+    """Something could not be obtained. Retrying later may succeed."""
+
+
+class DownloadError(FetchError):
+    """A bundle download failed (network, HTTP status, size limit, timeout)."""
+
+
+class BrokerError(FetchError):
+    """The MQTT broker could not be reached or refused the connection."""
+
+
+# --- everything else ---------------------------------------------------------------
+
+
+class ConfigError(EdgeshipError):
+    """A configuration file, key file or trust policy is invalid."""
+
+
+class KeyFileError(ConfigError):
+    """A key file cannot be read, decrypted or used."""
+
+
+class StateError(EdgeshipError):
+    """The agent's persistent state is inconsistent or an operation is not allowed now."""
+
+
+class RuntimeUnavailableError(EdgeshipError):
+    """The inference runtime the bundle needs is not installed on this device."""
+
+
+class InferenceError(EdgeshipError):
+    """A prediction could not be computed."""
+
+
+class InputValidationError(InferenceError):
+    """The request does not match the model's input signature; it never reached the runtime."""
+
+
+class OverloadedError(InferenceError):
+    """The agent's request queue is full; retry later."""

@@ -1,0 +1,287 @@
+"""DSSE envelopes, public keys and the trust policy: who may sign a bundle.
+
+Pure: bytes and a :class:`TrustPolicy` in, a verified payload or a typed error out.
+Signing (which needs private keys) lives in the SDK; the device only verifies.
+
+* Envelope: DSSE v1 (``{"payload", "payloadType", "signatures": [{"keyid", "sig"}]}``),
+  signatures over ``PAE(payloadType, payload)``.
+* Keys: Ed25519 (default) and ECDSA P-256 with SHA-256 (what secure elements and HSMs
+  offer). A key id is the sha256 of the key's DER SubjectPublicKeyInfo, hex-encoded.
+* Trust policy: trusted public keys and a threshold; each key id counts once.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
+from agent.errors import (
+    BadSignatureError,
+    ConfigError,
+    KeyFileError,
+    ThresholdError,
+    UntrustedSignerError,
+)
+
+__all__ = [
+    "Envelope",
+    "PublicKey",
+    "Signature",
+    "TrustPolicy",
+    "pae",
+    "verify_envelope",
+]
+
+KeyType = Literal["ed25519", "ecdsa-p256"]
+MAX_SIGNATURES = 16  # more than any sane policy; bounds work done on hostile envelopes
+
+
+def pae(payload_type: str, payload: bytes) -> bytes:
+    """DSSE pre-authentication encoding: what is actually signed."""
+    t = payload_type.encode("utf-8")
+    return b"DSSEv1 %d %s %d %s" % (len(t), t, len(payload), payload)
+
+
+@dataclass(frozen=True)
+class PublicKey:
+    """A verification key, identified by the sha256 of its SubjectPublicKeyInfo."""
+
+    keytype: KeyType
+    spki_der: bytes
+
+    @property
+    def keyid(self) -> str:
+        return hashlib.sha256(self.spki_der).hexdigest()
+
+    @classmethod
+    def from_pem(cls, pem: bytes) -> PublicKey:
+        """Load a PEM public key. Raises: KeyFileError if it is not Ed25519 or ECDSA P-256."""
+        try:
+            key = serialization.load_pem_public_key(pem)
+        except ValueError as exc:
+            raise KeyFileError(f"not a PEM public key: {exc}") from None
+        return cls.from_key(key)
+
+    @classmethod
+    def from_key(cls, key: object) -> PublicKey:
+        """Wrap a ``cryptography`` public key. Raises: KeyFileError for other key types."""
+        keytype: KeyType
+        if isinstance(key, ed25519.Ed25519PublicKey):
+            keytype = "ed25519"
+        elif isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1):
+            keytype = "ecdsa-p256"
+        else:
+            raise KeyFileError("only Ed25519 and ECDSA P-256 keys are supported")
+        der = key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return cls(keytype=keytype, spki_der=der)
+
+    def to_pem(self) -> bytes:
+        key = serialization.load_der_public_key(self.spki_der)
+        return key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+
+    def verify(self, signature: bytes, message: bytes) -> None:
+        """Raises: InvalidSignature (from ``cryptography``) if the signature does not verify."""
+        key = serialization.load_der_public_key(self.spki_der)
+        if isinstance(key, ed25519.Ed25519PublicKey):
+            key.verify(signature, message)
+        elif isinstance(key, ec.EllipticCurvePublicKey):
+            key.verify(signature, message, ec.ECDSA(hashes.SHA256()))
+        else:  # pragma: no cover - from_key admits only the two types above
+            raise InvalidSignature
+
+
+@dataclass(frozen=True)
+class Signature:
+    keyid: str
+    sig: bytes
+
+
+@dataclass(frozen=True)
+class Envelope:
+    payload_type: str
+    payload: bytes
+    signatures: tuple[Signature, ...]
+
+    def to_bytes(self) -> bytes:
+        doc = {
+            "payload": base64.b64encode(self.payload).decode("ascii"),
+            "payloadType": self.payload_type,
+            "signatures": [
+                {"keyid": s.keyid, "sig": base64.b64encode(s.sig).decode("ascii")}
+                for s in self.signatures
+            ],
+        }
+        return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("ascii") + b"\n"
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Envelope:
+        """Parse a DSSE envelope. Raises: BadSignatureError if it is malformed."""
+        try:
+            doc = json.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BadSignatureError(f"manifest.sig is not a JSON DSSE envelope: {exc}") from None
+        if not isinstance(doc, dict) or set(doc) - {"payload", "payloadType", "signatures"}:
+            raise BadSignatureError("manifest.sig is not a DSSE envelope")
+        payload_type, payload_b64, sigs = (
+            doc.get("payloadType"),
+            doc.get("payload"),
+            doc.get("signatures"),
+        )
+        if not isinstance(payload_type, str) or not isinstance(payload_b64, str):
+            raise BadSignatureError("DSSE envelope needs string payload and payloadType")
+        if not isinstance(sigs, list) or not sigs:
+            raise BadSignatureError("DSSE envelope carries no signatures")
+        if len(sigs) > MAX_SIGNATURES:
+            raise BadSignatureError(f"DSSE envelope carries more than {MAX_SIGNATURES} signatures")
+        signatures = []
+        for s in sigs:
+            if (
+                not isinstance(s, dict)
+                or not isinstance(s.get("keyid"), str)
+                or not isinstance(s.get("sig"), str)
+            ):
+                raise BadSignatureError("each DSSE signature needs string keyid and sig")
+            signatures.append(Signature(keyid=s["keyid"], sig=_b64(s["sig"])))
+        return cls(
+            payload_type=payload_type, payload=_b64(payload_b64), signatures=tuple(signatures)
+        )
+
+
+def _b64(text: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadSignatureError("DSSE envelope holds invalid base64") from None
+
+
+@dataclass(frozen=True)
+class TrustPolicy:
+    """The keys a device trusts to sign bundles, and how many must agree."""
+
+    keys: Mapping[str, PublicKey]  # keyid -> key
+    threshold: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.keys:
+            raise ConfigError("trust policy lists no keys")
+        if not 1 <= self.threshold <= len(self.keys):
+            raise ConfigError(
+                f"trust policy threshold {self.threshold} must be between 1 and the number of"
+                f" keys ({len(self.keys)})"
+            )
+
+    @classmethod
+    def of(cls, keys: Sequence[PublicKey], threshold: int = 1) -> TrustPolicy:
+        return cls(keys={k.keyid: k for k in keys}, threshold=threshold)
+
+    @classmethod
+    def from_toml(cls, data: bytes) -> TrustPolicy:
+        """Parse a trust policy file.
+
+        The file holds ``threshold = K`` and one ``[[keys]]`` table per key with
+        ``public_key`` (PEM text), and optionally ``keyid`` (checked) and ``name``.
+
+        Raises:
+            ConfigError: the file is not valid TOML or not a valid policy.
+        """
+        try:
+            doc: dict[str, Any] = tomllib.loads(data.decode("utf-8"))
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"trust policy is not valid TOML: {exc}") from None
+        threshold = doc.get("threshold", 1)
+        entries = doc.get("keys")
+        if isinstance(threshold, bool) or not isinstance(threshold, int):
+            raise ConfigError("trust policy threshold must be an integer")
+        if not isinstance(entries, list) or not entries:
+            raise ConfigError("trust policy needs at least one [[keys]] entry")
+        keys: dict[str, PublicKey] = {}
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict) or not isinstance(entry.get("public_key"), str):
+                raise ConfigError(f"trust policy keys[{i}] needs a public_key (PEM text)")
+            key = PublicKey.from_pem(entry["public_key"].encode("ascii", errors="replace"))
+            claimed = entry.get("keyid")
+            if claimed is not None and claimed != key.keyid:
+                raise ConfigError(
+                    f"trust policy keys[{i}]: keyid {claimed} does not match its public key"
+                    f" ({key.keyid})"
+                )
+            keys[key.keyid] = key
+        return cls(keys=keys, threshold=threshold)
+
+    def to_toml(self, names: Mapping[str, str] | None = None) -> bytes:
+        lines = [f"threshold = {self.threshold}", ""]
+        for keyid in sorted(self.keys):
+            key = self.keys[keyid]
+            lines.append("[[keys]]")
+            if names and keyid in names:
+                lines.append(f"name = {json.dumps(names[keyid])}")
+            lines.append(f'keyid = "{keyid}"')
+            lines.append(f'keytype = "{key.keytype}"')
+            lines.append('public_key = """')
+            lines.append(key.to_pem().decode("ascii").strip())
+            lines.append('"""')
+            lines.append("")
+        return "\n".join(lines).encode("ascii")
+
+
+def verify_envelope(envelope: Envelope, policy: TrustPolicy, payload_type: str) -> bytes:
+    """Check an envelope against a trust policy and return the signed payload.
+
+    Signatures from keys the policy does not list are ignored; each trusted key id counts
+    once, however many signatures carry it.
+
+    Raises:
+        BadSignatureError: wrong payload type, or no trusted signature verifies while at
+            least one claims a trusted key id.
+        UntrustedSignerError: no signature claims a key the policy trusts.
+        ThresholdError: fewer distinct trusted keys signed than the threshold.
+    """
+    if envelope.payload_type != payload_type:
+        raise BadSignatureError(
+            f"envelope payloadType is {envelope.payload_type!r}, expected {payload_type!r}"
+        )
+    message = pae(envelope.payload_type, envelope.payload)
+    valid: set[str] = set()
+    claimed_trusted = 0
+    for sig in envelope.signatures:
+        key = policy.keys.get(sig.keyid)
+        if key is None:
+            continue
+        claimed_trusted += 1
+        if sig.keyid in valid:
+            continue
+        try:
+            key.verify(sig.sig, message)
+        except InvalidSignature:
+            continue
+        valid.add(sig.keyid)
+    if len(valid) >= policy.threshold:
+        return envelope.payload
+    if claimed_trusted == 0:
+        raise UntrustedSignerError(
+            "no signature on this bundle comes from a key in the trust policy; sign it with a"
+            " trusted key or add the signer's public key to the policy"
+        )
+    if not valid:
+        raise BadSignatureError(
+            "the bundle's signatures do not verify: it was altered after signing or signed"
+            " with a different key than its key id claims"
+        )
+    raise ThresholdError(
+        f"only {len(valid)} distinct trusted key(s) signed this bundle; the trust policy needs"
+        f" {policy.threshold}"
+    )

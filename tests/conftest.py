@@ -1,0 +1,1 @@
+"""Shared test configuration. Fixture modules live in tests/support/."""
