@@ -1,0 +1,128 @@
+"""The `edgeship` CLI, called in-process."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from sdk.cli import main
+from tests.support.models import make_onnx_mlp
+
+PASS_ENV = "EDGESHIP_TEST_PASSPHRASE"
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv(PASS_ENV, "correct horse")
+    monkeypatch.chdir(tmp_path)
+    make_onnx_mlp(tmp_path / "mlp.onnx")
+    return tmp_path
+
+
+def _json(capsys: pytest.CaptureFixture[str], argv: list[str]) -> dict[str, object]:
+    assert main(argv) == 0
+    doc: dict[str, object] = json.loads(capsys.readouterr().out)
+    return doc
+
+
+def _keygen(name: str) -> None:
+    assert main(["keygen", name, "--passphrase-env", PASS_ENV]) == 0
+
+
+def _build(out: str, *keys: str, sequence: int = 1) -> list[str]:
+    argv = [
+        "build",
+        "mlp.onnx",
+        "--out",
+        out,
+        "--name",
+        "mlp",
+        "--version",
+        "1.0",
+        "--sequence",
+        str(sequence),
+        "--passphrase-env",
+        PASS_ENV,
+        "--json",
+    ]
+    for k in keys:
+        argv += ["--key", k]
+    return argv
+
+
+def test_keygen_build_verify_and_inspect_round_trip(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _keygen("release")
+    assert main(["trust", "release.pub", "--out", "trust.toml"]) == 0
+    capsys.readouterr()
+    built = _json(capsys, _build("mlp.edgeship", "release"))
+    verified = _json(capsys, ["verify", "mlp.edgeship", "--trust", "trust.toml", "--json"])
+    assert verified["ok"] is True
+    assert verified["digest"] == built["digest"]
+    shown = _json(capsys, ["inspect", "mlp.edgeship", "--json"])
+    assert shown["verified"] is False
+    assert shown["manifest"]["name"] == "mlp"  # type: ignore[index]
+
+
+def test_inspect_prints_tables_for_people(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _keygen("release")
+    main(_build("mlp.edgeship", "release"))
+    capsys.readouterr()
+    assert main(["inspect", "mlp.edgeship"]) == 0
+    out = capsys.readouterr().out
+    for text in ("NOT verified", "model card", "model/model.onnx", "probs", "float32"):
+        assert text in out
+
+
+def test_verify_of_a_tampered_bundle_exits_nonzero_with_the_reason(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _keygen("release")
+    main(["trust", "release.pub", "--out", "trust.toml"])
+    main(_build("mlp.edgeship", "release"))
+    data = bytearray((workdir / "mlp.edgeship").read_bytes())
+    data[-2048] ^= 0xFF  # inside the last payload member
+    (workdir / "mlp.edgeship").write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["verify", "mlp.edgeship", "--trust", "trust.toml"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ")
+    assert "Traceback" not in err
+
+
+def test_two_of_two_policy_needs_both_signatures(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _keygen("a")
+    _keygen("b")
+    main(["trust", "a.pub", "b.pub", "--threshold", "2", "--out", "trust.toml"])
+    main(_build("one.edgeship", "a"))
+    main(_build("two.edgeship", "a", "b"))
+    capsys.readouterr()
+    assert main(["verify", "one.edgeship", "--trust", "trust.toml"]) == 1
+    assert "needs 2" in capsys.readouterr().err
+    assert main(["verify", "two.edgeship", "--trust", "trust.toml"]) == 0
+
+
+def test_verify_refuses_a_sequence_below_the_floor(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _keygen("release")
+    main(["trust", "release.pub", "--out", "trust.toml"])
+    main(_build("mlp.edgeship", "release", sequence=4))
+    capsys.readouterr()
+    assert main(["verify", "mlp.edgeship", "--trust", "trust.toml", "--min-sequence", "5"]) == 1
+    assert "floor" in capsys.readouterr().err
+
+
+def test_missing_passphrase_variable_is_a_clear_error(
+    workdir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(PASS_ENV)
+    assert main(["keygen", "k", "--passphrase-env", PASS_ENV]) == 1
+    assert PASS_ENV in capsys.readouterr().err
