@@ -20,29 +20,30 @@ _ZERO8 = b"0000000\0"
 class Header:
     name: str
     size: int
-    mtime: int
 
 
 def _octal(value: int, width: int) -> bytes:
     return b"%0*o\0" % (width - 1, value)
 
 
-def encode_header(name: str, size: int, mtime: int) -> bytes:
-    """The one valid header for a regular file ``name`` of ``size`` bytes."""
+def encode_header(name: str, size: int) -> bytes:
+    """The one valid header for a regular file ``name`` of ``size`` bytes.
+
+    Every field but name, size and checksum is fixed, mtime included (0): nothing in a
+    header varies that the signed manifest does not cover, and builds are reproducible.
+    """
     raw_name = name.encode("ascii")
     if not raw_name or len(raw_name) > 100:
         raise ValueError(f"member name {name!r} must be 1-100 ASCII bytes")
     if not 0 <= size <= MAX_MEMBER_SIZE:
         raise ValueError(f"member size {size} does not fit a ustar header")
-    if not 0 <= mtime < 8**11:
-        raise ValueError(f"mtime {mtime} does not fit a ustar header")
     header = bytearray(BLOCK)
     header[0:100] = raw_name.ljust(100, b"\0")
     header[100:108] = _MODE
     header[108:116] = _ZERO8  # uid
     header[116:124] = _ZERO8  # gid
     header[124:136] = _octal(size, 12)
-    header[136:148] = _octal(mtime, 12)
+    header[136:148] = _octal(0, 12)  # mtime
     header[148:156] = b" " * 8  # checksum placeholder
     header[156:157] = b"0"  # regular file
     header[257:263] = b"ustar\0"
@@ -100,17 +101,16 @@ def decode_header(block: bytes) -> Header | str:
         kind = TYPE_NAMES.get(typeflag, f"type {typeflag!r}")
         return f"type:{kind}:{name.decode('ascii', errors='replace')}"
     size = _parse_octal(block[124:136])
-    mtime = _parse_octal(block[136:148])
-    if size is None or mtime is None:
-        return "header size or mtime is not octal"
+    if size is None:
+        return "header size is not octal"
     try:
         text = name.decode("ascii")
     except UnicodeDecodeError:
         return "member name is not ASCII"
     try:
-        canonical = encode_header(text, size, mtime)
+        canonical = encode_header(text, size)
     except ValueError as exc:
         return str(exc)
     if canonical != block:
         return f"header of {text!r} is not in the canonical bundle encoding"
-    return Header(name=text, size=size, mtime=mtime)
+    return Header(name=text, size=size)

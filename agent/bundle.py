@@ -26,6 +26,7 @@ from typing import BinaryIO
 from agent import _tar
 from agent.errors import (
     BadSignatureError,
+    BundleError,
     BundleTooLargeError,
     CompatibilityError,
     DigestMismatchError,
@@ -70,7 +71,8 @@ class Limits:
 
     max_bundle_bytes: int = 4 * 1024**3
     max_manifest_bytes: int = 1024**2
-    max_signature_bytes: int = 64 * 1024
+    # The envelope repeats the manifest, base64-encoded (4/3 of its size), plus signatures.
+    max_signature_bytes: int = max_manifest_bytes * 4 // 3 + 64 * 1024
     max_members: int = 256
     clock_slack_seconds: float = 300.0
     chunk_bytes: int = 1024**2
@@ -148,6 +150,10 @@ def check_compatibility(manifest: Manifest, device: DeviceInfo) -> str:
     )
 
 
+# Every bundle's first header starts with these bytes (name, mode, uid, gid; size follows).
+_MANIFEST_HEADER_START = _tar.encode_header(MANIFEST_PATH, 0)[:124]
+
+
 class _Reader:
     """Reads a bundle's tar stream strictly, counting bytes against the limits."""
 
@@ -182,12 +188,17 @@ class _Reader:
         start = self.offset
         block = self.source.read(_tar.BLOCK)
         self._advance(len(block))
+        if not block and start == 0:
+            raise NotATarError("the bundle file is empty")
         if not block:
             raise TruncatedBundleError(
                 f"bundle ends without an end-of-archive marker (offset {start});"
                 " the file is incomplete: download it again"
             )
         if len(block) != _tar.BLOCK:
+            # A short file is a cut-off bundle only if it starts like one.
+            if start == 0 and not _MANIFEST_HEADER_START.startswith(block[:124]):
+                raise NotATarError("not a bundle: the file is shorter than one tar header")
             raise TruncatedBundleError(f"bundle ends inside a header (offset {start})")
         if block == b"\0" * _tar.BLOCK:
             self._finish()
@@ -397,10 +408,7 @@ def _verify(
             if not is_safe_member_path(header.name):
                 raise UnsafeMemberError(f"member path {header.name!r} is not allowed")
             if any(f.path == header.name for f in manifest.files):
-                raise MemberOrderError(
-                    f"member {header.name!r} comes before {entry.path!r}; members follow the"
-                    " manifest's sorted file list"
-                )
+                raise _missing_or_misplaced(reader, header, entry.path)
             raise ExtraMemberError(f"member {header.name!r} is not listed in the manifest")
         if header.size != entry.size:
             raise SizeMismatchError(
@@ -421,6 +429,29 @@ def _verify(
         envelope_bytes=sig_bytes,
         digest=hashlib.sha256(manifest_bytes).hexdigest(),
         runtime=runtime,
+    )
+
+
+def _missing_or_misplaced(reader: _Reader, found: _tar.Header, expected: str) -> BundleError:
+    """The error for a listed member ``found`` where ``expected`` should be.
+
+    The two look alike at this point, so read on (the bundle is refused either way, and
+    reading is bounded by the size caps): ``expected`` later means the order is wrong; a
+    clean end without it means it is missing.
+    """
+    header: _tar.Header | None = found
+    try:
+        while header is not None and header.name != expected:
+            for _ in reader.stream(header):
+                pass
+            header = reader.next_header()
+    except BundleError:
+        header = found  # the rest is broken too; report what was seen first
+    if header is None:
+        return MissingMemberError(f"bundle lacks {expected!r}, which the manifest lists")
+    return MemberOrderError(
+        f"member {found.name!r} comes before {expected!r}; members follow the manifest's"
+        " sorted file list"
     )
 
 
@@ -480,7 +511,6 @@ def write_bundle(
     envelope_bytes: bytes,
     payload: Mapping[str, Path],
     *,
-    mtime: int = 0,
     chunk_bytes: int = 1024**2,
 ) -> None:
     """Write a bundle in the canonical encoding (the SDK signs; this only lays out bytes).
@@ -494,14 +524,14 @@ def write_bundle(
     for path in payload:
         if not is_safe_member_path(path):
             raise ValueError(f"{path!r} is not a safe bundle member path")
-    out.write(_tar.encode_header(MANIFEST_PATH, len(manifest_bytes), mtime))
+    out.write(_tar.encode_header(MANIFEST_PATH, len(manifest_bytes)))
     out.write(manifest_bytes + b"\0" * _tar.padding(len(manifest_bytes)))
-    out.write(_tar.encode_header(SIGNATURE_PATH, len(envelope_bytes), mtime))
+    out.write(_tar.encode_header(SIGNATURE_PATH, len(envelope_bytes)))
     out.write(envelope_bytes + b"\0" * _tar.padding(len(envelope_bytes)))
     for path in sorted(payload):
         src = payload[path]
         size = src.stat().st_size
-        out.write(_tar.encode_header(path, size, mtime))
+        out.write(_tar.encode_header(path, size))
         written = 0
         with src.open("rb") as f:
             while chunk := f.read(chunk_bytes):

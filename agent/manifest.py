@@ -336,7 +336,8 @@ class Manifest:
             doc = json.loads(
                 text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys
             )
-        except (json.JSONDecodeError, ValueError) as exc:
+        # RecursionError: deeply nested arrays; read_unverified parses unsigned manifests.
+        except (ValueError, RecursionError) as exc:
             raise MalformedManifestError(f"manifest is not valid JSON: {exc}") from None
         return cls.from_json(doc)
 

@@ -132,7 +132,9 @@ class Envelope:
         """Parse a DSSE envelope. Raises: BadSignatureError if it is malformed."""
         try:
             doc = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        # ValueError: also integer literals over Python's digit limit; RecursionError: deep
+        # nesting. Both are reachable with hostile bytes before any signature is checked.
+        except (ValueError, RecursionError) as exc:
             raise BadSignatureError(f"manifest.sig is not a JSON DSSE envelope: {exc}") from None
         if not isinstance(doc, dict) or set(doc) - {"payload", "payloadType", "signatures"}:
             raise BadSignatureError("manifest.sig is not a DSSE envelope")

@@ -341,9 +341,7 @@ def build_bundle(
         out_path.parent.mkdir(parents=True, exist_ok=True)
         partial = out_path.with_name(f".{out_path.name}.partial")
         with partial.open("wb") as f:
-            write_bundle(
-                f, manifest_bytes, envelope.to_bytes(), payload, mtime=int(created.timestamp())
-            )
+            write_bundle(f, manifest_bytes, envelope.to_bytes(), payload)
             f.flush()
             os.fsync(f.fileno())
         partial.replace(out_path)
