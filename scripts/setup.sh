@@ -27,6 +27,12 @@ if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"
 fi
 echo "==> installing edgeship[$extras] into $venv"
-"$venv/bin/python" -m pip install -q --disable-pip-version-check -U pip
-"$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$root[$extras]"
+log=$(mktemp)
+if ! { "$venv/bin/python" -m pip install -q --disable-pip-version-check -U pip &&
+       "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$root[$extras]"; } >"$log" 2>&1; then
+  cat "$log" >&2
+  echo "pip install failed (log above)" >&2
+  exit 1
+fi
+rm -f "$log"
 export PATH="$venv/bin:$PATH"

@@ -65,6 +65,7 @@ def generate_key(path: Path, passphrase: bytes, keytype: KeyType = "ed25519") ->
         if p.exists():
             raise KeyFileError(f"{p} already exists; move it away or choose another name")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as exc:
         raise KeyFileError(f"cannot create {path}: {exc.strerror}") from None
