@@ -1,0 +1,187 @@
+"""Overhead of the agent's ``Model.predict`` over the raw runtime call, printed as JSON.
+
+Same model, same session/interpreter, same process: the raw baseline calls the very
+session (or interpreter) the agent loaded, so only the agent's own work differs:
+validation, the output dictionary and (TFLite) the lock. Raw and agent batches alternate,
+so drift in the machine's speed hits both; each figure is the median over repetitions.
+
+Targets (issue 3): at most 5 microseconds per call on the 64-32-10 MLP, at most 2% on the
+conv model. A third section measures single-threaded against the runtime's default
+threading, the evidence for ``RuntimeOptions``' automatic thread choice.
+
+    python bench/predict.py [--reps 15] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from agent.manifest import Compatibility, ModelSpec, RuntimeRequirement, TensorSpec
+from agent.runtimes import RuntimeOptions, installed_runtimes, load_model
+from agent.validation import InputPolicy
+from tests.support.bundles import make_manifest
+from tests.support.models import make_onnx_conv, make_onnx_mlp, make_tflite_mlp
+
+
+def per_call_us(fn: Callable[[], object], calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def compare(
+    raw: Callable[[], object], agent: Callable[[], object], calls: int, reps: int
+) -> dict[str, Any]:
+    for fn in (raw, agent):  # warm up: arenas, caches, branch predictors
+        per_call_us(fn, max(calls // 10, 1))
+    raw_t, agent_t, diffs = [], [], []
+    for _ in range(reps):
+        r = per_call_us(raw, calls)
+        a = per_call_us(agent, calls)
+        raw_t.append(r)
+        agent_t.append(a)
+        diffs.append(a - r)
+    raw_med = statistics.median(raw_t)
+    diff_med = statistics.median(diffs)  # paired: each agent batch against its neighbour
+    return {
+        "calls_per_rep": calls,
+        "reps": reps,
+        "raw_us": round(raw_med, 3),
+        "agent_us": round(statistics.median(agent_t), 3),
+        "overhead_us": round(diff_med, 3),
+        "overhead_pct": round(100 * diff_med / raw_med, 2),
+    }
+
+
+def manifest_for(fmt: str, file: str, runtime: str, x_shape: tuple[int | None, ...]) -> Any:
+    return make_manifest(
+        {},
+        files=(),
+        compatibility=Compatibility(runtimes=(RuntimeRequirement(runtime),)),
+        model=ModelSpec(
+            format=fmt,  # type: ignore[arg-type]
+            file=file,
+            inputs=(TensorSpec("x", "float32", x_shape),),
+            outputs=(TensorSpec("probs", "float32", (None, 10)),),
+        ),
+    )
+
+
+def ort_raw(model: Any, x: np.ndarray) -> Callable[[], object]:
+    session = model._backend._session  # the agent's own session: same options, same arena
+    feed = {"x": x}
+    return lambda: session.run(None, feed)
+
+
+def tflite_raw(model: Any, x: np.ndarray) -> Callable[[], object]:
+    interp = model._backend._interp
+    i = model._backend._inputs[0][1]
+    o = model._backend._outputs[0]
+
+    def run() -> object:
+        interp.set_tensor(i, x)
+        interp.invoke()
+        return interp.get_tensor(o)
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--quick", action="store_true", help="fewer calls (smoke run)")
+    args = parser.parse_args()
+    scale = 0.1 if args.quick else 1.0
+    rng = np.random.default_rng(0)
+    x_mlp = rng.standard_normal((1, 64)).astype(np.float32)
+    x_conv = rng.standard_normal((1, 3, 224, 224)).astype(np.float32)
+    results: dict[str, Any] = {
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+            "runtimes": installed_runtimes(),
+        },
+        "targets": {"mlp_overhead_us": 5.0, "conv_overhead_pct": 2.0},
+        "overhead": {},
+        "threads": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="edgeship-bench-") as tmp:
+        d = Path(tmp)
+        make_onnx_mlp(d / "mlp.onnx")
+        make_onnx_conv(d / "conv.onnx")
+        make_tflite_mlp(d / "mlp.tflite")
+        mlp_onnx = manifest_for("onnx", "mlp.onnx", "onnxruntime", (None, 64))
+        conv_onnx = manifest_for("onnx", "conv.onnx", "onnxruntime", (None, 3, 224, 224))
+        mlp_tfl = manifest_for("tflite", "mlp.tflite", "litert", (None, 64))
+        calls_mlp = int(4000 * scale) or 1
+        calls_conv = int(200 * scale) or 1
+        overhead = results["overhead"]
+        for label, manifest, runtime, x, calls, raw_fn in (
+            ("mlp_onnxruntime", mlp_onnx, "onnxruntime", x_mlp, calls_mlp, ort_raw),
+            ("mlp_litert", mlp_tfl, "litert", x_mlp, calls_mlp, tflite_raw),
+            ("conv_onnxruntime", conv_onnx, "onnxruntime", x_conv, calls_conv, ort_raw),
+        ):
+            for policy_label, policy in (
+                ("default_policy", InputPolicy()),
+                ("nonfinite_allowed", InputPolicy(allow_nonfinite=True)),
+            ):
+                model = load_model(manifest, d, runtime, policy=policy)
+                feed = {"x": x}
+                overhead[f"{label}/{policy_label}"] = compare(
+                    raw_fn(model, x), lambda m=model, f=feed: m.predict(f), calls, args.reps
+                )
+                model.close()
+        x_mlp64 = rng.standard_normal((64, 64)).astype(np.float32)
+        threads = results["threads"]
+        for label, manifest, runtime, x, calls in (
+            ("mlp_onnxruntime_batch1", mlp_onnx, "onnxruntime", x_mlp, calls_mlp),
+            ("mlp_onnxruntime_batch64", mlp_onnx, "onnxruntime", x_mlp64, calls_mlp // 4),
+            ("mlp_litert_batch64", mlp_tfl, "litert", x_mlp64, calls_mlp // 4),
+            ("conv_onnxruntime_batch1", conv_onnx, "onnxruntime", x_conv, calls_conv),
+        ):
+            row: dict[str, float] = {}
+            for n in (1, os.cpu_count() or 1):
+                model = load_model(manifest, d, runtime, RuntimeOptions(intra_op_threads=n))
+                feed = {"x": x}
+                per_call_us(lambda m=model, f=feed: m.predict(f), max(calls // 10, 1))
+                row[f"{n}_thread_us"] = round(
+                    statistics.median(
+                        per_call_us(lambda m=model, f=feed: m.predict(f), calls)
+                        for _ in range(max(args.reps // 3, 3))
+                    ),
+                    2,
+                )
+                model.close()
+            threads[label] = row
+    mlp = overhead["mlp_onnxruntime/default_policy"]["overhead_us"]
+    conv = overhead["conv_onnxruntime/default_policy"]["overhead_pct"]
+    results["verdict"] = {
+        "mlp_overhead_us": mlp,
+        "mlp_within_target": mlp <= 5.0,
+        "conv_overhead_pct": conv,
+        "conv_within_target": conv <= 2.0,
+    }
+    json.dump(results, sys.stdout, indent=2)
+    print()
+
+
+if __name__ == "__main__":
+    main()
