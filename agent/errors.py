@@ -16,6 +16,7 @@ from __future__ import annotations
 __all__ = [
     "BadSignatureError",
     "BrokerError",
+    "BuildError",
     "BundleError",
     "BundleTooLargeError",
     "CompatibilityError",
@@ -27,6 +28,7 @@ __all__ = [
     "ExpiredError",
     "ExtraMemberError",
     "FetchError",
+    "GateError",
     "HealthCheckError",
     "InferenceError",
     "InputValidationError",
@@ -37,6 +39,7 @@ __all__ = [
     "MissingMemberError",
     "NotATarError",
     "OverloadedError",
+    "QuantizationError",
     "RollbackError",
     "RuntimeUnavailableError",
     "SchemaVersionError",
@@ -153,6 +156,28 @@ class DownloadError(FetchError):
 
 class BrokerError(FetchError):
     """The MQTT broker could not be reached or refused the connection."""
+
+
+# --- the build side (SDK) ------------------------------------------------------------
+
+
+class BuildError(EdgeshipError):
+    """The SDK could not produce a bundle that it is willing to sign."""
+
+
+class QuantizationError(BuildError):
+    """The quantizer failed on this model, or its output does not load in the runtime."""
+
+
+class GateError(BuildError):
+    """The candidate missed a build gate; no bundle was written.
+
+    ``report`` holds the evaluation report that shows which gate failed and by how much.
+    """
+
+    def __init__(self, message: str, report: object = None) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 # --- everything else ---------------------------------------------------------------

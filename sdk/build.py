@@ -17,19 +17,18 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
 
 from agent.bundle import write_bundle
-from agent.errors import ConfigError
+from agent.errors import ConfigError, GateError
 from agent.manifest import (
     FORMAT_RUNTIMES,
     PAYLOAD_TYPE,
     RUNTIMES,
     Compatibility,
-    DriftReference,
     FileEntry,
     Health,
     Manifest,
@@ -43,13 +42,18 @@ from agent.manifest import (
 )
 from sdk._npz import write_npz
 from sdk.datasets import Dataset, load_dataset
+from sdk.drift_reference import drift_reference
+from sdk.evaluate import Gates, derive_golden, evaluate
 from sdk.keys import SigningKey, sign_envelope
 from sdk.model_io import read_signature
+from sdk.quantize import Scheme
+from sdk.quantize import quantize as run_quantizer
 
 __all__ = [
     "BuildMetadata",
     "BuildResult",
     "Progress",
+    "QuantizeOptions",
     "build_bundle",
     "creation_time",
     "load_metadata",
@@ -77,8 +81,9 @@ class BuildMetadata:
     model_card: ModelCard = field(default_factory=ModelCard)
     arch: tuple[str, ...] = ()
     device_classes: tuple[str, ...] = ()
-    atol: float = 1e-4
-    rtol: float = 1e-3
+    # Fixed golden tolerance; None (the default) derives it from the measured spread.
+    atol: float | None = None
+    rtol: float | None = None
     latency_budget_p95_ms: float | None = None
     probation: Probation = field(default_factory=Probation)
 
@@ -228,6 +233,17 @@ def pick_golden(dataset: Dataset, count: int) -> Arrays:
     return {k: np.asarray(v)[idx] for k, v in dataset.inputs.items()}
 
 
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """How to turn the float model into the bundled one, and how to prove it still works."""
+
+    scheme: str = "none"  # none, dynamic, static, weight-only
+    calibration: Path | None = None  # .npy / .npz / folder, see sdk.datasets
+    validation: Path | None = None  # inputs (+ optional "labels") for evaluation and gates
+    gates: Gates = field(default_factory=Gates)
+    per_channel: bool | None = None  # None: chosen by measurement
+
+
 def build_bundle(
     model_path: Path,
     out_path: Path,
@@ -235,31 +251,36 @@ def build_bundle(
     metadata: BuildMetadata,
     keys: Sequence[SigningKey],
     targets: Sequence[RuntimeRequirement] = (),
-    golden_inputs: Path | None = None,  # .npy / .npz / folder, see sdk.datasets
+    golden_inputs: Path | None = None,
     golden_count: int = 8,
-    quantization: Quantization | None = None,
-    io_quantization: Mapping[str, TensorSpec] | None = None,
-    drift_reference: DriftReference | None = None,
-    evaluation: Mapping[str, Any] | None = None,
-    tolerance: Tolerance | None = None,
+    quantize: QuantizeOptions | None = None,
     progress: Progress | None = None,
 ) -> BuildResult:
-    """Build, sign and write a bundle; the file appears only when everything succeeded.
+    """Quantize, evaluate, compute golden outputs, sign and write a bundle.
+
+    The bundle file appears only when everything succeeded and every gate passed.
+
+    Golden inputs come from ``golden_inputs``, else the validation set, else the
+    calibration set, else are synthesised; the expected outputs are computed with the
+    bundled model through the agent's own runtime layer, and the tolerance is derived
+    from the measured spread (:func:`sdk.evaluate.derive_golden`) unless the metadata
+    fixes ``atol`` / ``rtol``. The drift reference comes from the calibration set (else
+    the validation set).
 
     Raises:
-        ConfigError: bad model, inputs, metadata or targets.
-        KeyFileError: no signing key.
-        RuntimeUnavailableError: the target runtime is not installed on this machine.
+        ConfigError: bad model, data sets, metadata or targets.
+        QuantizationError: the quantizer failed.
+        GateError: the candidate missed a gate (``exc.report`` shows which and by how much).
+        KeyFileError: no usable signing key.
+        RuntimeUnavailableError: no target runtime is installed here.
     """
     from agent.runtimes import installed_runtimes, load_model  # noqa: PLC0415 - heavy import
 
     if not keys:
         raise ConfigError("a bundle needs at least one signing key (--key)")
+    options = quantize or QuantizeOptions()
     report = progress or (lambda step, done, total: None)
-    fmt, inputs, outputs = read_signature(model_path)
-    if io_quantization:
-        inputs = tuple(io_quantization.get(s.name, s) for s in inputs)
-        outputs = tuple(io_quantization.get(s.name, s) for s in outputs)
+    fmt, float_inputs, _ = read_signature(model_path)
     runtimes = tuple(targets) or tuple(RuntimeRequirement(r) for r in FORMAT_RUNTIMES[fmt])
     for r in runtimes:
         if r.name not in FORMAT_RUNTIMES[fmt]:
@@ -271,6 +292,15 @@ def build_bundle(
             f"none of the targets ({', '.join(r.name for r in runtimes)}) is installed here to"
             " compute the golden outputs; install edgeship[sdk]"
         )
+    if any(v is not None for v in vars(options.gates).values()) and options.validation is None:
+        raise ConfigError("build gates need a validation data set (--validation)")
+    names = [s.name for s in float_inputs]
+    calibration = (
+        load_dataset(options.calibration, input_names=names) if options.calibration else None
+    )
+    validation = load_dataset(options.validation, input_names=names) if options.validation else None
+    golden_dataset = load_dataset(golden_inputs, input_names=names) if golden_inputs else None
+    drift_source = calibration if calibration is not None else validation
     created = creation_time()
     model_member = f"model/model.{fmt}"
 
@@ -278,9 +308,41 @@ def build_bundle(
         stage = Path(tmp)
         (stage / "model").mkdir()
         (stage / "health").mkdir()
-        shutil.copyfile(model_path, stage / model_member)
+        bundled = stage / model_member
+        if options.scheme == "none":
+            shutil.copyfile(model_path, bundled)
+            quant_info = Quantization()
+        else:
+            result = run_quantizer(
+                model_path,
+                stage / f"quantized.{fmt}",
+                scheme=cast(Scheme, options.scheme),
+                calibration=calibration,
+                targets=[r.name for r in runtimes],
+                per_channel=options.per_channel,
+                progress=report,
+            )
+            shutil.copyfile(result.path, bundled)
+            quant_info = result.to_manifest()
+        _, inputs, outputs = read_signature(bundled)
 
-        spec = ModelSpec(format=fmt, file=model_member, inputs=inputs, outputs=outputs)
+        evaluation: dict[str, Any] = {}
+        if validation is not None:
+            ev = evaluate(model_path, bundled, validation, gates=options.gates, progress=report)
+            evaluation = ev.to_json()
+            if not ev.passed:
+                failed = ", ".join(
+                    f"{g.name} (measured {g.measured}, limit {g.limit} {g.unit})"
+                    for g in ev.failed_gates
+                )
+                raise GateError(f"the candidate missed its gate(s): {failed}", report=ev)
+
+        source = next((d for d in (golden_dataset, validation, calibration) if d is not None), None)
+        golden_in = (
+            pick_golden(source, golden_count)
+            if source is not None
+            else synthesize_inputs(float_inputs, golden_count)
+        )
         manifest = Manifest(
             name=metadata.name,
             version=metadata.version,
@@ -294,44 +356,53 @@ def build_bundle(
             compatibility=Compatibility(
                 runtimes=runtimes, arch=metadata.arch, device_classes=metadata.device_classes
             ),
-            model=spec,
-            quantization=quantization or Quantization(),
+            model=ModelSpec(format=fmt, file=model_member, inputs=inputs, outputs=outputs),
+            quantization=quant_info,
             health=Health(
                 golden_inputs=GOLDEN_INPUTS,
                 expected_outputs=EXPECTED_OUTPUTS,
-                tolerance=tolerance or Tolerance(atol=metadata.atol, rtol=metadata.rtol),
+                tolerance=Tolerance(atol=0.0),  # replaced below, once measured
                 latency_budget_p95_ms=metadata.latency_budget_p95_ms,
                 probation=metadata.probation,
             ),
-            drift_reference=drift_reference,
-            evaluation=evaluation,
+            drift_reference=drift_reference(drift_source) if drift_source is not None else None,
             model_card=metadata.model_card,
             files=(),
         )
 
         report("golden outputs", 0, 2)
-        golden = (
-            pick_golden(
-                load_dataset(golden_inputs, input_names=[s.name for s in inputs]), golden_count
-            )
-            if golden_inputs is not None
-            else synthesize_inputs(inputs, golden_count)
-        )
         model = load_model(manifest, stage, runner)
         try:
-            expected = model.predict(golden)
+            expected = model.predict(golden_in)
         finally:
             model.close()
-        write_npz(stage / GOLDEN_INPUTS, golden)
-        write_npz(stage / EXPECTED_OUTPUTS, expected)
+        golden = derive_golden(
+            bundled,
+            Dataset(golden_in),
+            count=len(next(iter(golden_in.values()))),
+            reference_outputs=expected,
+        )
         report("golden outputs", 2, 2)
+        tolerance = (
+            Tolerance(atol=metadata.atol or 0.0, rtol=metadata.rtol or 0.0)
+            if metadata.atol is not None or metadata.rtol is not None
+            else golden.tolerance
+        )
+        evaluation["golden"] = {"spread": golden.spread, **dict(golden.details)}
+        write_npz(stage / GOLDEN_INPUTS, golden_in)
+        write_npz(stage / EXPECTED_OUTPUTS, expected)
 
         payload = {p: stage / p for p in (model_member, GOLDEN_INPUTS, EXPECTED_OUTPUTS)}
         files = tuple(
             FileEntry(path=p, size=src.stat().st_size, sha256=_sha256(src))
             for p, src in sorted(payload.items())
         )
-        manifest = replace(manifest, files=files)
+        manifest = replace(
+            manifest,
+            files=files,
+            health=replace(manifest.health, tolerance=tolerance),
+            evaluation=evaluation,
+        )
         manifest_bytes = manifest.to_bytes()
         Manifest.from_bytes(manifest_bytes)  # never sign what a device would refuse to parse
         report("sign", 0, 1)

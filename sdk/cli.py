@@ -11,7 +11,7 @@ import getpass
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,19 +22,19 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from agent.bundle import read_unverified, verify_bundle
-from agent.errors import ConfigError, EdgeshipError, KeyFileError
+from agent.errors import ConfigError, EdgeshipError, GateError, KeyFileError
 from agent.manifest import Manifest, format_time
 from agent.signing import PublicKey, TrustPolicy
 from sdk import __version__
 from sdk.build import (
     BuildMetadata,
+    QuantizeOptions,
     build_bundle,
     load_metadata,
     parse_target,
 )
-from sdk.build import (
-    Progress as ProgressFn,
-)
+from sdk.build import Progress as ProgressFn
+from sdk.evaluate import EvaluationReport, Gates
 from sdk.keys import SigningKey, generate_key, load_signing_key
 
 __all__ = ["main"]
@@ -133,25 +133,50 @@ def cmd_build(args: argparse.Namespace) -> int:
     metadata: BuildMetadata = load_metadata(args.metadata, overrides)
     keys = _load_keys(args)
     targets = [parse_target(t) for t in args.target]
+    options = QuantizeOptions(
+        scheme=args.quantize,
+        calibration=args.calibration,
+        validation=args.validation,
+        gates=Gates(
+            max_accuracy_drop=args.max_accuracy_drop,
+            min_agreement=args.min_agreement,
+            max_p95_ms=args.max_p95_ms,
+            max_size_mb=args.max_size_mb,
+        ),
+    )
     out = args.out or Path(f"{metadata.name}-{metadata.version}.edgeship")
-    with _progress(not args.json and sys.stderr.isatty()) as progress:
-        result = build_bundle(
-            args.model,
-            out,
-            metadata=metadata,
-            keys=keys,
-            targets=targets,
-            golden_inputs=args.golden_inputs,
-            golden_count=args.golden_count,
-            progress=progress,
-        )
+    try:
+        with _progress(not args.json and sys.stderr.isatty()) as progress:
+            result = build_bundle(
+                args.model,
+                out,
+                metadata=metadata,
+                keys=keys,
+                targets=targets,
+                golden_inputs=args.golden_inputs,
+                golden_count=args.golden_count,
+                quantize=options,
+                progress=progress,
+            )
+    except GateError as exc:
+        report = exc.report
+        if isinstance(report, EvaluationReport):
+            if args.json:
+                print(json.dumps({"ok": False, "evaluation": report.to_json()}, indent=2))
+            else:
+                Console(stderr=True).print(report.to_table())
+        raise
+    m = result.manifest
     doc = {
+        "ok": True,
         "bundle": str(result.path),
         "digest": result.digest,
         "size": result.size,
-        "name": result.manifest.name,
-        "version": result.manifest.version,
-        "sequence": result.manifest.sequence,
+        "name": m.name,
+        "version": m.version,
+        "sequence": m.sequence,
+        "quantization": m.quantization.scheme,
+        "evaluation": m.evaluation,
     }
     _emit(args, doc, f"built {result.path} ({result.size} bytes)\ndigest {result.digest}")
     return 0
@@ -234,13 +259,43 @@ def _manifest_tables(manifest: Manifest, title: str) -> list[Table]:
         files.add_row(f.path, str(f.size), f.sha256)
     tables = [overview, io, card, files]
     if manifest.evaluation:
-        ev = Table(title="evaluation", show_header=False)
-        ev.add_column("metric", style="bold")
-        ev.add_column("value")
-        for key, value in sorted(manifest.evaluation.items()):
-            ev.add_row(key, json.dumps(value) if not isinstance(value, str) else value)
-        tables.append(ev)
+        tables.append(_evaluation_table(manifest.evaluation))
     return tables
+
+
+def _evaluation_table(ev: Mapping[str, Any]) -> Table:
+    """The build's evaluation report as embedded in the manifest."""
+    table = Table(title="evaluation (at build time)")
+    table.add_column("metric", style="bold")
+    table.add_column("original")
+    table.add_column("bundled")
+    original, bundled = ev.get("original"), ev.get("quantized")
+    if isinstance(original, dict) and isinstance(bundled, dict):
+        table.add_row("size", f"{original.get('size_bytes')} B", f"{bundled.get('size_bytes')} B")
+        if original.get("accuracy") is not None:
+            table.add_row("top-1 accuracy", str(original["accuracy"]), str(bundled["accuracy"]))
+        for a, b in zip(original.get("latency", []), bundled.get("latency", []), strict=False):
+            label = f"p50 / p95 ms ({a.get('threads') or 'default'} threads)"
+            table.add_row(
+                label,
+                f"{a.get('p50_ms')} / {a.get('p95_ms')}",
+                f"{b.get('p50_ms')} / {b.get('p95_ms')}",
+            )
+    fidelity = ev.get("fidelity")
+    if isinstance(fidelity, dict):
+        for key, value in fidelity.items():
+            table.add_row(f"fidelity: {key}", "", str(value))
+    for gate in ev.get("gates", []):
+        verdict = "passed" if gate.get("passed") else "FAILED"
+        table.add_row(
+            f"gate {gate.get('name')}",
+            f"limit {gate.get('limit')} {gate.get('unit')}",
+            f"{gate.get('measured')} ({verdict}, margin {gate.get('margin')})",
+        )
+    golden = ev.get("golden")
+    if isinstance(golden, dict):
+        table.add_row("golden spread", "", str(golden.get("spread")))
+    return table
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -346,6 +401,24 @@ def build_parser() -> argparse.ArgumentParser:
         help=".npz/.npy inputs; samples are picked from it (default: synthetic)",
     )
     p.add_argument("--golden-count", type=int, default=8, help="golden samples to embed")
+    p.add_argument(
+        "--quantize",
+        choices=["none", "dynamic", "static", "weight-only"],
+        default="none",
+        help="quantization scheme (static needs --calibration)",
+    )
+    p.add_argument("--calibration", type=Path, help="calibration data: .npy, .npz or a folder")
+    p.add_argument(
+        "--validation",
+        type=Path,
+        help="validation data (.npz with inputs and optional 'labels'): evaluates the"
+        " bundled model against the original and applies the gates",
+    )
+    gates = p.add_argument_group("gates (a build that misses one writes no bundle)")
+    gates.add_argument("--max-accuracy-drop", type=float, metavar="POINTS")
+    gates.add_argument("--min-agreement", type=float, metavar="FRACTION")
+    gates.add_argument("--max-p95-ms", type=float, metavar="MS")
+    gates.add_argument("--max-size-mb", type=float, metavar="MB")
 
     p = command("inspect", cmd_inspect, "show a bundle's manifest, model card and files")
     p.add_argument("bundle", type=Path)

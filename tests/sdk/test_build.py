@@ -12,10 +12,13 @@ import onnxruntime as ort
 import pytest
 
 from agent.bundle import verify_bundle
-from agent.errors import ConfigError, KeyFileError
+from agent.errors import ConfigError, GateError, KeyFileError
 from agent.manifest import RuntimeRequirement
+from agent.runtimes import load_model
 from agent.signing import TrustPolicy
-from sdk.build import BuildMetadata, build_bundle, load_metadata, parse_target
+from sdk.build import BuildMetadata, QuantizeOptions, build_bundle, load_metadata, parse_target
+from sdk.datasets import load_dataset
+from sdk.evaluate import EvaluationReport, Gates
 from sdk.keys import SigningKey, generate_key, load_signing_key
 from tests.support.models import make_onnx_mlp, make_tflite_mlp
 
@@ -210,3 +213,116 @@ def test_build_output_streams_through_verify_from_memory(
     verify_bundle(
         io.BytesIO(result.path.read_bytes()), TrustPolicy.of([key.public]), now=datetime.now(UTC)
     )
+
+
+# --- quantized builds, gates, derived tolerance ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(1)
+    np.savez(d / "calibration.npz", x=rng.standard_normal((64, 64)).astype(np.float32))
+    np.savez(d / "validation.npz", x=rng.standard_normal((96, 64)).astype(np.float32))
+    return d / "calibration.npz", d / "validation.npz"
+
+
+def test_static_onnx_bundle_records_scheme_calibration_digest_evaluation_and_drift(
+    tmp_path: Path, key: SigningKey, onnx_model: Path, data: tuple[Path, Path]
+) -> None:
+    calibration, validation = data
+    result = build_bundle(
+        onnx_model,
+        tmp_path / "b.edgeship",
+        metadata=META,
+        keys=[key],
+        quantize=QuantizeOptions("static", calibration, validation),
+    )
+    _verify(result.path, key, tmp_path)
+    m = result.manifest
+    assert m.quantization.scheme == "static"
+    assert m.quantization.calibration_sha256 == load_dataset(calibration).sha256
+    assert m.evaluation is not None
+    assert m.evaluation["fidelity"]["agreement"] > 0.8
+    assert m.drift_reference is not None
+    assert m.drift_reference.groups == {"x": 64}
+
+
+def test_static_tflite_bundle_declares_int8_io_and_agent_reproduces_expected_outputs(
+    tmp_path: Path, key: SigningKey, data: tuple[Path, Path]
+) -> None:
+    calibration, validation = data
+    model = make_tflite_mlp(tmp_path / "mlp.tflite")
+    result = build_bundle(
+        model,
+        tmp_path / "b.edgeship",
+        metadata=META,
+        keys=[key],
+        quantize=QuantizeOptions("static", calibration, validation),
+    )
+    _verify(result.path, key, tmp_path)
+    spec = result.manifest.model
+    assert spec.inputs[0].dtype == "int8"
+    assert spec.inputs[0].quantization is not None
+    assert spec.outputs[0].quantization is not None
+    manifest = result.manifest
+    with load_model(manifest, tmp_path / "x", "litert") as agent_model:
+        golden = np.load(tmp_path / "x" / manifest.health.golden_inputs)
+        expected = np.load(tmp_path / "x" / manifest.health.expected_outputs)
+        out = agent_model.predict({k: golden[k] for k in golden.files})
+    name = spec.outputs[0].name
+    assert np.max(np.abs(out[name] - expected[name])) <= manifest.health.tolerance.atol
+
+
+def test_golden_tolerance_is_derived_from_the_measured_spread(
+    tmp_path: Path, key: SigningKey, onnx_model: Path
+) -> None:
+    result = build_bundle(onnx_model, tmp_path / "b.edgeship", metadata=META, keys=[key])
+    tol = result.manifest.health.tolerance
+    assert result.manifest.evaluation is not None
+    golden = result.manifest.evaluation["golden"]
+    assert tol.atol >= 4 * golden["spread"]
+    assert 0 < tol.atol < 1e-3  # float model: a few ulps of the outputs, not a guess
+
+
+def test_fixed_tolerance_in_metadata_overrides_the_derived_one(
+    tmp_path: Path, key: SigningKey, onnx_model: Path
+) -> None:
+    meta = BuildMetadata(name="digits", version="1", sequence=1, atol=0.01)
+    result = build_bundle(onnx_model, tmp_path / "b.edgeship", metadata=meta, keys=[key])
+    assert result.manifest.health.tolerance.atol == 0.01
+
+
+def test_missed_gate_writes_no_bundle_and_reports_the_margin(
+    tmp_path: Path, key: SigningKey, onnx_model: Path, data: tuple[Path, Path]
+) -> None:
+    calibration, validation = data
+    with pytest.raises(GateError, match="max_size_mb") as err:
+        build_bundle(
+            onnx_model,
+            tmp_path / "b.edgeship",
+            metadata=META,
+            keys=[key],
+            quantize=QuantizeOptions(
+                "dynamic", calibration, validation, gates=Gates(max_size_mb=0.000001)
+            ),
+        )
+    report = err.value.report
+    assert isinstance(report, EvaluationReport)
+    (failed,) = report.failed_gates
+    assert failed.margin is not None
+    assert failed.margin < 0
+    assert not (tmp_path / "b.edgeship").exists()
+
+
+def test_gates_without_validation_data_are_a_config_error(
+    tmp_path: Path, key: SigningKey, onnx_model: Path
+) -> None:
+    with pytest.raises(ConfigError, match="validation"):
+        build_bundle(
+            onnx_model,
+            tmp_path / "b.edgeship",
+            metadata=META,
+            keys=[key],
+            quantize=QuantizeOptions(gates=Gates(min_agreement=0.99)),
+        )

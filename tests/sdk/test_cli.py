@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from sdk.cli import main
@@ -126,3 +127,33 @@ def test_missing_passphrase_variable_is_a_clear_error(
     monkeypatch.delenv(PASS_ENV)
     assert main(["keygen", "k", "--passphrase-env", PASS_ENV]) == 1
     assert PASS_ENV in capsys.readouterr().err
+
+
+def test_missed_gate_exits_nonzero_prints_the_report_and_writes_nothing(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _keygen("release")
+    np.savez(workdir / "val.npz", x=np.random.default_rng(0).standard_normal((32, 64)).astype("f4"))
+    argv = [a for a in _build("mlp.edgeship", "release") if a != "--json"]  # people read tables
+    argv += ["--quantize", "dynamic", "--validation", "val.npz", "--max-size-mb", "0.000001"]
+    capsys.readouterr()
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert "max_size_mb" in captured.err
+    assert "FAIL" in captured.err
+    assert "margin" in captured.err
+    assert not (workdir / "mlp.edgeship").exists()
+
+
+def test_inspect_shows_the_evaluation_report(
+    workdir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _keygen("release")
+    np.savez(workdir / "val.npz", x=np.random.default_rng(0).standard_normal((32, 64)).astype("f4"))
+    argv = _build("mlp.edgeship", "release")
+    assert main([*argv, "--quantize", "dynamic", "--validation", "val.npz"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", "mlp.edgeship"]) == 0
+    out = capsys.readouterr().out
+    assert "evaluation (at build time)" in out
+    assert "fidelity: agreement" in out
