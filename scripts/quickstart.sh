@@ -19,13 +19,28 @@ step "2. a signing key (encrypted, 0600) and the trust policy a device gets"
 edgeship keygen "$out/keys/release" --passphrase-env EDGESHIP_PASSPHRASE
 edgeship trust "$out/keys/release.pub" --out "$out/trust.toml"
 
-step "3. build and sign bundles: golden inputs from the validation set, outputs from the real runtime"
-edgeship build "$out/digits/digits.onnx" --metadata examples/digits/bundle.toml \
-  --key "$out/keys/release" --passphrase-env EDGESHIP_PASSPHRASE \
-  --golden-inputs "$out/digits/validation.npz" --out "$out/digits-onnx-1.0.0.edgeship"
-edgeship build "$out/digits/digits.tflite" --metadata examples/digits/bundle.toml \
-  --key "$out/keys/release" --passphrase-env EDGESHIP_PASSPHRASE \
-  --golden-inputs "$out/digits/validation.npz" --out "$out/digits-tflite-1.0.0.edgeship"
+step "3. build and sign int8 bundles, gated: the build refuses a model that got worse"
+# Static int8 with a calibration set; evaluated against the float model on the validation
+# set; golden inputs and expected outputs from the int8 model in its real runtime.
+for fmt in onnx tflite; do
+  edgeship build "$out/digits/digits.$fmt" --metadata examples/digits/bundle.toml \
+    --key "$out/keys/release" --passphrase-env EDGESHIP_PASSPHRASE \
+    --quantize static --calibration "$out/digits/calibration.npz" \
+    --validation "$out/digits/validation.npz" \
+    --max-accuracy-drop 1.0 --min-agreement 0.97 \
+    --out "$out/digits-$fmt-1.0.0.edgeship"
+done
+
+step "3b. a gate that cannot be met: no bundle is written"
+if edgeship build "$out/digits/digits.onnx" --metadata examples/digits/bundle.toml \
+    --key "$out/keys/release" --passphrase-env EDGESHIP_PASSPHRASE \
+    --quantize dynamic --validation "$out/digits/validation.npz" --max-size-mb 0.01 \
+    --out "$out/too-big.edgeship"; then
+  echo "a build that missed its gate wrote a bundle: this is a bug" >&2
+  exit 1
+fi
+test ! -e "$out/too-big.edgeship"
+echo "(refused, as it must be)"
 
 step "4. verify both against the trust policy"
 edgeship verify "$out/digits-onnx-1.0.0.edgeship" --trust "$out/trust.toml"
