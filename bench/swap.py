@@ -1,0 +1,205 @@
+"""Hot swap under constant load: p99 latency during swaps vs steady state, failed calls, RSS.
+
+Client threads call ``ModelSlot.predict`` without pause: steady phases (no swaps),
+then ``--swaps`` swaps (steady and swapping phases alternate in rounds), each the
+agent's real activation path: ``load_model`` of the
+candidate (alternating between two versions, each verified and extracted once), the
+health gate (golden outputs, latency runs), then ``ModelSlot.swap``. The ratio compares
+the p99 of calls that ran during swaps with the steady p99 measured in the same run.
+RSS is read after 10 swaps and after all of them.
+
+Targets (issue 4): p99 during swaps <= 2x steady; 0 failed calls; RSS growth from swap
+10 to swap 200 under 10%.
+
+    python bench/swap.py [--swaps 200] [--threads 2] [--steady-seconds 3] [--hidden 2048]
+                         [--nice 10|off]
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from agent.bundle import verify_bundle
+from agent.errors import EdgeshipError
+from agent.health import load_and_check
+from agent.manifest import Manifest
+from agent.runtimes import load_model
+from agent.serving import ModelSlot
+from tests.agent._lifecycle import POLICY, golden_inputs, make_model_bundle
+from tests.support.bundles import NOW
+
+
+def rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def os_threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+# Latencies go into fixed histograms (1 us .. 10 s, bins 0.5% wide) so that recording
+# them allocates nothing: the RSS measured is the agent's, not the benchmark's.
+EDGES = [float(e) for e in np.geomspace(1e-6, 10.0, 3300)]
+
+
+def new_histogram() -> list[int]:
+    return [0] * (len(EDGES) + 1)
+
+
+def p99_ms(histograms: list[list[int]]) -> float:
+    """Upper edge of the bin holding the 99th percentile."""
+    counts = np.sum(np.asarray(histograms), axis=0)
+    total = int(counts.sum())
+    if not total:
+        return float("nan")
+    index = int(np.searchsorted(np.cumsum(counts), 0.99 * total))
+    return EDGES[min(index, len(EDGES) - 1)] * 1000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--swaps", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--swaps-per-round", type=int, default=20)
+    parser.add_argument("--steady-seconds", type=float, default=3.0, help="in all rounds")
+    parser.add_argument("--hidden", type=int, default=2048, help="MLP hidden width")
+    parser.add_argument(
+        "--nice",
+        type=lambda v: None if v == "off" else int(v),
+        default=10,
+        help="priority offset of the health-gate thread (the agent's default), or 'off'",
+    )
+    parser.add_argument(
+        "--switch-interval-ms",
+        type=float,
+        default=None,
+        help="sys.setswitchinterval for the run (Python's default is 5 ms)",
+    )
+    args = parser.parse_args()
+    if args.switch_interval_ms is not None:
+        sys.setswitchinterval(args.switch_interval_ms / 1000)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        versions: list[tuple[Manifest, Path, str]] = []
+        for seed in (1, 2):
+            bundle = make_model_bundle(
+                Path(tmp) / "src", seed=seed, sequence=seed, n_hidden=args.hidden
+            )
+            target = Path(tmp) / f"v{seed}"
+            with bundle.path.open("rb") as f:
+                verified = verify_bundle(f, POLICY, now=NOW, extract_to=target)
+            versions.append((verified.manifest, target, verified.digest))
+
+        slot = ModelSlot()
+        manifest, target, digest = versions[0]
+        slot.swap(load_model(manifest, target, "onnxruntime"), digest)
+        x = golden_inputs()
+
+        phase = ["warmup"]
+        histograms: dict[str, list[list[int]]] = {
+            name: [new_histogram() for _ in range(args.threads)]
+            for name in ("warmup", "steady", "swapping")
+        }
+        failures: list[str] = []
+        stop = threading.Event()
+
+        def client(n: int) -> None:
+            while not stop.is_set():
+                current = phase[0]
+                start = time.perf_counter()
+                try:
+                    slot.predict(x)
+                except EdgeshipError as exc:
+                    failures.append(str(exc))
+                    continue
+                histograms[current][n][bisect.bisect(EDGES, time.perf_counter() - start)] += 1
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(args.threads)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        rss: dict[str, float] = {"before_swaps": rss_mib()}
+        tasks = {"before_swaps": os_threads()}
+        swap_seconds = []
+        swapping_seconds = 0.0
+        # Steady and swapping phases alternate in short rounds, so load from elsewhere on
+        # the machine hits both alike instead of skewing the ratio.
+        rounds = max(1, args.swaps // args.swaps_per_round)
+        i = 0
+        for _ in range(rounds):
+            phase[0] = "steady"
+            time.sleep(args.steady_seconds / rounds)
+            phase[0] = "swapping"
+            started = time.perf_counter()
+            for _ in range(args.swaps_per_round):
+                i += 1
+                manifest, target, digest = versions[i % 2]
+                t0 = time.perf_counter()
+                model, _ = load_and_check(
+                    lambda m=manifest, d=target: load_model(m, d, "onnxruntime"),
+                    manifest,
+                    target,
+                    runs=5,
+                    nice=args.nice,
+                )
+                slot.swap(model, digest)
+                swap_seconds.append(time.perf_counter() - t0)
+                if i == 10:
+                    rss["after_10"] = rss_mib()
+            swapping_seconds += time.perf_counter() - started
+        rss[f"after_{i}"] = rss_mib()
+        tasks[f"after_{i}"] = os_threads()
+        stop.set()
+        for t in threads:
+            t.join()
+        slot.clear()
+
+    steady = p99_ms(histograms["steady"])
+    during = p99_ms(histograms["swapping"])
+    after_10 = rss.get("after_10", float("nan"))
+    result: dict[str, Any] = {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+        },
+        "threads": args.threads,
+        "health_gate_nice": args.nice,
+        "switch_interval_ms": sys.getswitchinterval() * 1000,
+        "swaps": i,
+        "calls": {k: int(np.sum(v)) for k, v in histograms.items()},
+        "failed_calls": len(failures),
+        "hidden": args.hidden,
+        "p99_ms_steady": round(steady, 4),
+        "p99_ms_during_swaps": round(during, 4),
+        "p99_ratio": round(during / steady, 3),
+        "swap_ms_median": round(float(np.median(swap_seconds)) * 1000, 3),
+        "swapping_seconds": round(swapping_seconds, 2),
+        "rss_mib": {k: round(v, 1) for k, v in rss.items()},
+        "os_threads": tasks,
+        "rss_growth_10_to_end": round(rss[f"after_{i}"] / after_10 - 1, 4),
+        "targets": {"p99_ratio": 2.0, "failed_calls": 0, "rss_growth_10_to_end": 0.10},
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
