@@ -12,11 +12,8 @@ import pytest
 from agent.cache import CacheConfig, PredictionCache, input_digest
 from agent.errors import InputValidationError
 from agent.inference import Model
-from agent.manifest import ModelSpec, TensorSpec
-from agent.runtimes import load_model
 from agent.serving import ModelSlot
-from tests.support.bundles import make_manifest
-from tests.support.models import make_onnx_mlp
+from tests.support.models import load_onnx_mlp
 
 
 class _Counting:
@@ -179,17 +176,7 @@ def test_concurrent_callers_get_correct_answers() -> None:
 
 @pytest.fixture(scope="module")
 def onnx_model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Model]:
-    directory = tmp_path_factory.mktemp("cache-model")
-    make_onnx_mlp(directory / "model" / "model.onnx")
-    manifest = make_manifest(
-        model=ModelSpec(
-            format="onnx",
-            file="model/model.onnx",
-            inputs=(TensorSpec("x", "float32", (None, 64)),),
-            outputs=(TensorSpec("probs", "float32", (None, 10)),),
-        )
-    )
-    with load_model(manifest, directory, "onnxruntime") as m:
+    with load_onnx_mlp(tmp_path_factory.mktemp("cache-model")) as m:
         yield m
 
 

@@ -16,11 +16,8 @@ import pytest
 from agent.errors import ConfigError, InferenceError, OverloadedError
 from agent.http_server import HttpServer, HttpServerConfig, TokenBuckets, start_http_server
 from agent.inference import Model
-from agent.manifest import ModelSpec, TensorSpec
-from agent.runtimes import load_model
 from agent.tensor_codec import BINARY_CONTENT_TYPE, decode_binary, encode_binary
-from tests.support.bundles import make_manifest
-from tests.support.models import make_onnx_mlp, mlp_reference, mlp_weights
+from tests.support.models import load_onnx_mlp, mlp_reference, mlp_weights
 
 pytestmark = pytest.mark.integration
 
@@ -30,17 +27,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Model]:
-    directory = tmp_path_factory.mktemp("http-model")
-    make_onnx_mlp(directory / "model" / "model.onnx")
-    manifest = make_manifest(
-        model=ModelSpec(
-            format="onnx",
-            file="model/model.onnx",
-            inputs=(TensorSpec("x", "float32", (None, 64)),),
-            outputs=(TensorSpec("probs", "float32", (None, 10)),),
-        )
-    )
-    with load_model(manifest, directory, "onnxruntime") as m:
+    with load_onnx_mlp(tmp_path_factory.mktemp("http-model")) as m:
         yield m
 
 

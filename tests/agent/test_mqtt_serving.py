@@ -18,15 +18,12 @@ from paho.mqtt.properties import Properties
 
 from agent.errors import InputValidationError
 from agent.inference import Model
-from agent.manifest import ModelSpec, TensorSpec
 from agent.mqtt_serving import MqttInferenceServer, MqttServingConfig, check_reply_topic
-from agent.runtimes import load_model
 from agent.telemetry.mqtt import MqttConfig, MqttTransport
 from agent.telemetry.topics import Topics
 from agent.tensor_codec import decode_binary, encode_binary
 from tests.support.broker import Broker
-from tests.support.bundles import make_manifest
-from tests.support.models import make_onnx_mlp, mlp_reference, mlp_weights
+from tests.support.models import load_onnx_mlp, mlp_reference, mlp_weights
 
 pytestmark = pytest.mark.integration
 
@@ -36,17 +33,7 @@ WAIT_S = 10.0
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Model]:
-    directory = tmp_path_factory.mktemp("mqtt-model")
-    make_onnx_mlp(directory / "model" / "model.onnx")
-    manifest = make_manifest(
-        model=ModelSpec(
-            format="onnx",
-            file="model/model.onnx",
-            inputs=(TensorSpec("x", "float32", (None, 64)),),
-            outputs=(TensorSpec("probs", "float32", (None, 10)),),
-        )
-    )
-    with load_model(manifest, directory, "onnxruntime") as m:
+    with load_onnx_mlp(tmp_path_factory.mktemp("mqtt-model")) as m:
         yield m
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import flatbuffers
 import numpy as np
@@ -23,9 +24,13 @@ import numpy.typing as npt
 from ai_edge_litert import schema_py_generated as s
 from onnx import TensorProto, checker, helper, numpy_helper, save
 
+if TYPE_CHECKING:
+    from agent.inference import Model
+
 __all__ = [
     "ONNX_IR_VERSION",
     "ONNX_OPSET",
+    "load_onnx_mlp",
     "make_onnx_conv",
     "make_onnx_int8_mlp",
     "make_onnx_mlp",
@@ -409,3 +414,25 @@ def make_tflite_int8_mlp(
         out_q=(out_scale, out_zero_point),
     )
     return _write(path, data)
+
+
+def load_onnx_mlp(directory: Path) -> Model:
+    """The default 64-32-10 MLP written into ``directory`` and loaded as the agent serves it.
+
+    Input ``x`` float32 [N, 64], output ``probs`` float32 [N, 10]; close it when done (it
+    is a context manager).
+    """
+    from agent.manifest import ModelSpec, TensorSpec  # noqa: PLC0415 - keep model builders light
+    from agent.runtimes import load_model  # noqa: PLC0415
+    from tests.support.bundles import make_manifest  # noqa: PLC0415
+
+    make_onnx_mlp(directory / "model" / "model.onnx")
+    manifest = make_manifest(
+        model=ModelSpec(
+            format="onnx",
+            file="model/model.onnx",
+            inputs=(TensorSpec("x", "float32", (None, 64)),),
+            outputs=(TensorSpec("probs", "float32", (None, 10)),),
+        )
+    )
+    return load_model(manifest, directory, "onnxruntime")
