@@ -427,6 +427,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", type=Path)
     p.add_argument("--trust", type=Path, required=True, help="trust policy TOML")
     p.add_argument("--min-sequence", type=int, help="refuse sequences below this floor")
+
+    from sdk import _cli_fleet  # noqa: PLC0415 - the fleet commands live in their own module
+
+    _cli_fleet.register(command)
     return parser
 
 

@@ -1,4 +1,5 @@
 """Shared test configuration. Fixture modules live in tests/support/."""
 
-# The real mosquitto broker (and a throwaway PKI) for every integration test.
-pytest_plugins = ["tests.support.broker"]
+# Real peers for integration tests: a mosquitto broker (and a throwaway PKI), and a
+# private PostgreSQL instance.
+pytest_plugins = ["tests.support.broker", "tests.support.postgres"]
