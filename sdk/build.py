@@ -123,8 +123,14 @@ def load_metadata(path: Path | None, overrides: Mapping[str, Any]) -> BuildMetad
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read metadata file {path}: {exc}") from None
     for key, value in overrides.items():
-        if value is not None:
-            doc[key] = value
+        if value is None:
+            continue
+        # "health.latency_budget_p95_ms" sets a key of a table.
+        *tables, leaf = key.split(".")
+        target = doc
+        for table in tables:
+            target = target.setdefault(table, {})
+        target[leaf] = value
     card = doc.pop("model_card", {})
     health = doc.pop("health", {})
     probation = health.pop("probation", {}) if isinstance(health, dict) else {}

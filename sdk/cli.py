@@ -129,6 +129,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         "version": args.version,
         "sequence": args.sequence,
         "expires_in_days": args.expires_in_days,
+        "health.latency_budget_p95_ms": args.latency_budget_ms,
     }
     metadata: BuildMetadata = load_metadata(args.metadata, overrides)
     keys = _load_keys(args)
@@ -386,6 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", dest="version")
     p.add_argument("--sequence", type=int, help="monotonic release counter (anti-rollback)")
     p.add_argument("--expires-in-days", type=float)
+    p.add_argument(
+        "--latency-budget-ms",
+        type=float,
+        help="p95 latency on the golden inputs that the device's health check enforces",
+    )
     p.add_argument("--key", type=Path, action="append", help="signing key (repeat for k-of-n)")
     p.add_argument("--passphrase-env", metavar="NAME", help=passphrase_help)
     p.add_argument(

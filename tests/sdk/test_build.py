@@ -326,3 +326,11 @@ def test_gates_without_validation_data_are_a_config_error(
             keys=[key],
             quantize=QuantizeOptions(gates=Gates(min_agreement=0.99)),
         )
+
+
+def test_dotted_override_sets_a_key_inside_a_metadata_table(tmp_path: Path) -> None:
+    (tmp_path / "meta.toml").write_text(
+        'name = "d"\nversion = "1"\nsequence = 1\n[health]\nlatency_budget_p95_ms = 50.0\n'
+    )
+    meta = load_metadata(tmp_path / "meta.toml", {"health.latency_budget_p95_ms": 0.5})
+    assert meta.latency_budget_p95_ms == 0.5
