@@ -27,9 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _command_modules() -> list[ModuleType]:
     # Imported here so `edgeship-agent --help` stays fast and light.
-    from agent import _cmd_lifecycle, _cmd_predict  # noqa: PLC0415
+    from agent import _cmd_lifecycle, _cmd_predict, _cmd_run  # noqa: PLC0415
 
-    return [_cmd_predict, _cmd_lifecycle]
+    return [_cmd_predict, _cmd_lifecycle, _cmd_run]
 
 
 def main(argv: list[str] | None = None) -> int:
