@@ -132,8 +132,8 @@ def check_health(
     budget = health.latency_budget_p95_ms
     if budget is not None and observed > budget:
         raise HealthCheckError(
-            f"p95 latency {observed:.2f} ms over {runs} runs of the golden inputs exceeds the"
-            f" budget of {budget:.2f} ms; the device is too slow for this model"
+            f"p95 latency {observed:.3g} ms over {runs} runs of the golden inputs exceeds the"
+            f" budget of {budget:.3g} ms; the device is too slow for this model"
         )
     return HealthReport(worst_output=worst, max_abs_deviation=deviation, p95_ms=observed, runs=runs)
 

@@ -98,8 +98,8 @@ def judge_probation(
         if observed > window.max_p95_ms:
             return ProbationVerdict(
                 "breached",
-                f"p95 latency {observed:.2f} ms over {len(latencies_s)} calls exceeds the"
-                f" budget of {window.max_p95_ms:.2f} ms",
+                f"p95 latency {observed:.3g} ms over {len(latencies_s)} calls exceeds the"
+                f" budget of {window.max_p95_ms:.3g} ms",
             )
     return ProbationVerdict("passed", f"{requests} calls, {errors} failed")
 

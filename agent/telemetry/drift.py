@@ -49,6 +49,14 @@ _BUFFER_ROWS = 256
 _OUTPUT_BUFFER_VALUES = 65_536
 
 
+# PSI estimated from n sampled rows carries a noise floor of about (bins - 1) / n (it is a
+# chi-square statistic divided by n), and the band is the worst of up to 64 features: with
+# 10 bins, 300 rows keep the worst feature's noise under ~0.09, below the 0.1 band, where
+# 30 rows would put identical data in the "significant" band. Fewer rows than this carry
+# over into the next telemetry interval instead of being reported.
+DEFAULT_MIN_ROWS_FOR_PSI = 300
+
+
 def psi(
     expected: Sequence[float] | npt.NDArray[np.float64],
     counts: Sequence[int] | npt.NDArray[np.int64],
@@ -161,7 +169,7 @@ class DriftMonitor:
         classifier: bool = False,
         max_samples_per_s: float = 50.0,
         max_rows_per_sample: int = 8,
-        min_samples_for_psi: int = 30,
+        min_samples_for_psi: int = DEFAULT_MIN_ROWS_FOR_PSI,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if max_samples_per_s <= 0 or not 1 <= max_rows_per_sample <= _BUFFER_ROWS:
@@ -263,15 +271,17 @@ class DriftMonitor:
             worst = [f["band"] for f in inputs if f["band"] is not None]
             doc["band"] = max(worst, key=_BAND_ORDER.__getitem__) if worst else None
             self._seen_at_reset = seen_total + 1
-            self._reset_window()
+            # Inputs keep accumulating until they have enough rows for a PSI worth reading.
+            self._reset_window(inputs=all(e["psi"] is not None for e in inputs))
         return doc
 
     # --- internals -------------------------------------------------------------------
 
-    def _reset_window(self) -> None:
+    def _reset_window(self, *, inputs: bool = True) -> None:
         self._sampled = 0
-        for st in self._inputs.values():
-            st.reset()
+        if inputs:
+            for st in self._inputs.values():
+                st.reset()
         self._out_buf: npt.NDArray[np.float64] | None = None
         self._out_fill = 0
         self._out_n = 0

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 from agent.manifest import DriftFeatureRef, DriftReference
-from agent.telemetry.drift import DriftMonitor, psi, psi_band
+from agent.telemetry.drift import DEFAULT_MIN_ROWS_FOR_PSI, DriftMonitor, psi, psi_band
+from sdk.datasets import Dataset
+from sdk.drift_reference import drift_reference
 
 
 def _reference(groups: int = 4, edges: tuple[float, ...] = (-1.0, 0.0, 1.0)) -> DriftReference:
@@ -203,3 +205,27 @@ def test_probability_rows_and_logit_rows_are_told_apart_per_row() -> None:
     out = mon.snapshot()["outputs"]
     logit_top = math.exp(5) / (2 + math.exp(5))
     assert (out["min"], out["max"]) == pytest.approx((0.7, logit_top), rel=1e-5)
+
+
+def test_rows_below_the_minimum_carry_over_to_the_next_interval() -> None:
+    mon = DriftMonitor(_reference(), min_samples_for_psi=5, max_rows_per_sample=100)
+    mon.observe({"x": np.zeros((3, 4))})
+    assert mon.snapshot()["inputs"][0]["n"] == 3
+    mon.observe({"x": np.zeros((3, 4))})
+    reported = mon.snapshot()["inputs"][0]
+    assert reported["n"] == 6
+    assert reported["psi"] is not None
+    assert mon.snapshot()["inputs"][0]["n"] == 0  # reported windows start afresh
+
+
+def test_same_distribution_as_the_reference_reads_stable_at_the_default_minimum() -> None:
+    # 64 features, 10 quantile bins, as the SDK builds references: with too few rows the
+    # worst feature's sampling noise alone would cross the 0.1 band.
+    rng = np.random.default_rng(7)
+    reference = drift_reference(Dataset({"x": rng.standard_normal((5000, 64))}))
+    mon = DriftMonitor(reference, max_rows_per_sample=100, max_samples_per_s=1e12)
+    for _ in range(DEFAULT_MIN_ROWS_FOR_PSI // 100):
+        assert mon.observe({"x": rng.standard_normal((100, 64))})
+    snap = mon.snapshot()
+    assert snap["inputs"][0]["psi"] is not None
+    assert snap["band"] == "stable"
