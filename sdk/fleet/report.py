@@ -92,7 +92,11 @@ def render_report(store: Store, *, bucket_s: float = 60.0, now: float | None = N
     psi: dict[str, dict[float, float]] = defaultdict(dict)
     for r in rows:
         b = _bucket(float(r["ts"]), bucket_s)
-        version = f"{r['model_name'] or '?'} {r['model_version'] or '?'}"
+        version = (
+            f"{r['model_name']} {r['model_version']}"
+            if r["model_name"] is not None
+            else "no model installed"
+        )
         for q in ("p50", "p95", "p99"):
             if r[f"{q}_ms"] is not None:
                 lat[f"{version} {q}"][b].append(float(r[f"{q}_ms"]))

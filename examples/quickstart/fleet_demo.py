@@ -1,0 +1,406 @@
+"""edgeship end to end on one machine: build, sign, serve, roll out, hot-swap, refuse, report.
+
+What it does, each step through the real command-line tools:
+
+1. trains the digits classifier (scikit-learn's bundled digits) and exports ONNX;
+2. makes a signing key and the trust policy the devices get;
+3. builds and signs three bundles: v1 (float32), v2 (static int8, gated against v1's
+   accuracy), and v3, which is fine on the build machine but carries a latency budget no
+   device can meet, so the device's own health check refuses it; and shows that a build
+   missing its gate writes nothing and that a tampered copy does not verify;
+4. starts a broker (a private mosquitto on a free loopback port, unless --broker is
+   given), a bundle server (`edgeship serve`), a collector (`edgeship collect`) and two
+   device agents (`edgeship-agent run`), each with its local HTTP endpoint on;
+5. sends prediction traffic to both devices the whole time, and rolls v1 out, then v2
+   (hot swap under that traffic), then v3 (refused on the device, rolled back, the
+   rollout halts);
+6. prints the fleet status and writes the HTML fleet report.
+
+Every process it starts is stopped at the end, also on failure or Ctrl-C.
+
+    python examples/quickstart/fleet_demo.py [--out out/fleet-demo] [--broker mqtt://HOST:PORT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+PASSPHRASE_ENV = "EDGESHIP_DEMO_PASSPHRASE"
+FLEET = "demo"
+DEVICES = ("demo-1", "demo-2")
+
+
+def say(text: str) -> None:
+    print(f"\n\033[1m==> {text}\033[0m", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run(*argv: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run one of the project's commands, echoing it, with its output passed through."""
+    shown = " ".join(str(a) for a in argv)
+    print(f"$ {shown}", flush=True)
+    env = {**os.environ, PASSPHRASE_ENV: os.environ.get(PASSPHRASE_ENV, "demo-passphrase")}
+    result = subprocess.run([str(a) for a in argv], env=env, text=True, check=False)
+    if check and result.returncode != 0:
+        raise SystemExit(f"command failed ({result.returncode}): {shown}")
+    return result
+
+
+@contextmanager
+def background(name: str, argv: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A long-running process, stopped with SIGTERM (then SIGKILL) when the block ends."""
+    out = log.open("wb")
+    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    print(f"started {name} (pid {proc.pid}, log {log})", flush=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        out.close()
+        print(f"stopped {name} (exit {proc.returncode})", flush=True)
+
+
+def wait_for_port(port: int, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise SystemExit(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s")
+
+
+class Traffic(threading.Thread):
+    """Prediction requests to one device's HTTP endpoint, counting answers and failures."""
+
+    def __init__(self, port: int, token: str, samples: np.ndarray) -> None:
+        super().__init__(daemon=True)
+        self.port, self.token, self.samples = port, token, samples
+        self.stop_event = threading.Event()
+        self.ok = 0
+        self.failed: list[str] = []
+        self.no_model = 0  # 503 before the first version is installed: expected
+
+    def run(self) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        i = 0
+        while not self.stop_event.is_set():
+            body = json.dumps({"inputs": {"x": self.samples[i % len(self.samples)][None].tolist()}})
+            i += 1
+            try:
+                conn.request(
+                    "POST",
+                    "/v1/predict",
+                    body=body,
+                    headers={
+                        "Authorization": f"Bearer {self.token}",
+                        "Content-Type": "application/json",
+                    },
+                )
+                response = conn.getresponse()
+                payload = response.read()
+            except (OSError, http.client.HTTPException) as exc:
+                self.failed.append(f"connection: {exc}")
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+                time.sleep(0.2)
+                continue
+            if response.status == 200:
+                self.ok += 1
+            elif response.status == 503 and self.ok == 0:
+                self.no_model += 1
+                time.sleep(0.2)
+            else:
+                self.failed.append(f"HTTP {response.status}: {payload[:200]!r}")
+            # About 40 requests/s per device: steady load, below the endpoint's per-client
+            # rate limit (100/s by default), which would answer 429.
+            time.sleep(0.025)
+        conn.close()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "out" / "fleet-demo")
+    parser.add_argument(
+        "--broker", help="use this broker (mqtt://HOST:PORT) instead of starting one"
+    )
+    args = parser.parse_args()
+    out: Path = args.out.resolve()
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "bundles").mkdir(parents=True)
+    edgeship, agent_cli = str(BIN / "edgeship"), str(BIN / "edgeship-agent")
+    key = out / "keys" / "release"
+
+    say("1. train the digits classifier and export it to ONNX")
+    run(sys.executable, ROOT / "examples" / "digits" / "train.py", "--out", out / "digits")
+    data = out / "digits"
+
+    say("2. a signing key and the trust policy every device gets")
+    run(edgeship, "keygen", key, "--passphrase-env", PASSPHRASE_ENV)
+    run(edgeship, "trust", f"{key}.pub", "--out", out / "trust.toml")
+
+    say("3. build and sign v1 (float32), v2 (static int8, gated) and v3 (will fail on device)")
+    common = [
+        "--metadata",
+        ROOT / "examples" / "quickstart" / "digits.toml",
+        "--key",
+        key,
+        "--passphrase-env",
+        PASSPHRASE_ENV,
+        "--golden-inputs",
+        data / "validation.npz",
+    ]
+    run(
+        edgeship,
+        "build",
+        data / "digits.onnx",
+        *common,
+        "--version",
+        "1.0.0",
+        "--sequence",
+        "1",
+        "--out",
+        out / "bundles" / "digits-v1.edgeship",
+    )
+    run(
+        edgeship,
+        "build",
+        data / "digits.onnx",
+        *common,
+        "--version",
+        "2.0.0",
+        "--sequence",
+        "2",
+        "--quantize",
+        "static",
+        "--calibration",
+        data / "calibration.npz",
+        "--validation",
+        data / "validation.npz",
+        "--max-accuracy-drop",
+        "1.0",
+        "--min-agreement",
+        "0.97",
+        "--out",
+        out / "bundles" / "digits-v2.edgeship",
+    )
+    # Sound on the build machine, but its p95 budget (1 µs) is beyond any device: the
+    # device's health gate refuses it and keeps serving v2.
+    run(
+        edgeship,
+        "build",
+        data / "digits.onnx",
+        *common,
+        "--version",
+        "3.0.0",
+        "--sequence",
+        "3",
+        "--latency-budget-ms",
+        "0.001",
+        "--out",
+        out / "bundles" / "digits-v3.edgeship",
+    )
+
+    say("3b. what must not ship does not: a missed gate, a tampered copy")
+    if (
+        run(
+            edgeship,
+            "build",
+            data / "digits.onnx",
+            *common,
+            "--version",
+            "2.1.0",
+            "--sequence",
+            "4",
+            "--quantize",
+            "dynamic",
+            "--validation",
+            data / "validation.npz",
+            "--max-size-mb",
+            "0.01",
+            "--out",
+            out / "too-big.edgeship",
+            check=False,
+        ).returncode
+        == 0
+    ):
+        raise SystemExit("a build that missed its gate succeeded")
+    assert not (out / "too-big.edgeship").exists()
+    tampered = bytearray((out / "bundles" / "digits-v1.edgeship").read_bytes())
+    tampered[-20000] ^= 0x01  # one bit inside the model
+    (out / "tampered.edgeship").write_bytes(bytes(tampered))
+    if (
+        run(
+            edgeship,
+            "verify",
+            out / "tampered.edgeship",
+            "--trust",
+            out / "trust.toml",
+            check=False,
+        ).returncode
+        == 0
+    ):
+        raise SystemExit("a tampered bundle verified")
+    print("(both refused, as they must be)")
+
+    samples = np.load(data / "validation.npz")["x"]
+    with ExitStack() as stack:
+        say("4. broker, bundle server, collector and two device agents")
+        broker_url = args.broker
+        if broker_url is None:
+            port = free_port()
+            conf = out / "mosquitto.conf"
+            conf.write_text(
+                f"listener {port} 127.0.0.1\nallow_anonymous true\n"
+                "max_queued_messages 100000\npersistence false\n"
+                + ("user root\n" if os.geteuid() == 0 else "")
+            )
+            mosquitto = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+            stack.enter_context(
+                background("mosquitto", [mosquitto, "-c", str(conf)], out / "mosquitto.log")
+            )
+            wait_for_port(port)
+            broker_url = f"mqtt://127.0.0.1:{port}"
+        serve_port = free_port()
+        stack.enter_context(
+            background(
+                "bundle server",
+                [edgeship, "serve", str(out / "bundles"), "--port", str(serve_port)],
+                out / "serve.log",
+            )
+        )
+        wait_for_port(serve_port)
+        stack.enter_context(
+            background(
+                "collector",
+                [
+                    edgeship,
+                    "collect",
+                    "--broker",
+                    broker_url,
+                    "--fleet",
+                    FLEET,
+                    "--db",
+                    str(out / "fleet.sqlite"),
+                ],
+                out / "collect.log",
+            )
+        )
+        token = secrets.token_urlsafe(24)
+        traffic: list[Traffic] = []
+        for device in DEVICES:
+            http_port = free_port()
+            state = out / "devices" / device
+            state.mkdir(parents=True)
+            (state.parent / f"{device}.token").write_text(token)
+            config = state.parent / f"{device}.toml"
+            config.write_text(
+                f'device_id = "{device}"\nfleet = "{FLEET}"\nstate_dir = "{state}"\n'
+                f'trust_policy = "{out / "trust.toml"}"\n\n'
+                f'[broker]\nurl = "{broker_url}"\n\n'
+                "[telemetry]\ninterval_s = 2.0\n\n"
+                f"[http]\nenabled = true\nport = {http_port}\n"
+                f'token_file = "{state.parent / f"{device}.token"}"\n\n'
+                '[logging]\nformat = "text"\n\n'
+                f'[attributes]\nsite = "demo"\n'
+            )
+            stack.enter_context(
+                background(
+                    device, [agent_cli, "run", "--config", str(config)], out / f"{device}.log"
+                )
+            )
+            wait_for_port(http_port)
+            t = Traffic(http_port, token, samples)
+            t.start()
+            traffic.append(t)
+        (out / "groups.toml").write_text(f"[groups]\ndemo = {json.dumps(list(DEVICES))}\n")
+
+        def rollout(version: str, *, expect_halt: bool = False) -> None:
+            result = run(
+                edgeship,
+                "rollout",
+                out / "bundles" / f"digits-{version}.edgeship",
+                "--url",
+                f"http://127.0.0.1:{serve_port}/digits-{version}.edgeship",
+                "--trust",
+                out / "trust.toml",
+                "--broker",
+                broker_url,
+                "--fleet",
+                FLEET,
+                "--groups",
+                out / "groups.toml",
+                "--group",
+                "demo",
+                "--waves",
+                "50%,100%",
+                "--max-failure-rate",
+                "0",
+                "--min-healthy-time",
+                "2",
+                "--wave-timeout",
+                "90",
+                "--state-dir",
+                out / "rollouts",
+                check=False,
+            )
+            halted = result.returncode == 2
+            if result.returncode not in (0, 2) or halted != expect_halt:
+                raise SystemExit(f"rollout of {version} ended with exit {result.returncode}")
+
+        say("5. roll out v1: both devices install, health-check and serve it")
+        rollout("v1")
+        say("6. roll out v2 while traffic flows: hot swap, no failed request")
+        rollout("v2")
+        say("7. roll out v3: the first device's health check refuses it; the rollout halts")
+        rollout("v3", expect_halt=True)
+        time.sleep(3)  # one more telemetry interval for the report
+        for t in traffic:
+            t.stop_event.set()
+        for t in traffic:
+            t.join(timeout=15)
+        answered = sum(t.ok for t in traffic)
+        failed = [f for t in traffic for f in t.failed]
+        print(f"traffic: {answered} predictions answered, {len(failed)} failed")
+        if failed:
+            print("\n".join(failed[:10]))
+            raise SystemExit("requests failed during the rollouts")
+
+        say("8. fleet status and the HTML report")
+        run(edgeship, "fleet", "status", "--db", out / "fleet.sqlite")
+        run(edgeship, "fleet", "report", "--db", out / "fleet.sqlite", "--out", out / "report.html")
+    say(f"done: open {out / 'report.html'}; everything the demo made is in {out}/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
