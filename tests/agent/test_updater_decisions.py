@@ -152,7 +152,7 @@ def test_probation_breaches_on_p95_latency_at_the_end_of_the_window() -> None:
     latencies = [0.001] * 90 + [0.05] * 10
     verdict = judge_probation(WINDOW, requests=100, errors=0, latencies_s=latencies, elapsed_s=5.0)
     assert verdict.state == "breached"
-    assert "p95 latency 50.00 ms" in verdict.reason
+    assert "p95 latency 50 ms" in verdict.reason
 
 
 def test_probation_with_an_empty_window_passes_at_once() -> None:
