@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import logging
 import os
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -41,6 +40,7 @@ import numpy.typing as npt
 from agent.bundle import DeviceInfo, Limits
 from agent.cache import PredictionCache, Predictor, predict_versioned
 from agent.config import AgentConfig, TelemetryConfig
+from agent.desired import Desired, parse_desired
 from agent.errors import (
     BundleError,
     ConfigError,
@@ -71,76 +71,9 @@ from agent.telemetry import (
 from agent.telemetry.transport import Message, Transport
 from agent.updater import Updater, UpdaterConfig, check_acceptance
 
-__all__ = ["Agent", "Desired", "load_policy", "parse_desired", "state_document"]
+__all__ = ["Agent", "load_policy", "state_document"]
 
 log = logging.getLogger("edgeship.agent")
-
-DESIRED_VERSION = 1
-_HEX = frozenset("0123456789abcdef")
-
-
-def _is_digest(value: object) -> bool:
-    return isinstance(value, str) and len(value) == 64 and set(value) <= _HEX
-
-
-@dataclass(frozen=True)
-class Desired:
-    """A parsed desired-state message: which bundle this device should run."""
-
-    url: str
-    sha256: str  # of the bundle file, checked while downloading
-    digest: str  # of the signed manifest: the bundle's identity
-    sequence: int
-    name: str
-    version: str
-    rollout: str | None = None
-    ts: float | None = None
-
-
-def parse_desired(payload: bytes, *, fleet: str, device: str) -> Desired | None:
-    """Parse a ``desired`` payload; None for an empty payload (desired state cleared). Pure.
-
-    Raises:
-        ValueError: not a v1 desired document for this device (the message says why).
-    """
-    if not payload:
-        return None
-    try:
-        doc = json.loads(payload)
-    except (ValueError, RecursionError) as exc:
-        raise ValueError(f"desired state is not JSON: {exc}") from None
-    if not isinstance(doc, dict) or doc.get("v") != DESIRED_VERSION:
-        raise ValueError(f"desired state must be an object with v={DESIRED_VERSION}")
-    for key, ours in (("fleet", fleet), ("device", device)):
-        if key in doc and doc[key] != ours:
-            raise ValueError(f"desired state is for {key} {doc[key]!r}, not {ours!r}")
-    bundle = doc.get("bundle")
-    if not isinstance(bundle, dict):
-        raise ValueError("desired state has no bundle object")  # noqa: TRY004 - one error type for any bad message
-    url = bundle.get("url")
-    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-        raise ValueError("desired bundle.url must be an http:// or https:// URL")
-    for key in ("sha256", "digest"):
-        if not _is_digest(bundle.get(key)):
-            raise ValueError(f"desired bundle.{key} must be 64 lowercase hex digits")
-    sequence = bundle.get("sequence")
-    if isinstance(sequence, bool) or not isinstance(sequence, int) or sequence < 0:
-        raise ValueError("desired bundle.sequence must be an integer >= 0")
-    name, version = bundle.get("name"), bundle.get("version")
-    if not isinstance(name, str) or not isinstance(version, str):
-        raise ValueError(  # noqa: TRY004 - one error type for any bad message
-            "desired bundle.name and bundle.version must be strings"
-        )
-    rollout = doc.get("rollout")
-    if rollout is not None and not isinstance(rollout, str):
-        raise ValueError("desired rollout must be a string or null")
-    ts = doc.get("ts")
-    if ts is not None and (isinstance(ts, bool) or not isinstance(ts, int | float)):
-        raise ValueError("desired ts must be a number")
-    return Desired(
-        url, bundle["sha256"], bundle["digest"], sequence, name, version, rollout,
-        None if ts is None else float(ts),
-    )  # fmt: skip
 
 
 def load_policy(path: Path) -> TrustPolicy:

@@ -1,9 +1,8 @@
 """Desired state: which bundle a device should run, published retained per device.
 
-The payload (docs/mqtt.md, "desired"):
-``{"v":1,"fleet","device","ts","bundle":{"url","sha256","digest","sequence","name",
-"version"},"rollout":<id or null>}``; an empty retained payload clears it. The transport
-is untrusted: the device verifies the bundle's signature whatever the payload says.
+The payload is defined, written and read by :mod:`agent.desired` (docs/mqtt.md,
+"desired"); an empty retained payload clears it. The transport is untrusted: the device
+verifies the bundle's signature whatever the payload says.
 """
 
 from __future__ import annotations
@@ -11,56 +10,20 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 from agent.bundle import read_unverified, verify_bundle
+from agent.desired import BundleRef, Desired
 from agent.errors import ConfigError, ManifestMismatchError
 from agent.manifest import Manifest
 from agent.signing import TrustPolicy
-from agent.telemetry.outbox import encode_json
-from agent.telemetry.topics import SCHEMA_VERSION, Topics
+from agent.telemetry.topics import Topics
 from sdk.fleet._client import FleetClient
 
 __all__ = ["BundleRef", "bundle_ref", "clear_desired", "desired_payload", "publish_desired"]
 
 _CHUNK_BYTES = 1 << 20
-
-
-@dataclass(frozen=True)
-class BundleRef:
-    """What a device needs to fetch and recognise a bundle."""
-
-    url: str
-    sha256: str  # of the bundle file, checked while downloading
-    digest: str  # of the signed manifest: the bundle's identity
-    sequence: int
-    name: str
-    version: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "url": self.url,
-            "sha256": self.sha256,
-            "digest": self.digest,
-            "sequence": self.sequence,
-            "name": self.name,
-            "version": self.version,
-        }
-
-    @classmethod
-    def from_json(cls, doc: dict[str, Any]) -> BundleRef:
-        """Raises: KeyError or TypeError when a field is missing or of the wrong type."""
-        return cls(
-            url=str(doc["url"]),
-            sha256=str(doc["sha256"]),
-            digest=str(doc["digest"]),
-            sequence=int(doc["sequence"]),
-            name=str(doc["name"]),
-            version=str(doc["version"]),
-        )
 
 
 def _file_sha256(path: Path) -> str:
@@ -115,16 +78,7 @@ def desired_payload(
     fleet: str, device: str, ref: BundleRef, *, rollout: str | None, ts: float
 ) -> bytes:
     """The retained ``desired`` payload for one device."""
-    return encode_json(
-        {
-            "v": SCHEMA_VERSION,
-            "fleet": fleet,
-            "device": device,
-            "ts": round(ts, 3),
-            "bundle": ref.to_json(),
-            "rollout": rollout,
-        }
-    )
+    return Desired(ref, rollout=rollout, ts=ts).to_payload(fleet=fleet, device=device)
 
 
 def publish_desired(

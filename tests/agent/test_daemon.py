@@ -37,7 +37,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.bundle import verify_bundle
 from agent.config import parse_config
-from agent.daemon import Agent, parse_desired
+from agent.daemon import Agent
+from agent.desired import parse_desired
 from agent.manifest import Health, ModelSpec, Probation, TensorSpec, Tolerance
 from agent.telemetry.topics import Topics
 from agent.updater import Updater
