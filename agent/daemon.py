@@ -434,14 +434,12 @@ class Agent:
         self._stopped = True
         timeout = self.config.drain_timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout
-        http_server = None if self.http is None else getattr(self.http, "_server", None)
         if self.http is not None:
-            self.http.stop()  # no new connections; requests already received still finish
+            # No new connections; requests already received finish and answer.
+            self.http.stop(drain_timeout_s=max(0.0, deadline - time.monotonic()))
         if self.mqtt_server is not None:
             # Requests still queued get "unavailable"; the one running finishes and answers.
             self.mqtt_server.stop(timeout_s=max(0.1, deadline - time.monotonic()))
-        if http_server is not None:
-            _join_request_threads(http_server, deadline)
         self.stopping = True
         with self._wake:
             self._stop.set()
@@ -713,17 +711,3 @@ def _agent_version() -> str:
     from agent import __version__  # noqa: PLC0415 - avoids a cycle at import time
 
     return __version__
-
-
-def _join_request_threads(server: object, deadline: float) -> None:
-    """Let HTTP requests ``server`` already received finish (decode, predict, answer).
-
-    The listener is closed, so no new connection arrives; a handler idle on a keep-alive
-    connection ends at its read timeout (``http.read_timeout_s``), within ``deadline``.
-    """
-    # HttpServer offers no drain of its own: its ThreadingHTTPServer runs each connection
-    # in a thread whose target is the server's bound process_request_thread.
-    for t in threading.enumerate():
-        target = getattr(t, "_target", None)
-        if getattr(target, "__self__", None) is server:
-            t.join(max(0.0, deadline - time.monotonic()))

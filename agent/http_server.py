@@ -238,6 +238,10 @@ class _Server(ThreadingHTTPServer):
         self.endpoint = endpoint
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self._slots = threading.BoundedSemaphore(endpoint.config.max_connections)
+        # Connection threads are daemons (a stuck client never blocks exit); they are
+        # tracked here so that stop() can let requests already received finish.
+        self.active: set[threading.Thread] = set()
+        self.active_lock = threading.Lock()
         super().__init__(address, _Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -257,9 +261,14 @@ class _Server(ThreadingHTTPServer):
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        me = threading.current_thread()
+        with self.active_lock:
+            self.active.add(me)
         try:
             super().process_request_thread(request, client_address)
         finally:
+            with self.active_lock:
+                self.active.discard(me)
             self._slots.release()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -578,19 +587,31 @@ class HttpServer:
         self._thread.start()
         log.info("HTTP endpoint listening on %s", self.url)
 
-    def stop(self) -> None:
-        """Stop accepting, close the listening socket; requests in flight are cut off."""
+    def stop(self, drain_timeout_s: float = 0.0) -> bool:
+        """Stop accepting and close the listening socket.
+
+        Requests already received get up to ``drain_timeout_s`` to finish (a handler idle
+        on a keep-alive connection ends at its read timeout). Returns False if some were
+        still running when that time was up.
+        """
         server, self._server = self._server, None
         if server is None:
-            return
+            return True
         server.shutdown()
         server.server_close()
+        deadline = time.monotonic() + drain_timeout_s
+        with server.active_lock:
+            running = list(server.active)
+        for thread in running:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        drained = not any(t.is_alive() for t in running)
         if self._watchdog is not None:
             self._watchdog.stop()
             self._watchdog = None
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        return drained
 
     def __enter__(self) -> HttpServer:
         self.start()
