@@ -16,7 +16,10 @@ __all__ = ["main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgeship-agent", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="edgeship-agent",
+        description="The edgeship device agent: install, serve and watch signed model bundles.",
+    )
     parser.add_argument("--version", action="version", version=f"edgeship-agent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Each command module adds its own subparser and sets `func`.

@@ -355,7 +355,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="edgeship", description="Build, sign and check model bundles."
+        prog="edgeship",
+        description="Build, sign and check model bundles; publish and roll them out to a fleet.",
     )
     parser.add_argument("--version", action="version", version=f"edgeship {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
