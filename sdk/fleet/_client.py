@@ -10,9 +10,11 @@ received-message type are shared with the agent.
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import urllib.parse
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import paho.mqtt.client as paho
@@ -90,6 +92,7 @@ class FleetClient:
         self._timeout_s = connect_timeout_s
         self._session_expiry_s = session_expiry_s
         self._subscriptions: list[tuple[str, str, MessageHandler, int]] = []
+        self._routes: dict[str, tuple[MessageHandler, ...]] = {}  # topic -> its handlers
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self._refused: str | None = None
@@ -141,6 +144,7 @@ class FleetClient:
         """Deliver messages matching ``topic_filter`` (shared subscriptions too) to ``handler``."""
         with self._lock:
             self._subscriptions.append((topic_filter, plain_filter(topic_filter), handler, qos))
+            self._routes.clear()
         if self.connected:
             self._client.subscribe(topic_filter, qos=qos)
 
@@ -152,12 +156,55 @@ class FleetClient:
         Raises:
             BrokerError: not acknowledged in time, or refused.
         """
-        info = self._client.publish(topic, payload, qos=1, retain=retain)
-        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            raise BrokerError(f"cannot publish to {topic}: {paho.error_string(info.rc)}")
+        self.publish_many([(topic, payload)], retain=retain, window=1, timeout_s=timeout_s)
+
+    def publish_many(
+        self,
+        messages: Iterable[tuple[str, bytes]],
+        *,
+        retain: bool = False,
+        window: int = 20,
+        timeout_s: float = 10.0,
+    ) -> int:
+        """Publish with QoS 1, up to ``window`` unacknowledged at once; return when all are.
+
+        Waiting for each acknowledgement before the next publish costs a round trip per
+        message; a window keeps the connection busy while bounding what is in flight.
+        Every publish is still confirmed before this returns. The default, 20, is paho's
+        in-flight limit (and mosquitto's default receive maximum): paho queues anything
+        beyond it, and its queue bookkeeping is linear in the queue's length, so a larger
+        window is slower, not faster (measured: ~100 µs per publish at 20, ~160 at 100).
+
+        Returns:
+            How many messages were published (and acknowledged).
+
+        Raises:
+            BrokerError: a publish was refused, or not acknowledged within ``timeout_s`` of
+                becoming the oldest unacknowledged one.
+            ValueError: ``window`` < 1.
+        """
+        if window < 1:
+            raise ValueError(f"window must be at least 1, not {window}")
+        pending: collections.deque[tuple[str, paho.MQTTMessageInfo]] = collections.deque()
+        count = 0
+        for topic, payload in messages:
+            while len(pending) >= window:
+                self._acknowledged(*pending.popleft(), timeout_s)
+            info = self._client.publish(topic, payload, qos=1, retain=retain)
+            if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                raise BrokerError(f"cannot publish to {topic}: {paho.error_string(info.rc)}")
+            pending.append((topic, info))
+            count += 1
+        while pending:
+            self._acknowledged(*pending.popleft(), timeout_s)
+        return count
+
+    @staticmethod
+    def _acknowledged(topic: str, info: paho.MQTTMessageInfo, timeout_s: float) -> None:
+        """Wait for one publish's acknowledgement. Raises: BrokerError when it does not come."""
         try:
             info.wait_for_publish(timeout_s)
-        except RuntimeError as e:
+        except (RuntimeError, ValueError) as e:
             raise BrokerError(f"publish to {topic} failed: {e}") from None
         if not info.is_published():
             raise BrokerError(f"the broker did not acknowledge {topic} within {timeout_s}s")
@@ -199,14 +246,36 @@ class FleetClient:
         self._connected.clear()
 
     def _on_message(self, _client: paho.Client, _userdata: object, msg: paho.MQTTMessage) -> None:
-        message = Message(topic=msg.topic, payload=bytes(msg.payload), retain=bool(msg.retain))
-        with self._lock:
-            handlers = [h for _f, plain, h, _q in self._subscriptions if _matches(plain, msg.topic)]
+        topic = msg.topic
+        message = Message(topic=topic, payload=bytes(msg.payload), retain=bool(msg.retain))
+        handlers = self._routes.get(topic)
+        if handlers is None:
+            handlers = self._route(topic)
         for handler in handlers:
             try:
                 handler(message)
             except Exception:
                 log.exception("handler for %s failed", msg.topic)
+
+    def _route(self, topic: str) -> tuple[MessageHandler, ...]:
+        """The handlers of ``topic``, remembered for its next message.
+
+        Matching a topic against every filter with paho's matcher costs ~5 µs per filter:
+        a sixth of a collector's network thread, which is what limits its ingest.
+        """
+        with self._lock:
+            handlers = tuple(
+                h for _f, plain, h, _q in self._subscriptions if _matches(plain, topic)
+            )
+            if len(self._routes) >= _MAX_ROUTES:
+                self._routes.clear()
+            self._routes[topic] = handlers
+        return handlers
+
+
+# Topics whose handlers are remembered (one per device and message kind); beyond that the
+# memory starts over, so a fleet of any size costs at most this many entries.
+_MAX_ROUTES = 100_000
 
 
 def _matches(topic_filter: str, topic: str) -> bool:

@@ -25,10 +25,14 @@ from agent.errors import ConfigError, StateError
 from agent.telemetry.topics import PREFIX, Topics
 from agent.telemetry.transport import Message
 from sdk.fleet._client import FleetClient
-from sdk.fleet.publish import clear_desired, desired_payload
+from sdk.fleet.publish import desired_payload
 from sdk.fleet.rollout import Decision, DeviceProgress, DeviceView, Rollout, step
 
-__all__ = ["FleetWatcher", "RolloutFiles", "revert", "run_rollout"]
+__all__ = ["PUBLISH_WINDOW", "FleetWatcher", "RolloutFiles", "revert", "run_rollout"]
+
+# Unacknowledged desired-state publishes allowed at once while a wave is published (see
+# FleetClient.publish_many for why not more).
+PUBLISH_WINDOW = 20
 
 
 class RolloutFiles:
@@ -198,14 +202,14 @@ def revert(client: FleetClient, rollout: Rollout, devices: list[str] | None = No
     Raises:
         BrokerError: a publish was not acknowledged.
     """
-    reverted = []
-    for device in devices if devices is not None else sorted(rollout.progress):
+    reverted = list(devices if devices is not None else sorted(rollout.progress))
+    # No previous desired state: an empty retained payload clears it.
+    messages = []
+    for device in reverted:
         previous = rollout.progress[device].previous
-        if previous is None:
-            clear_desired(client, rollout.fleet, [device])
-        else:
-            client.publish(Topics(rollout.fleet, device).desired, previous.encode(), retain=True)
-        reverted.append(device)
+        payload = b"" if previous is None else previous.encode()
+        messages.append((Topics(rollout.fleet, device).desired, payload))
+    client.publish_many(messages, retain=True, window=PUBLISH_WINDOW)
     return reverted
 
 
@@ -262,8 +266,8 @@ def run_rollout(
         # Persist the decision (and what to revert to) before acting on it.
         if rollout != before and not files.save(rollout, unless_aborted=True):
             return aborted()
-        for topic, payload in messages:
-            client.publish(topic, payload, retain=True)
+        # Pipelined, but every publish is acknowledged before the wave counts as published.
+        client.publish_many(messages, retain=True, window=PUBLISH_WINDOW)
         if decision.action == "halt" and rollout.plan.revert_on_halt:
             revert(client, rollout)
         if decision.action != "wait" and on_change is not None:

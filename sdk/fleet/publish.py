@@ -96,13 +96,15 @@ def publish_desired(
         BrokerError: a publish was not acknowledged.
         ValueError: a device id cannot be a topic level.
     """
-    done = []
-    for device in devices:
-        topic = Topics(fleet, device).desired
-        client.publish(
-            topic, desired_payload(fleet, device, ref, rollout=rollout, ts=clock()), retain=True
+    done = list(devices)
+    messages = [
+        (
+            Topics(fleet, device).desired,
+            desired_payload(fleet, device, ref, rollout=rollout, ts=clock()),
         )
-        done.append(device)
+        for device in done
+    ]
+    client.publish_many(messages, retain=True)
     return done
 
 
@@ -112,5 +114,4 @@ def clear_desired(client: FleetClient, fleet: str, devices: Iterable[str]) -> No
     Raises:
         BrokerError: a publish was not acknowledged.
     """
-    for device in devices:
-        client.publish(Topics(fleet, device).desired, b"", retain=True)
+    client.publish_many([(Topics(fleet, device).desired, b"") for device in devices], retain=True)

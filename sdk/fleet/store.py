@@ -18,12 +18,14 @@ collectors cannot deadlock), so several collectors can write to the same databas
 from __future__ import annotations
 
 import json
+import random
 import sqlite3
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 
 from agent.errors import ConfigError
 
@@ -147,21 +149,113 @@ CREATE INDEX IF NOT EXISTS events_digest ON events (digest)
 """
 
 
+_Row: TypeAlias = tuple[Any, ...]
+
+
+# Key of the advisory lock that serialises creating the tables (any constant will do;
+# this one is "edgeship" in ASCII, truncated to fit a bigint).
+_SCHEMA_LOCK = 0x65646765736869
+
+
 class _Cursor(Protocol):
     @property
     def rowcount(self) -> int: ...
 
     def execute(self, sql: Any, params: Sequence[Any] = ...) -> Any: ...
 
+    def executemany(self, sql: Any, params_seq: Iterable[Sequence[Any]]) -> Any: ...
+
     def fetchone(self) -> Any: ...
 
     def fetchall(self) -> list[Any]: ...
 
 
-class _SqlStore:
-    """The logic both databases share; subclasses say how to connect and lock."""
+_EVENT_COLUMNS = ("fleet", "device", "seq", "ts", "received_at", "event", "digest", "reason", "raw")
+_TELEMETRY_COLUMNS = (
+    "fleet", "device", "seq", "ts", "received_at", "model_name", "model_version",
+    "model_sequence", "requests", "error_count", "p50_ms", "p95_ms", "p99_ms", "drift_band",
+    "psi_max", "raw",
+)  # fmt: skip
+# Rows per multi-row statement: 16 columns x 500 stays far below both databases' limits on
+# bound parameters (SQLite 32,766, PostgreSQL 65,535).
+_CHUNK = 500
+# Latest value wins by the sender's clock; a birth keeps the attributes of the last one
+# when a death (which has none) follows.
+_STATUS_SQL = (
+    "UPDATE devices SET status = ?, status_ts = ?, attributes = COALESCE(?, attributes)"
+    " WHERE fleet = ? AND device = ? AND (status_ts IS NULL OR status_ts <= ?)"
+)
+_STATE_SQL = (
+    "UPDATE devices SET state = ?, state_ts = ?, current_digest = ?, current_name = ?,"
+    " current_version = ?"
+    " WHERE fleet = ? AND device = ? AND (state_ts IS NULL OR state_ts <= ?)"
+)
+_GAP_SQL = (
+    "INSERT INTO gaps (fleet, device, first_seq, last_seq, detected_at) VALUES (?, ?, ?, ?, ?)"
+)
+_DEVICE_SQL = (
+    "UPDATE devices SET max_seq = ?,"
+    " last_seen = CASE WHEN last_seen IS NULL OR last_seen < ? THEN ? ELSE last_seen END"
+    " WHERE fleet = ? AND device = ?"
+)
 
-    _lock_suffix = ""
+
+def _chunks(rows: Sequence[_Row]) -> Iterator[Sequence[_Row]]:
+    for i in range(0, len(rows), _CHUNK):
+        yield rows[i : i + _CHUNK]
+
+
+def _values(n_rows: int, n_columns: int) -> str:
+    row = "(" + ", ".join("?" * n_columns) + ")"
+    return ", ".join([row] * n_rows)
+
+
+def _status_row(r: StatusRecord) -> _Row:
+    attributes = None if r.attributes is None else json.dumps(r.attributes, sort_keys=True)
+    return (r.status, r.ts, attributes, r.fleet, r.device, r.ts)
+
+
+def _state_row(r: StateRecord) -> _Row:
+    return (
+        r.raw, r.ts, r.current_digest, r.current_name, r.current_version, r.fleet, r.device, r.ts,
+    )  # fmt: skip
+
+
+def _event_row(r: EventRecord, at: float) -> _Row:
+    return (r.fleet, r.device, r.seq, r.ts, at, r.event, r.digest, r.reason, r.raw)
+
+
+def _telemetry_row(r: TelemetryRecord, at: float) -> _Row:
+    return (
+        r.fleet, r.device, r.seq, r.ts, at, r.model_name, r.model_version, r.model_sequence,
+        r.requests, r.error_count, r.p50_ms, r.p95_ms, r.p99_ms, r.drift_band, r.psi_max, r.raw,
+    )  # fmt: skip
+
+
+def _split(first: int, last: int, filled: Sequence[int]) -> list[tuple[int, int]]:
+    """What is left of the gap ``first..last`` once the sorted seqs ``filled`` arrived."""
+    left = []
+    lo = first
+    for seq in filled:
+        if first <= seq <= last:
+            if lo <= seq - 1:
+                left.append((lo, seq - 1))
+            lo = max(lo, seq + 1)
+    if lo <= last:
+        left.append((lo, last))
+    return left
+
+
+class _SqlStore:
+    """The logic both databases share; subclasses say how to connect and lock.
+
+    A batch costs a fixed handful of statements, whatever its size: one multi-row upsert
+    that creates and locks the batch's device rows and returns their highest ``seq``, one
+    multi-row ``INSERT ... ON CONFLICT DO NOTHING RETURNING`` per table (what comes back was
+    stored, the rest were duplicates), ``executemany`` for statuses, states, new gaps and
+    the devices' ``max_seq`` / ``last_seen``, and a look at the gaps only for a device with
+    a late message (one at or below its ``max_seq``).
+    """
 
     def _sql(self, sql: str) -> str:
         return sql
@@ -170,176 +264,133 @@ class _SqlStore:
         raise NotImplementedError
 
     def write(self, records: Sequence[Record], received_at: float) -> WriteResult:
+        """Store a batch in one transaction. Raises: ConfigError when the database fails."""
+        statuses: list[StatusRecord] = []
+        states: list[StateRecord] = []
+        events: list[EventRecord] = []
+        telemetry: list[TelemetryRecord] = []
+        for rec in records:
+            if isinstance(rec, TelemetryRecord):
+                telemetry.append(rec)
+            elif isinstance(rec, EventRecord):
+                events.append(rec)
+            elif isinstance(rec, StatusRecord):
+                statuses.append(rec)
+            else:
+                states.append(rec)
+        # Sorted: device rows are always locked in the same order (no deadlock between
+        # collectors), and each device's latest status / state is applied last.
+        keys = sorted({(r.fleet, r.device) for r in records})
+        statuses.sort(key=lambda r: (r.fleet, r.device, r.ts))
+        states.sort(key=lambda r: (r.fleet, r.device, r.ts))
+        events.sort(key=lambda r: (r.fleet, r.device, r.seq))
+        telemetry.sort(key=lambda r: (r.fleet, r.device, r.seq))
         result = WriteResult()
-        # Sorted by device: row locks are always taken in the same order.
-        ordered = sorted(records, key=lambda r: (r.fleet, r.device, getattr(r, "seq", 0)))
+        if not keys:
+            return result
         with self._transaction() as cur:
-            max_seq: dict[tuple[str, str], int] = {}
-            for rec in ordered:
-                key = (rec.fleet, rec.device)
-                if key not in max_seq:
-                    max_seq[key] = self._lock_device(cur, rec.fleet, rec.device)
-                if isinstance(rec, StatusRecord):
-                    self._status(cur, rec)
-                elif isinstance(rec, StateRecord):
-                    self._state(cur, rec)
-                elif self._insert_seq(cur, rec, received_at):
-                    result.stored += 1
-                    max_seq[key] = self._track_seq(
-                        cur,
-                        fleet=rec.fleet,
-                        device=rec.device,
-                        seq=rec.seq,
-                        highest=max_seq[key],
-                        at=received_at,
-                        result=result,
-                    )
-                    continue
-                else:
-                    result.duplicates += 1
-                    continue
-                result.stored += 1
-            for (fleet, device), seq in max_seq.items():
-                cur.execute(
-                    self._sql(
-                        "UPDATE devices SET max_seq = ?,"
-                        " last_seen = CASE WHEN last_seen IS NULL OR last_seen < ?"
-                        " THEN ? ELSE last_seen END WHERE fleet = ? AND device = ?"
-                    ),
-                    (seq, received_at, received_at, fleet, device),
-                )
+            highest = self._lock_devices(cur, keys)
+            if statuses:
+                cur.executemany(self._sql(_STATUS_SQL), [_status_row(r) for r in statuses])
+            if states:
+                cur.executemany(self._sql(_STATE_SQL), [_state_row(r) for r in states])
+            stored: dict[tuple[str, str], list[int]] = {}
+            event_rows = [_event_row(r, received_at) for r in events]
+            telemetry_rows = [_telemetry_row(r, received_at) for r in telemetry]
+            for table, columns, rows in (
+                ("events", _EVENT_COLUMNS, event_rows),
+                ("telemetry", _TELEMETRY_COLUMNS, telemetry_rows),
+            ):
+                for fleet, device, seq in self._insert_new(cur, table, columns, rows):
+                    stored.setdefault((str(fleet), str(device)), []).append(int(seq))
+            n_stored = sum(len(seqs) for seqs in stored.values())
+            result.stored = len(statuses) + len(states) + n_stored
+            result.duplicates = len(events) + len(telemetry) - n_stored
+            new_gaps: list[tuple[str, str, int, int, float]] = []
+            for key in sorted(stored):
+                seqs = sorted(stored[key])
+                before = highest[key]
+                if seqs[0] <= before:  # late messages: they fill (parts of) recorded gaps
+                    self._heal_gaps(cur, key, [s for s in seqs if s <= before])
+                top = before
+                for seq in seqs:
+                    if seq > top + 1:
+                        new_gaps.append((key[0], key[1], top + 1, seq - 1, received_at))
+                    top = max(top, seq)
+                highest[key] = top
+            if new_gaps:
+                cur.executemany(self._sql(_GAP_SQL), new_gaps)
+                result.gaps.extend((f, d, lo, hi) for f, d, lo, hi, _ in new_gaps)
+            cur.executemany(
+                self._sql(_DEVICE_SQL),
+                [(highest[k], received_at, received_at, k[0], k[1]) for k in keys],
+            )
         return result
 
-    def _lock_device(self, cur: _Cursor, fleet: str, device: str) -> int:
-        cur.execute(
-            self._sql("INSERT INTO devices (fleet, device) VALUES (?, ?) ON CONFLICT DO NOTHING"),
-            (fleet, device),
-        )
-        cur.execute(
-            self._sql("SELECT max_seq FROM devices WHERE fleet = ? AND device = ?")
-            + self._lock_suffix,
-            (fleet, device),
-        )
-        return int(cur.fetchone()[0])
+    def _lock_devices(
+        self, cur: _Cursor, keys: list[tuple[str, str]]
+    ) -> dict[tuple[str, str], int]:
+        """Create the devices' rows if new, lock them (in ``keys`` order), return ``max_seq``.
 
-    def _status(self, cur: _Cursor, r: StatusRecord) -> None:
-        attributes = None if r.attributes is None else json.dumps(r.attributes, sort_keys=True)
-        # Latest value wins by the sender's clock; a birth keeps the attributes of the
-        # last one when a death (which has none) follows.
-        cur.execute(
-            self._sql(
-                "UPDATE devices SET status = ?, status_ts = ?,"
-                " attributes = COALESCE(?, attributes)"
-                " WHERE fleet = ? AND device = ? AND (status_ts IS NULL OR status_ts <= ?)"
-            ),
-            (r.status, r.ts, attributes, r.fleet, r.device, r.ts),
-        )
-
-    def _state(self, cur: _Cursor, r: StateRecord) -> None:
-        cur.execute(
-            self._sql(
-                "UPDATE devices SET state = ?, state_ts = ?, current_digest = ?,"
-                " current_name = ?, current_version = ?"
-                " WHERE fleet = ? AND device = ? AND (state_ts IS NULL OR state_ts <= ?)"
-            ),
-            (
-                r.raw,
-                r.ts,
-                r.current_digest,
-                r.current_name,
-                r.current_version,
-                r.fleet,
-                r.device,
-                r.ts,
-            ),
-        )
-
-    def _insert_seq(self, cur: _Cursor, r: EventRecord | TelemetryRecord, at: float) -> bool:
-        if isinstance(r, EventRecord):
+        The no-op ``DO UPDATE`` is what locks an existing row in PostgreSQL (and makes
+        ``RETURNING`` report it); SQLite's ``BEGIN IMMEDIATE`` already holds the file lock.
+        """
+        highest: dict[tuple[str, str], int] = {}
+        for chunk in _chunks(keys):
             cur.execute(
                 self._sql(
-                    "INSERT INTO events (fleet, device, seq, ts, received_at, event, digest,"
-                    " reason, raw) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
+                    f"INSERT INTO devices (fleet, device) VALUES {_values(len(chunk), 2)}"  # noqa: S608 - placeholders only
+                    " ON CONFLICT (fleet, device) DO UPDATE SET max_seq = devices.max_seq"
+                    " RETURNING fleet, device, max_seq"
                 ),
-                (r.fleet, r.device, r.seq, r.ts, at, r.event, r.digest, r.reason, r.raw),
+                [v for key in chunk for v in key],
             )
-        else:
-            cur.execute(
-                self._sql(
-                    "INSERT INTO telemetry (fleet, device, seq, ts, received_at, model_name,"
-                    " model_version, model_sequence, requests, error_count, p50_ms, p95_ms,"
-                    " p99_ms, drift_band, psi_max, raw)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                    " ON CONFLICT DO NOTHING"
-                ),
-                (
-                    r.fleet,
-                    r.device,
-                    r.seq,
-                    r.ts,
-                    at,
-                    r.model_name,
-                    r.model_version,
-                    r.model_sequence,
-                    r.requests,
-                    r.error_count,
-                    r.p50_ms,
-                    r.p95_ms,
-                    r.p99_ms,
-                    r.drift_band,
-                    r.psi_max,
-                    r.raw,
-                ),
-            )
-        return bool(cur.rowcount == 1)
+            for fleet, device, max_seq in cur.fetchall():
+                highest[(str(fleet), str(device))] = int(max_seq)
+        return highest
 
-    def _track_seq(
-        self,
-        cur: _Cursor,
-        *,
-        fleet: str,
-        device: str,
-        seq: int,
-        highest: int,
-        at: float,
-        result: WriteResult,
-    ) -> int:
-        if seq > highest + 1:
+    def _insert_new(
+        self, cur: _Cursor, table: str, columns: Sequence[str], rows: Sequence[_Row]
+    ) -> list[tuple[Any, ...]]:
+        """Insert ``rows`` but those whose (fleet, device, seq) is there; the stored keys."""
+        stored: list[tuple[Any, ...]] = []
+        for chunk in _chunks(rows):
             cur.execute(
                 self._sql(
-                    "INSERT INTO gaps (fleet, device, first_seq, last_seq, detected_at)"
-                    " VALUES (?, ?, ?, ?, ?)"
+                    f"INSERT INTO {table} ({', '.join(columns)})"  # noqa: S608 - constant names
+                    f" VALUES {_values(len(chunk), len(columns))}"
+                    " ON CONFLICT DO NOTHING RETURNING fleet, device, seq"
                 ),
-                (fleet, device, highest + 1, seq - 1, at),
+                [v for row in chunk for v in row],
             )
-            result.gaps.append((fleet, device, highest + 1, seq - 1))
-        if seq > highest:
-            return seq
-        # A late arrival: it fills part of a recorded gap.
+            stored.extend(tuple(row) for row in cur.fetchall())
+        return stored
+
+    def _heal_gaps(self, cur: _Cursor, key: tuple[str, str], late: list[int]) -> None:
+        """Shrink, split or remove the device's recorded gaps that the ``late`` seqs fall in."""
         cur.execute(
             self._sql(
                 "SELECT first_seq, last_seq, detected_at FROM gaps WHERE fleet = ? AND device = ?"
                 " AND first_seq <= ? AND last_seq >= ?"
             ),
-            (fleet, device, seq, seq),
+            (key[0], key[1], late[-1], late[0]),
         )
-        row = cur.fetchone()
-        if row is not None:
+        deleted: list[_Row] = []
+        remnants: list[_Row] = []
+        for row in cur.fetchall():
             first, last, detected = int(row[0]), int(row[1]), float(row[2])
-            cur.execute(
+            inside = [s for s in late if first <= s <= last]
+            if not inside:
+                continue
+            deleted.append((key[0], key[1], first))
+            remnants.extend((*key, lo, hi, detected) for lo, hi in _split(first, last, inside))
+        if deleted:
+            cur.executemany(
                 self._sql("DELETE FROM gaps WHERE fleet = ? AND device = ? AND first_seq = ?"),
-                (fleet, device, first),
+                deleted,
             )
-            for lo, hi in ((first, seq - 1), (seq + 1, last)):
-                if lo <= hi:
-                    cur.execute(
-                        self._sql(
-                            "INSERT INTO gaps (fleet, device, first_seq, last_seq, detected_at)"
-                            " VALUES (?, ?, ?, ?, ?)"
-                        ),
-                        (fleet, device, lo, hi, detected),
-                    )
-        return highest
+        if remnants:
+            cur.executemany(self._sql(_GAP_SQL), remnants)
 
 
 class SqliteStore(_SqlStore):
@@ -348,17 +399,37 @@ class SqliteStore(_SqlStore):
     Raises (constructor): ConfigError when the file cannot be opened or created.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, open_timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + open_timeout_s
+        while True:
+            try:
+                self._db = self._open(path)
+                return  # noqa: TRY300 - the loop retries only the failures
+            except sqlite3.OperationalError as e:
+                # Two processes opening one *new* file at once: switching it to WAL takes
+                # an exclusive lock that SQLite does not wait for (the busy timeout is not
+                # consulted there), so the loser fails at once. The winner is done in
+                # milliseconds: try again, with jitter, until the deadline.
+                if "locked" not in str(e) or time.monotonic() >= deadline:
+                    raise ConfigError(f"cannot open SQLite database {path}: {e}") from None
+                time.sleep(random.uniform(0.01, 0.05))  # noqa: S311 - jitter, not crypto
+            except sqlite3.Error as e:
+                raise ConfigError(f"cannot open SQLite database {path}: {e}") from None
+
+    @staticmethod
+    def _open(path: Path) -> sqlite3.Connection:
+        db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         try:
-            self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA busy_timeout=10000")
+            db.execute("PRAGMA journal_mode=WAL")
             # NORMAL in WAL: a power cut may lose the last commits but never corrupts the
             # file; fsync per batch would cap ingest at the disk's flush rate.
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA busy_timeout=10000")
-            self._db.executescript(_SCHEMA)
-        except sqlite3.Error as e:
-            raise ConfigError(f"cannot open SQLite database {path}: {e}") from None
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+        except BaseException:
+            db.close()
+            raise
+        return db
 
     @contextmanager
     def _transaction(self) -> Iterator[_Cursor]:
@@ -393,9 +464,7 @@ class PostgresStore(_SqlStore):
     Raises (constructor): ConfigError when psycopg is missing or the server refuses.
     """
 
-    _lock_suffix = " FOR UPDATE"
-
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, open_timeout_s: float = 30.0) -> None:
         try:
             import psycopg  # noqa: PLC0415 - optional dependency, only for PostgreSQL URLs
         except ImportError:
@@ -405,12 +474,38 @@ class PostgresStore(_SqlStore):
         self._psycopg = psycopg
         try:
             self._db = psycopg.connect(url)
-            with self._db.transaction(), self._db.cursor() as cur:
-                # One statement per execute: psycopg's extended protocol refuses several.
-                for statement in _SCHEMA.split(";"):
-                    cur.execute(statement)
         except psycopg.Error as e:
             raise ConfigError(f"cannot open PostgreSQL database: {e}") from None
+        try:
+            self._create_schema(deadline=time.monotonic() + open_timeout_s)
+        except psycopg.Error as e:
+            self._db.close()
+            raise ConfigError(f"cannot create the tables in the PostgreSQL database: {e}") from None
+
+    def _create_schema(self, deadline: float) -> None:
+        """``CREATE ... IF NOT EXISTS`` every table, safe against a collector doing the same.
+
+        Two sessions creating one table at once both pass the "not exists" check and the
+        second fails on a unique index of the catalog (pg_type). A transaction-scoped
+        advisory lock serialises the creation; the retry covers a process that creates
+        the tables without taking it (an older collector).
+
+        Raises:
+            psycopg.Error: the server refused, or the race outlasted the deadline.
+        """
+        errors = self._psycopg.errors
+        while True:
+            try:
+                with self._db.transaction(), self._db.cursor() as cur:
+                    cur.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+                    # One statement per execute: psycopg's extended protocol refuses several.
+                    for statement in _SCHEMA.split(";"):
+                        cur.execute(statement)
+                return  # noqa: TRY300 - the loop retries only the failures
+            except (errors.UniqueViolation, errors.DuplicateTable, errors.DuplicateObject):
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(random.uniform(0.01, 0.05))  # noqa: S311 - jitter, not crypto
 
     def _sql(self, sql: str) -> str:
         return sql.replace("?", "%s")

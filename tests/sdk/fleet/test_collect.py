@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from agent.telemetry.transport import Message
 from sdk.cli import main
 from sdk.fleet._client import FleetClient
 from sdk.fleet.collect import Collector, parse_message
@@ -162,3 +164,78 @@ def test_the_collect_and_fleet_status_commands(
     assert main(["fleet", "status", "--db", str(db), "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [(r["device"], r["online"]) for r in rows] == [("d1", True), ("d2", True)]
+
+
+def status_body(device: str, ts: float) -> bytes:
+    return json.dumps(
+        {"v": 1, "fleet": "f", "device": device, "ts": ts, "status": "online"}
+    ).encode()
+
+
+def wait_subscribed(client: FleetClient, sender: FleetClient) -> None:
+    """Return once the broker applied ``client``'s subscriptions so far.
+
+    Subscribing does not wait for the broker; a probe subscribed last that receives a
+    message shows that every earlier subscription of the connection is in place.
+    """
+    seen = threading.Event()
+    client.subscribe("test/probe", lambda _m: seen.set())
+    deadline = time.monotonic() + 10
+    while not seen.is_set() and time.monotonic() < deadline:
+        sender.publish("test/probe", b"")
+        seen.wait(0.05)
+    assert seen.is_set()
+
+
+@pytest.mark.integration
+def test_messages_arriving_within_the_batch_wait_share_one_transaction(
+    broker: Broker, tmp_path: Path
+) -> None:
+    url = f"mqtt://{broker.host}:{broker.port}"
+    store = SqliteStore(tmp_path / "fleet.sqlite")
+    client, sender = FleetClient(url), FleetClient(url)
+    client.connect()
+    sender.connect()
+    # A long wait: the batch is complete when max_batch messages are there, not before.
+    collector = Collector(client, store, fleet="f", max_batch=5, batch_wait_s=30.0)
+    collector.start()
+    try:
+        wait_subscribed(client, sender)
+        for i in range(5):
+            sender.publish(f"edgeship/v1/f/d{i}/status", status_body(f"d{i}", 1.0 + i))
+        assert wait_until(lambda: collector.stats.stored == 5)
+    finally:
+        sender.close()
+        client.close()
+        collector.stop()
+        store.close()
+    assert collector.stats.batches == 1
+
+
+@pytest.mark.integration
+def test_stopping_writes_a_partial_batch_at_once(broker: Broker, tmp_path: Path) -> None:
+    url = f"mqtt://{broker.host}:{broker.port}"
+    store = SqliteStore(tmp_path / "fleet.sqlite")
+    client, sender = FleetClient(url), FleetClient(url)
+    client.connect()
+    sender.connect()
+    collector = Collector(client, store, fleet="f", batch_wait_s=3600.0)
+    collector.start()
+    queued: list[Message] = []
+    # Same filter as the collector's: one delivery, handed to the collector's queue first.
+    client.subscribe("edgeship/v1/f/+/status", queued.append)
+    stopper = threading.Thread(target=collector.stop)
+    try:
+        wait_subscribed(client, sender)
+        for i in range(3):
+            sender.publish(f"edgeship/v1/f/d{i}/status", status_body(f"d{i}", 1.0))
+        assert wait_until(lambda: len(queued) == 3)
+    finally:
+        sender.close()
+        client.close()
+        stopper.start()
+        stopper.join(30)  # far less than the batch wait: stop() must not wait for it
+    assert not stopper.is_alive()
+    assert (collector.stats.stored, collector.stats.batches) == (3, 1)
+    assert len(store.query("SELECT status FROM devices WHERE status = 'online'")) == 3
+    store.close()

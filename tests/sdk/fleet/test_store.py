@@ -126,3 +126,50 @@ def test_parsed_messages_can_be_stored(store: Store) -> None:
     assert record is not None
     store.write([record], 6.0)
     assert store.query("SELECT reason FROM events")[0]["reason"] == "bad signature"
+
+
+def test_a_seq_repeated_within_one_batch_is_stored_once(store: Store) -> None:
+    result = store.write([telemetry("d1", 1), telemetry("d1", 1), event("d1", 2)], 0.0)
+    assert (result.stored, result.duplicates) == (2, 1)
+    assert seqs(store, "telemetry") == [1]
+
+
+def test_a_batch_larger_than_one_statement_is_stored_whole_with_its_gaps(store: Store) -> None:
+    # 3 devices x 400 messages: more rows than one multi-row INSERT carries.
+    records: list[Record] = [
+        telemetry(d, seq) for d in ("d1", "d2", "d3") for seq in range(1, 801) if seq % 2
+    ]
+    result = store.write(records, 0.0)
+    assert (result.stored, result.duplicates) == (1200, 0)
+    assert len(result.gaps) == 3 * 399
+    assert ("f", "d2", 2, 2) in result.gaps
+
+
+def test_late_messages_in_one_batch_split_several_gaps_while_new_ones_open(store: Store) -> None:
+    store.write([telemetry("d1", 1), telemetry("d1", 5), telemetry("d1", 9)], 0.0)
+    result = store.write([event("d1", 3), telemetry("d1", 7), telemetry("d1", 12)], 1.0)
+    assert result.gaps == [("f", "d1", 10, 11)]
+    assert gaps(store) == [(2, 2), (4, 4), (6, 6), (8, 8), (10, 11)]
+    assert store.query("SELECT max_seq FROM devices")[0]["max_seq"] == 12
+
+
+def test_a_gap_keeps_when_it_was_detected_when_it_is_split(store: Store) -> None:
+    store.write([telemetry("d1", 1), telemetry("d1", 5)], 10.0)
+    store.write([telemetry("d1", 3)], 20.0)
+    rows = store.query("SELECT detected_at FROM gaps")
+    assert [float(r["detected_at"]) for r in rows] == [10.0, 10.0]
+
+
+def test_statuses_in_one_batch_apply_in_sender_time_order(store: Store) -> None:
+    death = StatusRecord("f", "d1", 20.0, "offline", None, "{}")
+    birth = StatusRecord("f", "d1", 10.0, "online", {"arch": "aarch64"}, "{}")
+    store.write([death, birth], 0.0)
+    row = store.query("SELECT status, attributes FROM devices")[0]
+    assert row["status"] == "offline"
+    assert json.loads(row["attributes"]) == {"arch": "aarch64"}
+
+
+def test_a_batch_of_only_statuses_still_marks_the_device_seen(store: Store) -> None:
+    store.write([StatusRecord("f", "d1", 1.0, "online", None, "{}")], 5.0)
+    row = store.query("SELECT last_seen, max_seq FROM devices")[0]
+    assert (float(row["last_seen"]), int(row["max_seq"])) == (5.0, 0)
