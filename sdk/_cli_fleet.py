@@ -74,7 +74,11 @@ def _until_signal() -> Iterator[threading.Event]:
 
 
 def _client(
-    args: argparse.Namespace, client_id: str = "", session_expiry_s: int = 0
+    args: argparse.Namespace,
+    client_id: str = "",
+    session_expiry_s: int = 0,
+    *,
+    connect: bool = True,
 ) -> FleetClient:
     tls = None
     if args.ca_file or args.cert:
@@ -82,7 +86,8 @@ def _client(
     client = FleetClient(
         args.broker, client_id=client_id, tls=tls, session_expiry_s=session_expiry_s
     )
-    client.connect()
+    if connect:
+        client.connect()
     return client
 
 
@@ -186,9 +191,12 @@ def cmd_publish(args: argparse.Namespace) -> int:
 def cmd_collect(args: argparse.Namespace) -> int:
     store = open_store(args.db)
     client_id = args.client_id or f"edgeship-collector-{uuid.uuid4().hex[:8]}"
-    client = _client(args, client_id=client_id, session_expiry_s=args.session_expiry)
+    client = _client(args, client_id=client_id, session_expiry_s=args.session_expiry, connect=False)
     collector = Collector(client, store, fleet=args.fleet, share_group=args.group)
+    # Subscribe before connecting: a persistent session's queue arrives right after the
+    # CONNACK, and a message with no handler yet would be acknowledged and lost.
     collector.start()
+    client.connect()
     if not args.json:
         print(f"collecting {args.fleet} from {args.broker} into {args.db}", flush=True)
     try:

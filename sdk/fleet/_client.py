@@ -251,6 +251,9 @@ class FleetClient:
         handlers = self._routes.get(topic)
         if handlers is None:
             handlers = self._route(topic)
+        if not handlers:
+            # paho has acknowledged it already; it can only be reported.
+            log.warning("message on %s matched no subscription and was dropped", topic)
         for handler in handlers:
             try:
                 handler(message)

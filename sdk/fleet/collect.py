@@ -204,7 +204,11 @@ class Collector:
         return [f"{shared}/telemetry", f"{shared}/events", f"{base}/status", f"{base}/state"]
 
     def start(self) -> None:
-        """Start the writer thread and subscribe (the client must be connected)."""
+        """Start the writer thread and subscribe.
+
+        Call it before the client connects when the client keeps a session: the broker
+        sends what it queued for the session right after the CONNACK.
+        """
         self._writer = threading.Thread(target=self._write_loop, name="edgeship-collect")
         self._writer.start()
         for topic_filter in self.topic_filters():

@@ -239,3 +239,28 @@ def test_stopping_writes_a_partial_batch_at_once(broker: Broker, tmp_path: Path)
     assert (collector.stats.stored, collector.stats.batches) == (3, 1)
     assert len(store.query("SELECT status FROM devices WHERE status = 'online'")) == 3
     store.close()
+
+
+@pytest.mark.integration
+def test_a_restarted_collector_stores_what_its_session_queued_while_it_was_away(
+    broker: Broker, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The broker delivers a persistent session's queue right after the CONNACK: a collector
+    # that subscribed only after connecting acknowledged those messages and dropped them.
+    db = tmp_path / "fleet.sqlite"
+    url = f"mqtt://{broker.host}:{broker.port}"
+    argv = ["collect", "--broker", url, "--db", str(db), "--client-id", "c1",
+            "--session-expiry", "600", "--duration", "0.5", "--json"]  # fmt: skip
+    assert main(argv) == 0  # registers the session and its subscriptions
+    sender = FleetClient(url)
+    sender.connect()
+    try:
+        sender.publish_many(
+            (("edgeship/v1/f/d1/telemetry", body(seq=seq, interval_s=1.0)) for seq in
+             range(1, 201)),
+        )  # fmt: skip
+    finally:
+        sender.close()
+    capsys.readouterr()
+    assert main([*argv[:-3], "--duration", "2", "--json"]) == 0
+    assert count(db, "telemetry") == 200
