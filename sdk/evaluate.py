@@ -28,7 +28,8 @@ import numpy.typing as npt
 from agent.errors import ConfigError
 from agent.manifest import QuantParams, Tolerance
 from sdk.datasets import Dataset, Progress
-from sdk.quantize import ModelFormat, _version, model_format
+from sdk.model_io import ModelFormat, detect_format
+from sdk.quantize import _version
 
 __all__ = [
     "EvaluationReport",
@@ -183,7 +184,7 @@ def open_model(
         ConfigError: unknown format or the runtime cannot load the model.
     """
     p = Path(path)
-    return ModelRunner(p, model_format(p), threads, reference_kernels=reference_kernels)
+    return ModelRunner(p, detect_format(p), threads, reference_kernels=reference_kernels)
 
 
 def _fixed(shape: Sequence[Any]) -> int | None:

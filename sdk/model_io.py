@@ -40,7 +40,7 @@ def detect_format(path: Path) -> ModelFormat:
         return "tflite"
     if path.suffix.lower() == ".onnx":
         return "onnx"
-    raise ConfigError(f"{path} is neither an ONNX model (.onnx) nor a TFLite flatbuffer")
+    raise ConfigError(f"model {path} must be a .onnx or .tflite file (ONNX or TFLite flatbuffer)")
 
 
 def read_signature(

@@ -42,19 +42,18 @@ import numpy.typing as npt
 from agent.errors import ConfigError, QuantizationError
 from agent.manifest import Quantization, QuantParams
 from sdk.datasets import Dataset, Progress
+from sdk.model_io import ModelFormat, detect_format
 
 __all__ = [
     "KNOWN_BAD_RECIPES",
     "SCHEMES",
     "QuantizationResult",
     "Scheme",
-    "model_format",
     "quantize",
 ]
 
 Scheme = Literal["none", "dynamic", "static", "weight-only"]
 SCHEMES: tuple[Scheme, ...] = ("none", "dynamic", "static", "weight-only")
-ModelFormat = Literal["onnx", "tflite"]
 
 # (format, scheme, weight granularity) -> runtimes known to compute wrong results with it.
 KNOWN_BAD_RECIPES: Mapping[tuple[str, str, str], frozenset[str]] = {
@@ -91,20 +90,6 @@ class QuantizationResult:
         )
 
 
-def model_format(path: Path | str) -> ModelFormat:
-    """``onnx`` or ``tflite`` from the file name.
-
-    Raises:
-        ConfigError: the suffix is neither .onnx nor .tflite.
-    """
-    suffix = Path(path).suffix.lower()
-    if suffix == ".onnx":
-        return "onnx"
-    if suffix == ".tflite":
-        return "tflite"
-    raise ConfigError(f"model {path} must be a .onnx or .tflite file")
-
-
 def quantize(
     model_path: Path | str,
     out_path: Path | str,
@@ -130,11 +115,11 @@ def quantize(
         QuantizationError: the quantizer failed or its output does not load.
     """
     src, dst = Path(model_path), Path(out_path)
-    fmt = model_format(src)
-    if scheme not in SCHEMES:
-        raise ConfigError(f"unknown quantization scheme {scheme!r}; use one of {list(SCHEMES)}")
     if not src.is_file():
         raise ConfigError(f"model {src} does not exist")
+    fmt = detect_format(src)
+    if scheme not in SCHEMES:
+        raise ConfigError(f"unknown quantization scheme {scheme!r}; use one of {list(SCHEMES)}")
     if scheme == "static" and calibration is None:
         raise ConfigError("static quantization needs a calibration data set (--calibration)")
     if calibration is not None and len(calibration) == 0:
