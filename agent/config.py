@@ -21,6 +21,7 @@ from typing import Any, Literal
 from agent.cache import CacheConfig
 from agent.errors import ConfigError
 from agent.fetch import FetchLimits
+from agent.health import GatePriority, check_priority
 from agent.http_server import HttpServerConfig
 from agent.mqtt_serving import MqttServingConfig
 from agent.runtimes import RuntimeOptions
@@ -134,7 +135,9 @@ class UpdateConfig:
 
     max_attempts: int = 3
     health_runs: int = 20
-    health_gate_nice: int | None = 10  # 0 in the file: run the gate at normal priority
+    health_gate: Literal["process", "thread"] = "process"
+    health_gate_priority: GatePriority = "idle"
+    health_gate_timeout_s: float = 300.0
     clock_slack_s: float = 300.0
 
 
@@ -200,6 +203,10 @@ class _Table:
 
     def _take(self, key: str) -> Any:
         return self.doc.pop(key, None)
+
+    def take(self, key: str) -> object:
+        """The raw value, for a key that accepts more than one type."""
+        return self._take(key)
 
     def table(self, key: str) -> _Table | None:
         value = self._take(key)
@@ -338,11 +345,20 @@ def _fetch(t: _Table) -> FetchConfig:
 
 def _update(t: _Table) -> UpdateConfig:
     d = UpdateConfig()
-    nice = t.integer("health_gate_nice", 10, maximum=19)
+    priority_value = t.take("health_gate_priority")
+    try:
+        priority = (
+            d.health_gate_priority if priority_value is None else check_priority(priority_value)
+        )
+    except ValueError as exc:
+        raise ConfigError(f"update.health_gate_priority {exc}") from None
+    gate = t.choice("health_gate", ("process", "thread"), d.health_gate)
     return UpdateConfig(
         max_attempts=t.integer("max_attempts", d.max_attempts, minimum=1),
         health_runs=t.integer("health_runs", d.health_runs, minimum=1),
-        health_gate_nice=nice or None,
+        health_gate="process" if gate == "process" else "thread",
+        health_gate_priority=priority,
+        health_gate_timeout_s=t.number("health_gate_timeout_s", d.health_gate_timeout_s),
         clock_slack_s=t.number("clock_slack_s", d.clock_slack_s, positive=False),
     )
 

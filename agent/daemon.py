@@ -55,7 +55,7 @@ from agent.fetch import Fetcher
 from agent.http_server import HttpServer
 from agent.manifest import Manifest
 from agent.mqtt_serving import MqttInferenceServer
-from agent.serving import ModelSlot, ServingModel
+from agent.serving import ModelSlot
 from agent.signing import TrustPolicy
 from agent.store import AgentState, Store
 from agent.telemetry import (
@@ -227,14 +227,7 @@ class Agent:
         self._candidate: str | None = None
         self._lock_fd: int | None = None
         policy = load_policy(config.trust_policy)
-        options = config.runtime
-
-        def loader(manifest: Manifest, model_dir: Path, runtime: str) -> ServingModel:
-            from agent import runtimes  # noqa: PLC0415 - heavy runtimes load lazily
-
-            return runtimes.load_model(manifest, model_dir, runtime, options)
-
-        from agent.runtimes import installed_runtimes  # noqa: PLC0415 - see loader
+        from agent.runtimes import installed_runtimes  # noqa: PLC0415 - imports no runtime
 
         self.updater = Updater(
             config.state_dir,
@@ -247,11 +240,13 @@ class Agent:
                     clock_slack_seconds=config.update.clock_slack_s,
                 ),
                 health_runs=config.update.health_runs,
-                health_gate_nice=config.update.health_gate_nice,
+                health_gate=config.update.health_gate,
+                health_gate_priority=config.update.health_gate_priority,
+                health_gate_timeout_s=config.update.health_gate_timeout_s,
+                runtime_options=config.runtime,
             ),
             device=DeviceInfo(runtimes=installed_runtimes(), device_class=config.device_class),
             fetcher=fetcher,
-            loader=loader,
             slot=self.slot,
             events=self._on_event,
         )

@@ -45,8 +45,9 @@ from agent.errors import (
     StateError,
 )
 from agent.fetch import Fetcher, FetchLimits, UrlFetcher, partial_path
-from agent.health import HealthReport, load_and_check
+from agent.health import ChildGate, GatePriority, HealthReport, load_and_check
 from agent.manifest import Manifest
+from agent.runtimes import RuntimeOptions, installed_runtimes, load_model
 from agent.serving import ModelSlot, ProbationMonitor, ProbationVerdict, ServingModel
 from agent.signing import TrustPolicy
 from agent.store import AgentState, Failure, Pending, Phase, Store
@@ -97,9 +98,15 @@ class UpdaterConfig:
     fetch: FetchLimits = field(default_factory=FetchLimits)
     bundle: Limits = field(default_factory=Limits)  # incl. clock_slack_seconds for expiry
     health_runs: int = 20  # latency samples taken by the health gate
-    # The candidate is loaded and checked in a thread this much nicer than the serving
-    # threads, so swaps barely touch serving latency; None: in the calling thread.
-    health_gate_nice: int | None = 10
+    # Where the gate runs: a child process (nothing of it shares the serving process's
+    # interpreter lock, and a candidate that crashes its runtime only fails the gate) or a
+    # thread of this process. A custom ``loader`` cannot be repeated in a child process,
+    # so an Updater given one always uses a thread.
+    health_gate: Literal["process", "thread"] = "process"
+    # CPU priority of the gate and of loading the candidate here (see load_and_check).
+    health_gate_priority: GatePriority = "idle"
+    health_gate_timeout_s: float = 300.0  # a child gate that takes longer fails
+    runtime_options: RuntimeOptions = field(default_factory=RuntimeOptions)
 
 
 @dataclass(frozen=True)
@@ -211,17 +218,8 @@ def _crash_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _default_loader(manifest: Manifest, model_dir: Path, runtime: str) -> ServingModel:
-    # The runtime packages are heavy: import them only when a model is loaded.
-    from agent import runtimes  # noqa: PLC0415
-
-    return runtimes.load_model(manifest, model_dir, runtime)
-
-
 def _default_device() -> DeviceInfo:
-    from agent import runtimes  # noqa: PLC0415 - see _default_loader
-
-    return DeviceInfo(runtimes=runtimes.installed_runtimes())
+    return DeviceInfo(runtimes=installed_runtimes())
 
 
 class Updater:
@@ -248,7 +246,8 @@ class Updater:
         self.config = config or UpdaterConfig()
         self._device = device
         self.fetcher: Fetcher = fetcher or UrlFetcher()
-        self.loader: ModelLoader = loader or _default_loader
+        self._custom_loader = loader is not None
+        self.loader: ModelLoader = loader or self._default_loader
         self.slot = slot
         self._events = events
         self._wall_clock = wall_clock or (lambda: datetime.now(UTC))
@@ -493,12 +492,18 @@ class Updater:
         model_dir = self.store.version_dir(digest)
         try:
             runtime = check_compatibility(manifest, self.device)
+            child = None
+            if self.config.health_gate == "process" and not self._custom_loader:
+                child = ChildGate(
+                    runtime, self.config.runtime_options, self.config.health_gate_timeout_s
+                )
             model, report = load_and_check(
                 lambda: self._load(manifest, model_dir, runtime),
                 manifest,
                 model_dir,
                 runs=self.config.health_runs,
-                nice=self.config.health_gate_nice,
+                priority=self.config.health_gate_priority,
+                child=child,
             )
         except EdgeshipError as exc:
             self._fail(state, str(exc))
@@ -519,6 +524,9 @@ class Updater:
 
     def _load(self, manifest: Manifest, model_dir: Path, runtime: str) -> ServingModel:
         return self.loader(manifest, model_dir, runtime)
+
+    def _default_loader(self, manifest: Manifest, model_dir: Path, runtime: str) -> ServingModel:
+        return load_model(manifest, model_dir, runtime, self.config.runtime_options)
 
     def _serve(self, digest: str | None) -> None:
         if self.slot is None:
