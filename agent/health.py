@@ -245,6 +245,11 @@ def check_in_child(
     bootstrap = (
         f"import sys; sys.path.insert(0, {root!r}); from agent._gate_child import main; main()"
     )
+    if not sys.executable or getattr(sys, "frozen", False):
+        raise HealthCheckError(
+            "no Python interpreter to run the health check process in (a frozen or embedded"
+            ' application); set update.health_gate = "thread"'
+        )
     try:
         proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
             [sys.executable, "-c", bootstrap],
@@ -273,11 +278,12 @@ def check_in_child(
     except (IndexError, ValueError):
         doc = None
     if not isinstance(doc, dict) or proc.returncode != 0:
-        how = (
-            f"was killed by {signal.Signals(-proc.returncode).name}"
-            if proc.returncode < 0
-            else f"exited with status {proc.returncode}"
-        )
+        how = f"exited with status {proc.returncode}"
+        if proc.returncode < 0:
+            try:
+                how = f"was killed by {signal.Signals(-proc.returncode).name}"
+            except ValueError:
+                how = f"was killed by signal {-proc.returncode}"
         tail = " | ".join(err.strip().splitlines()[-3:])
         raise HealthCheckError(
             f"the health check process {how} while loading or running the candidate"

@@ -2,9 +2,11 @@
 
 Client threads call ``ModelSlot.predict`` without pause: steady phases (no swaps),
 then ``--swaps`` swaps (steady and swapping phases alternate in rounds), each the
-agent's real activation path: ``load_model`` of the
-candidate (alternating between two versions, each verified and extracted once), the
-health gate (golden outputs, latency runs), then ``ModelSlot.swap``. The ratio compares
+agent's real activation path, ``load_and_check`` with the agent's defaults: the health
+gate (golden outputs, latency runs) in a child process at idle priority, then
+``load_model`` of the candidate here in an idle thread (alternating between two versions,
+each verified and extracted once), then ``ModelSlot.swap``. ``--gate thread`` runs the
+gate in a thread of this process instead. The ratio compares
 the p99 of calls that ran during swaps with the steady p99 measured in the same run.
 RSS is read after 10 swaps and after all of them.
 
@@ -13,6 +15,7 @@ Targets (issue 4): p99 during swaps <= 2x steady; 0 failed calls; RSS growth fro
 
     python bench/swap.py [--swaps 200] [--threads 2] [--steady-seconds 3] [--hidden 2048]
                          [--priority idle|normal|N]
+                         [--gate process|thread]
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import bisect
 import json
 import os
 import platform
+import resource
 import sys
 import tempfile
 import threading
@@ -209,6 +213,10 @@ def main() -> None:
         "rss_mib": {k: round(v, 1) for k, v in rss.items()},
         "os_threads": tasks,
         "rss_growth_10_to_end": round(rss[f"after_{i}"] / after_10 - 1, 4),
+        # The largest gate child process (it exits after each check).
+        "gate_child_peak_rss_mib": round(
+            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1
+        ),
         "targets": {"p99_ratio": 2.0, "failed_calls": 0, "rss_growth_10_to_end": 0.10},
     }
     print(json.dumps(result, indent=2))

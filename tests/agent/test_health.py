@@ -282,6 +282,16 @@ def test_a_crash_in_the_child_fails_the_gate_and_spares_the_agent(
         check_in_child(manifest, target, ChildGate("onnxruntime"), runs=1)
 
 
+def test_a_frozen_application_is_told_to_use_the_thread_gate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, manifest, target = _staged(tmp_path)
+    model.close()
+    monkeypatch.setattr(sys, "frozen", True, raising=False)
+    with pytest.raises(HealthCheckError, match='health_gate = "thread"'):
+        check_in_child(manifest, target, ChildGate("onnxruntime"), runs=1)
+
+
 def test_a_hanging_child_fails_the_gate_after_its_timeout(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

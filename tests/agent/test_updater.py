@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from agent._gate_child import FAULT_ENV
 from agent.bundle import DeviceInfo, Limits
 from agent.errors import (
     CompatibilityError,
@@ -209,6 +210,37 @@ def test_candidate_failing_its_health_check_never_becomes_current(
     assert slot.digest == d1
     np.testing.assert_allclose(_answer(slot), bundles["v1"].outputs, atol=1e-6)
     assert events.kinds()[-1] == "failed"
+
+
+def test_candidate_crashing_its_runtime_fails_the_gate_and_the_agent_keeps_serving(
+    tmp_path: Path, bundles: dict[str, LifecycleBundle], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The default gate runs in a child process: a runtime that aborts there is a failed
+    # health check, not a dead agent.
+    slot = ModelSlot()
+    u = _updater(tmp_path, slot=slot)
+    d1 = _install_and_commit(u, bundles["v1"])
+    monkeypatch.setenv(FAULT_ENV, "crash")
+    with pytest.raises(HealthCheckError, match="killed by SIGABRT"):
+        u.install(str(bundles["v2"].path))
+    state = u.status()
+    assert (state.current, state.pending) == (d1, None)
+    assert state.last_failure is not None
+    assert state.last_failure.phase == "health-check"
+    assert slot.digest == d1
+    np.testing.assert_allclose(_answer(slot), bundles["v1"].outputs, atol=1e-6)
+
+
+def test_thread_gate_checks_in_this_process(
+    tmp_path: Path, bundles: dict[str, LifecycleBundle], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(FAULT_ENV, "crash")  # would abort a child process, if one ran
+    u = _updater(tmp_path, config=UpdaterConfig(health_gate="thread", health_runs=2))
+    with pytest.raises(HealthCheckError, match="golden outputs do not match"):
+        u.install(str(bundles["bad-golden"].path))
+    result = u.install(str(bundles["v1"].path))
+    assert result.health is not None
+    assert result.health.runs == 2
 
 
 def test_bundle_that_keeps_failing_stops_at_the_loop_budget(
