@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import ConfigError, StateError
+from agent.fetch import UrlFetcher
 from agent.signing import TrustPolicy
 from agent.store import AgentState, Store
+from agent.tls import TlsConfig
 from agent.updater import InstallResult, Updater
 
 __all__ = ["register", "status_document"]
@@ -32,17 +34,24 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     def state_dir(p: argparse.ArgumentParser) -> None:
         p.add_argument("--state-dir", type=Path, required=True, help="the agent's state directory")
 
+    def tls_files(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--ca-file", type=Path, help="https: trust this CA instead of the system's")
+        p.add_argument("--cert-file", type=Path, help="https: client certificate (PEM)")
+        p.add_argument("--key-file", type=Path, help="https: its private key (PEM)")
+
     p = sub.add_parser("install", help="install a bundle from a path or http(s) URL")
     p.add_argument("source", help="bundle path or http(s) URL")
     state_dir(p)
     p.add_argument("--trust", type=Path, required=True, help="trust policy (TOML)")
     p.add_argument("--sha256", help="the bundle file's expected sha256")
+    tls_files(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_install)
 
     p = sub.add_parser("resume", help="finish or roll back an interrupted install")
     state_dir(p)
     p.add_argument("--trust", type=Path, required=True, help="trust policy (TOML)")
+    tls_files(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_resume)
 
@@ -102,10 +111,21 @@ def _print_result(result: InstallResult | None, updater: Updater, as_json: bool)
         )
 
 
+def _fetcher(args: argparse.Namespace) -> UrlFetcher:
+    if args.key_file is not None and args.cert_file is None:
+        raise ConfigError("--key-file needs --cert-file")
+    if args.ca_file is None and args.cert_file is None:
+        return UrlFetcher()
+    try:
+        return UrlFetcher(TlsConfig(args.ca_file, args.cert_file, args.key_file).context())
+    except OSError as exc:  # ssl.SSLError is an OSError
+        raise ConfigError(f"the TLS files are unusable: {exc}") from None
+
+
 def _install(args: argparse.Namespace) -> int:
     if args.sha256 is not None and not _SHA256_RE.match(args.sha256):
         raise ConfigError("--sha256 must be 64 hex digits")
-    updater = Updater(args.state_dir, _policy(args.trust))
+    updater = Updater(args.state_dir, _policy(args.trust), fetcher=_fetcher(args))
     state = updater.status()
     if state.pending is not None and state.pending.phase == "probation":
         updater.resume()  # a one-shot install left in probation by a crash: roll it back
@@ -117,7 +137,7 @@ def _install(args: argparse.Namespace) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    updater = Updater(args.state_dir, _policy(args.trust))
+    updater = Updater(args.state_dir, _policy(args.trust), fetcher=_fetcher(args))
     result = updater.resume()
     if result is not None and result.outcome == "probation":
         updater.commit()

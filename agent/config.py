@@ -25,8 +25,9 @@ from agent.health import GatePriority, check_priority
 from agent.http_server import HttpServerConfig
 from agent.mqtt_serving import MqttServingConfig
 from agent.runtimes import RuntimeOptions
-from agent.telemetry.mqtt import MqttConfig, TlsConfig
+from agent.telemetry.mqtt import MqttConfig
 from agent.telemetry.topics import check_id
+from agent.tls import TlsConfig
 
 __all__ = [
     "AgentConfig",
@@ -118,6 +119,8 @@ class FetchConfig:
     # A failed download of the desired bundle is retried after this, doubling up to max.
     retry_initial_s: float = 5.0
     retry_max_s: float = 300.0
+    # https:// bundle URLs: the CA to trust instead of the system's; a client certificate.
+    tls: TlsConfig | None = None
 
     def limits(self) -> FetchLimits:
         return FetchLimits(
@@ -337,10 +340,20 @@ def _fetch(t: _Table) -> FetchConfig:
         min_free_bytes=t.integer("min_free_bytes", d.min_free_bytes),
         retry_initial_s=t.number("retry_initial_s", d.retry_initial_s),
         retry_max_s=t.number("retry_max_s", d.retry_max_s),
+        tls=_tls_files(t, "fetch"),
     )
     if config.retry_max_s < config.retry_initial_s:
         raise ConfigError("fetch.retry_max_s must be >= fetch.retry_initial_s")
     return config
+
+
+def _tls_files(t: _Table, table: str) -> TlsConfig | None:
+    files = {k: t.path_value(k) for k in ("ca_file", "cert_file", "key_file")}
+    if files["key_file"] is not None and files["cert_file"] is None:
+        raise ConfigError(f"{table}.key_file needs {table}.cert_file")
+    if not any(files.values()):
+        return None
+    return TlsConfig(files["ca_file"], files["cert_file"], files["key_file"])
 
 
 def _update(t: _Table) -> UpdateConfig:

@@ -51,7 +51,7 @@ from agent.errors import (
     OverloadedError,
     StateError,
 )
-from agent.fetch import Fetcher
+from agent.fetch import Fetcher, UrlFetcher
 from agent.http_server import HttpServer
 from agent.manifest import Manifest
 from agent.mqtt_serving import MqttInferenceServer
@@ -152,6 +152,21 @@ def _is_classifier(manifest: Manifest, kind: str) -> bool:
     )
 
 
+def _fetcher(config: AgentConfig) -> UrlFetcher:
+    """The bundle downloader, with the TLS files of ``[fetch]``.
+
+    Raises:
+        ConfigError: a TLS file is missing or unusable.
+    """
+    tls = config.fetch.tls
+    if tls is None:
+        return UrlFetcher()
+    try:
+        return UrlFetcher(ssl_context=tls.context())
+    except OSError as exc:  # ssl.SSLError is an OSError
+        raise ConfigError(f"fetch TLS files are unusable: {exc}") from None
+
+
 class _Instrumented:
     """The agent's predictor: every call is timed and counted; sampled calls feed drift."""
 
@@ -246,7 +261,7 @@ class Agent:
                 runtime_options=config.runtime,
             ),
             device=DeviceInfo(runtimes=installed_runtimes(), device_class=config.device_class),
-            fetcher=fetcher,
+            fetcher=fetcher or _fetcher(config),
             slot=self.slot,
             events=self._on_event,
         )

@@ -134,6 +134,11 @@ class UrlFetcher:
             )
         try:
             conn.connect()
+        except ssl.SSLError as exc:
+            conn.close()
+            if _transient_tls(exc):
+                raise _Interrupted(f"TLS with {parts.netloc} was cut: {exc}") from None
+            raise DownloadError(_tls_failure(parts.netloc, exc)) from None
         except OSError as exc:
             conn.close()
             raise _Interrupted(f"cannot connect to {parts.netloc}: {exc}") from None
@@ -156,6 +161,13 @@ class UrlFetcher:
                 try:
                     conn.request("GET", target, headers=headers)
                     resp = conn.getresponse()
+                except ssl.SSLError as exc:
+                    # TLS 1.3 reports a refused client certificate only here, after the
+                    # handshake seemed to succeed.
+                    if _transient_tls(exc):
+                        raise _Interrupted(f"request failed: {exc}") from None
+                    netloc = urllib.parse.urlsplit(url).netloc
+                    raise DownloadError(_tls_failure(netloc, exc)) from None
                 except (OSError, http.client.HTTPException) as exc:
                     raise _Interrupted(f"request failed: {exc}") from None
                 if resp.status in (301, 302, 303, 307, 308):
@@ -169,6 +181,32 @@ class UrlFetcher:
             finally:
                 conn.close()
         raise DownloadError(f"{url}: more than {limits.max_redirects} redirects")
+
+
+def _transient_tls(exc: ssl.SSLError) -> bool:
+    """A TLS connection cut by the network (worth a retry), not a TLS refusal."""
+    return isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError | ssl.SSLWantReadError)
+
+
+def _tls_failure(netloc: str, exc: ssl.SSLError) -> str:
+    """Why TLS with ``netloc`` failed, and what to configure; retrying would not help."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (
+            f"{netloc} presented a TLS certificate this device does not trust"
+            f" ({exc.verify_message}); set fetch.ca_file to the CA that issued it"
+        )
+    reason = exc.reason or str(exc)
+    hint = ""
+    # Alerts the server sent about our client certificate (missing, or from a CA it
+    # does not trust).
+    if "ALERT" in reason.upper() and any(
+        word in reason.upper() for word in ("CERTIFICATE", "UNKNOWN_CA", "ACCESS_DENIED")
+    ):
+        hint = (
+            "; the server wants a client certificate it trusts: set fetch.cert_file and"
+            " fetch.key_file"
+        )
+    return f"TLS with {netloc} failed ({reason}){hint}"
 
 
 _CONTENT_RANGE_RE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")

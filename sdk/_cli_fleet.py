@@ -25,8 +25,8 @@ from rich.table import Table
 
 from agent.errors import ConfigError, StateError
 from agent.signing import TrustPolicy
-from agent.telemetry.mqtt import TlsConfig
 from agent.telemetry.topics import check_id
+from agent.tls import TlsConfig
 from sdk.fleet._client import FleetClient
 from sdk.fleet._rollout_run import RolloutFiles, revert, run_rollout
 from sdk.fleet.collect import Collector

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 from agent.telemetry.drift import DriftMonitor, psi, psi_band
 from agent.telemetry.metrics import LogHistogram, Metrics, MetricsSnapshot
-from agent.telemetry.mqtt import MqttConfig, MqttTransport, TlsConfig
+from agent.telemetry.mqtt import MqttConfig, MqttTransport
 from agent.telemetry.outbox import Outbox, OutboxRecord, OutboxStats
 from agent.telemetry.reporter import EVENT_KINDS, Reporter, ReporterConfig
 from agent.telemetry.system import SystemSampler
 from agent.telemetry.topics import SCHEMA_VERSION, Topics
 from agent.telemetry.transport import Message, Transport
+from agent.tls import TlsConfig
 
 __all__ = [
     "EVENT_KINDS",

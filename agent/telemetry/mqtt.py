@@ -21,12 +21,10 @@ import logging
 import math
 import random
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import paho.mqtt.client as paho
@@ -38,29 +36,11 @@ from paho.mqtt.reasoncodes import ReasonCode
 from agent.telemetry.outbox import encode_json
 from agent.telemetry.topics import SCHEMA_VERSION, Topics
 from agent.telemetry.transport import AckCallback, Message, MessageHandler
+from agent.tls import TlsConfig
 
 __all__ = ["MqttConfig", "MqttTransport", "TlsConfig", "backoff_delay_s"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TlsConfig:
-    """TLS to the broker. ``ca_file`` None trusts the system CAs; a client cert enables mTLS."""
-
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-
-    def context(self) -> ssl.SSLContext:
-        """Raises: OSError or ssl.SSLError when a file is missing or invalid."""
-        ctx = ssl.create_default_context(cafile=None if self.ca_file is None else str(self.ca_file))
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        if self.cert_file is not None:
-            ctx.load_cert_chain(
-                str(self.cert_file), None if self.key_file is None else str(self.key_file)
-            )
-        return ctx
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.errors import BrokerError, ConfigError
-from agent.telemetry.mqtt import TlsConfig
 from agent.telemetry.transport import Message, MessageHandler
+from agent.tls import TlsConfig
 
 __all__ = ["BrokerUrl", "FleetClient", "parse_broker_url", "plain_filter"]
 

@@ -10,7 +10,13 @@ import pytest
 
 from agent.cli import main
 from tests.agent._lifecycle import POLICY, LifecycleBundle, make_model_bundle
-from tests.agent.test_fetch import BundleServer, server  # noqa: F401 - fixture
+from tests.agent.test_fetch import (  # noqa: F401 - fixture
+    BundleServer,
+    serve_bundles,
+    server,
+    tls_server_context,
+)
+from tests.support.broker import Pki
 
 
 @pytest.fixture(scope="module")
@@ -151,3 +157,17 @@ def test_resume_with_nothing_pending_says_so(
         capsys, "resume", "--state-dir", str(tmp_path), "--trust", str(env["trust"])
     )
     assert (code, out.strip()) == (0, "nothing to resume")
+
+
+def test_install_from_an_https_url_trusts_the_given_ca(
+    tmp_path: Path, env: dict[str, Path], pki: Pki, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with serve_bundles(tls_server_context(pki, client_certs=False)) as s:
+        s.behaviour.content = env["v1"].read_bytes()
+        argv = ["install", s.url(), "--state-dir", str(tmp_path), "--trust", str(env["trust"])]
+        code, _, err = _run(capsys, *argv)
+        assert code != 0
+        assert "does not trust" in err
+        code, out, err = _run(capsys, *argv, "--ca-file", str(pki.ca_file))
+        assert (code, err) == (0, "")
+        assert "installed: mlp 1.1" in out

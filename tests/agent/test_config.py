@@ -153,3 +153,27 @@ def test_missing_password_file_is_a_config_error(tmp_path: Path) -> None:
     assert c.broker is not None
     with pytest.raises(ConfigError, match="password_file"):
         c.broker.mqtt_config("f", "d", {})
+
+
+def test_fetch_tls_files_are_resolved_and_checked() -> None:
+    c = _parse('[fetch]\nca_file = "pki/ca.crt"\ncert_file = "d.crt"\nkey_file = "d.key"\n')
+    assert c.fetch.tls is not None
+    assert c.fetch.tls.ca_file == Path("/etc/edgeship/pki/ca.crt")
+    assert (c.fetch.tls.cert_file, c.fetch.tls.key_file) == (
+        Path("/etc/edgeship/d.crt"),
+        Path("/etc/edgeship/d.key"),
+    )
+    assert _parse().fetch.tls is None
+    with pytest.raises(ConfigError, match=r"fetch\.key_file needs fetch\.cert_file"):
+        _parse('[fetch]\nkey_file = "d.key"\n')
+
+
+def test_unusable_fetch_tls_files_stop_the_agent_at_start(tmp_path: Path) -> None:
+    from agent.daemon import _fetcher  # noqa: PLC0415 - the daemon's own helper
+
+    c = _parse('[fetch]\nca_file = "missing.crt"\n', base=tmp_path)
+    with pytest.raises(ConfigError, match="fetch TLS files are unusable"):
+        _fetcher(c)
+    (tmp_path / "missing.crt").write_text("not a certificate")
+    with pytest.raises(ConfigError, match="fetch TLS files are unusable"):
+        _fetcher(c)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
 import os
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +18,9 @@ import pytest
 
 from agent.errors import DownloadError
 from agent.fetch import FetchLimits, UrlFetcher, partial_path
+from agent.tls import TlsConfig
 from tests.agent.test_store import tiny_tmpfs
+from tests.support.broker import Pki
 
 CONTENT = os.urandom(300_000)
 SHA = hashlib.sha256(CONTENT).hexdigest()
@@ -97,22 +101,52 @@ class _Server(http.server.ThreadingHTTPServer):
 class BundleServer:
     behaviour: Behaviour
     port: int
+    scheme: str = "http"
+    host: str = "127.0.0.1"
 
     def url(self, path: str = "/bundle") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        return f"{self.scheme}://{self.host}:{self.port}{path}"
+
+
+@contextlib.contextmanager
+def serve_bundles(
+    context: ssl.SSLContext | None = None, host: str = "127.0.0.1"
+) -> Iterator[BundleServer]:
+    httpd = _Server((host, 0), _Handler)
+    httpd.behaviour = Behaviour()
+    if context is not None:
+        httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.02,), daemon=True)
+    thread.start()
+    try:
+        yield BundleServer(
+            httpd.behaviour, httpd.server_address[1], "https" if context else "http", host
+        )
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 @pytest.fixture
 def server() -> Iterator[BundleServer]:
-    httpd = _Server(("127.0.0.1", 0), _Handler)
-    httpd.behaviour = Behaviour()
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.02,), daemon=True)
-    thread.start()
-    try:
-        yield BundleServer(httpd.behaviour, httpd.server_address[1])
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+    with serve_bundles() as s:
+        yield s
+
+
+def tls_server_context(pki: Pki, *, client_certs: bool) -> ssl.SSLContext:
+    """A server context with the PKI's server certificate; optionally requiring clients'."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(pki.server_cert, pki.server_key)
+    if client_certs:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(pki.ca_file)
+    return ctx
+
+
+@pytest.fixture
+def https_server(pki: Pki) -> Iterator[BundleServer]:
+    with serve_bundles(tls_server_context(pki, client_certs=False)) as s:
+        yield s
 
 
 def test_fetch_copies_a_local_path(tmp_path: Path) -> None:
@@ -281,3 +315,67 @@ def _closed_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
     return port
+
+
+# --- https ---------------------------------------------------------------------------------
+
+
+def test_fetch_downloads_over_https_from_a_server_signed_by_the_given_ca(
+    https_server: BundleServer, pki: Pki, tmp_path: Path
+) -> None:
+    fetcher = UrlFetcher(TlsConfig(ca_file=pki.ca_file).context())
+    dest = tmp_path / "out"
+    assert fetcher.fetch(https_server.url(), dest, sha256=SHA, limits=FAST) == SHA
+    assert dest.read_bytes() == CONTENT
+
+
+def test_interrupted_https_download_resumes_with_range_requests(
+    https_server: BundleServer, pki: Pki, tmp_path: Path
+) -> None:
+    https_server.behaviour.cuts = 2
+    fetcher = UrlFetcher(TlsConfig(ca_file=pki.ca_file).context())
+    dest = tmp_path / "out"
+    assert fetcher.fetch(https_server.url(), dest, sha256=SHA, limits=FAST) == SHA
+    assert https_server.behaviour.seen_ranges == [None, "bytes=100000-", "bytes=200000-"]
+
+
+def test_untrusted_server_certificate_fails_at_once_naming_the_setting(
+    https_server: BundleServer, tmp_path: Path
+) -> None:
+    # The system CAs do not know the test CA. Retrying cannot help, so it is not retried.
+    dest = tmp_path / "out"
+    with pytest.raises(DownloadError, match=r"does not trust .* set fetch\.ca_file"):
+        UrlFetcher().fetch(https_server.url(), dest, sha256=None, limits=FAST)
+    assert https_server.behaviour.seen_ranges == []
+    assert not dest.exists()
+    assert not partial_path(dest).exists()
+
+
+def test_server_certificate_for_another_address_is_refused(pki: Pki, tmp_path: Path) -> None:
+    # The certificate names localhost and 127.0.0.1; this server listens on 127.0.0.2.
+    fetcher = UrlFetcher(TlsConfig(ca_file=pki.ca_file).context())
+    with serve_bundles(tls_server_context(pki, client_certs=False), host="127.0.0.2") as s:
+        with pytest.raises(DownloadError, match=r"does not trust .*IP address mismatch"):
+            fetcher.fetch(s.url(), tmp_path / "out", sha256=None, limits=FAST)
+        assert s.behaviour.seen_ranges == []
+
+
+def test_mutual_tls_server_accepts_the_device_certificate(pki: Pki, tmp_path: Path) -> None:
+    device = pki.client("device-1")
+    fetcher = UrlFetcher(TlsConfig(pki.ca_file, device.cert_file, device.key_file).context())
+    with serve_bundles(tls_server_context(pki, client_certs=True)) as s:
+        assert fetcher.fetch(s.url(), tmp_path / "out", sha256=SHA, limits=FAST) == SHA
+
+
+@pytest.mark.parametrize("client", ["none", "foreign"])
+def test_mutual_tls_server_refusing_the_client_fails_at_once_naming_the_setting(
+    pki: Pki, tmp_path: Path, client: str
+) -> None:
+    cert = None if client == "none" else pki.foreign
+    tls = TlsConfig(pki.ca_file, cert and cert.cert_file, cert and cert.key_file)
+    with serve_bundles(tls_server_context(pki, client_certs=True)) as s:
+        start = time.monotonic()
+        with pytest.raises(DownloadError, match=r"TLS with .* failed .*fetch\.cert_file"):
+            UrlFetcher(tls.context()).fetch(s.url(), tmp_path / "out", sha256=None, limits=FAST)
+        assert s.behaviour.seen_ranges == []
+        assert time.monotonic() - start < FAST.connect_timeout_seconds
