@@ -176,7 +176,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             if body:
                 f.seek(start)
-                _copy(f, self.wfile, length)
+                try:
+                    _copy(f, self.wfile, length)
+                except (ConnectionResetError, BrokenPipeError) as exc:
+                    # A device that lost its link; it resumes with a Range request.
+                    log.info("%s went away mid-download: %s", self.address_string(), exc)
+                    self.close_connection = True
 
 
 def _copy(src: BinaryIO, dst: io.BufferedIOBase, length: int) -> None:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import http.client
+import logging
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -89,6 +93,26 @@ def test_an_interrupted_download_resumes_with_an_open_range(server: BundleServer
     status, _, rest = request(server, NAME, headers={"Range": "bytes=100000-", "If-Range": etag})
     assert status == 206
     assert first + rest == CONTENT
+
+
+def test_a_client_dropping_mid_download_is_one_log_line_not_a_traceback(
+    root: Path, caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
+    (root / "big.edgeship").write_bytes(os.urandom(16 * 1024 * 1024))
+    with caplog.at_level(logging.INFO, logger="sdk.serve"), BundleServer(root) as s:
+        s.start()
+        sock = socket.create_connection((s.host, s.port), timeout=10)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.sendall(b"GET /big.edgeship HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.recv(65536)
+        sock.close()  # with linger 0: a reset, as from a device losing its link
+        deadline = time.monotonic() + 10
+        while "went away mid-download" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert "went away mid-download" in caplog.text
+        # The server still serves.
+        assert request(s, NAME)[0] == 200
+    assert "Traceback" not in capfd.readouterr().err
 
 
 def test_a_suffix_range_returns_the_last_bytes(server: BundleServer) -> None:
