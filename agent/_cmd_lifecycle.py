@@ -18,10 +18,11 @@ from typing import Any
 
 from agent.errors import ConfigError, StateError
 from agent.fetch import UrlFetcher
+from agent.payload_crypto import DeviceKey
 from agent.signing import TrustPolicy
 from agent.store import AgentState, Store
 from agent.tls import TlsConfig
-from agent.updater import InstallResult, Updater
+from agent.updater import InstallResult, Updater, UpdaterConfig
 
 __all__ = ["register", "status_document"]
 
@@ -38,6 +39,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         p.add_argument("--ca-file", type=Path, help="https: trust this CA instead of the system's")
         p.add_argument("--cert-file", type=Path, help="https: client certificate (PEM)")
         p.add_argument("--key-file", type=Path, help="https: its private key (PEM)")
+        p.add_argument(
+            "--decryption-key",
+            type=Path,
+            help="the device key (edgeship-agent keygen) that opens encrypted bundles",
+        )
 
     p = sub.add_parser("install", help="install a bundle from a path or http(s) URL")
     p.add_argument("source", help="bundle path or http(s) URL")
@@ -64,6 +70,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     state_dir(p)
     p.add_argument("--reason", default="rolled back by hand", help="recorded with the rollback")
     p.set_defaults(func=_rollback)
+
+    p = sub.add_parser(
+        "keygen",
+        help="create this device's decryption key (X25519) for encrypted bundles",
+        description="Write a new X25519 private key (PEM, mode 0600) and PATH.pub, the"
+        " public key to give to whoever builds bundles (edgeship build --encrypt-for).",
+    )
+    p.add_argument("--out", type=Path, required=True, help="private key file to create")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_keygen)
 
     p = sub.add_parser("recover-state", help="restore a corrupt state file")
     state_dir(p)
@@ -111,6 +127,25 @@ def _print_result(result: InstallResult | None, updater: Updater, as_json: bool)
         )
 
 
+def _keygen(args: argparse.Namespace) -> int:
+    key = DeviceKey.generate()
+    try:
+        key.save(args.out)
+    except FileExistsError:
+        raise ConfigError(f"{args.out} exists; refusing to overwrite a device key") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot write {args.out}: {exc}") from None
+    if args.json:
+        print(json.dumps({"key": str(args.out), "public": f"{args.out}.pub", "key_id": key.key_id}))
+    else:
+        print(f"wrote {args.out} (0600) and {args.out}.pub\nkey id {key.key_id}")
+    return 0
+
+
+def _config(args: argparse.Namespace) -> UpdaterConfig:
+    return UpdaterConfig(decryption_key=args.decryption_key)
+
+
 def _fetcher(args: argparse.Namespace) -> UrlFetcher:
     if args.key_file is not None and args.cert_file is None:
         raise ConfigError("--key-file needs --cert-file")
@@ -125,7 +160,9 @@ def _fetcher(args: argparse.Namespace) -> UrlFetcher:
 def _install(args: argparse.Namespace) -> int:
     if args.sha256 is not None and not _SHA256_RE.match(args.sha256):
         raise ConfigError("--sha256 must be 64 hex digits")
-    updater = Updater(args.state_dir, _policy(args.trust), fetcher=_fetcher(args))
+    updater = Updater(
+        args.state_dir, _policy(args.trust), fetcher=_fetcher(args), config=_config(args)
+    )
     state = updater.status()
     if state.pending is not None and state.pending.phase == "probation":
         updater.resume()  # a one-shot install left in probation by a crash: roll it back
@@ -137,7 +174,9 @@ def _install(args: argparse.Namespace) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    updater = Updater(args.state_dir, _policy(args.trust), fetcher=_fetcher(args))
+    updater = Updater(
+        args.state_dir, _policy(args.trust), fetcher=_fetcher(args), config=_config(args)
+    )
     result = updater.resume()
     if result is not None and result.outcome == "probation":
         updater.commit()

@@ -34,6 +34,7 @@ from agent.errors import (
 )
 from agent.inference import Model
 from agent.manifest import MANIFEST_PATH, RUNTIMES, Manifest, ModelSpec
+from agent.payload_crypto import DeviceKey
 from agent.runtimes import RuntimeOptions, installed_runtimes, load_model
 from agent.validation import InputPolicy
 
@@ -212,6 +213,7 @@ def predict_files(
     options: RuntimeOptions | None = None,
     policy: InputPolicy | None = None,
     batch_size: int | None = None,
+    key: DeviceKey | None = None,
 ) -> PredictSummary:
     """Load the model, predict on ``input_path``, write ``output_path``.
 
@@ -224,7 +226,7 @@ def predict_files(
     start = time.perf_counter()
     runtime = runtime or choose_runtime(manifest)
     inputs = read_inputs(input_path, manifest.model)
-    with load_model(manifest, model_dir, runtime, options, policy=policy) as model:
+    with load_model(manifest, model_dir, runtime, options, policy=policy, key=key) as model:
         outputs = predict_batches(model, inputs, batch_size)
     write_outputs(output_path, outputs)
     first = next(iter(inputs.values()), None)
@@ -271,6 +273,9 @@ def register(subparsers: Any) -> None:
         help="most elements one call may carry (default: %(default)s)",
     )
     p.add_argument("--allow-nonfinite", action="store_true", help="let NaN/inf inputs through")
+    p.add_argument(
+        "--decryption-key", type=Path, help="the device key that opens an encrypted bundle"
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_run)
 
@@ -304,6 +309,7 @@ def _run(args: argparse.Namespace) -> int:
         options=RuntimeOptions(intra_op_threads=args.threads),
         policy=InputPolicy(max_elements=args.max_elements, allow_nonfinite=args.allow_nonfinite),
         batch_size=args.batch_size,
+        key=None if args.decryption_key is None else DeviceKey.load(args.decryption_key),
     )
     if args.json:
         print(

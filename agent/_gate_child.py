@@ -55,23 +55,25 @@ def main() -> None:
     from agent.errors import EdgeshipError, HealthCheckError  # noqa: PLC0415
     from agent.health import check_health, model_clocks  # noqa: PLC0415
     from agent.manifest import Manifest  # noqa: PLC0415
+    from agent.payload_crypto import DeviceKey  # noqa: PLC0415
     from agent.runtimes import RuntimeOptions, load_model  # noqa: PLC0415
 
     try:
         manifest = Manifest.from_json(request["manifest"])
         model_dir = Path(request["model_dir"])
         options = RuntimeOptions(**request["options"])
+        key = None if request["key_file"] is None else DeviceKey.load(Path(request["key_file"]))
         if fault == "crash":
             os.abort()
         if fault == "hang":
             time.sleep(3600)
         try:
-            model = load_model(manifest, model_dir, request["runtime"], options)
+            model = load_model(manifest, model_dir, request["runtime"], options, key=key)
         except EdgeshipError as exc:
             raise HealthCheckError(f"the candidate cannot be loaded: {exc}") from None
         with model:
             report = check_health(
-                model, manifest, model_dir, runs=request["runs"], clocks=model_clocks()
+                model, manifest, model_dir, runs=request["runs"], clocks=model_clocks(), key=key
             )
     except HealthCheckError as exc:
         _answer({"error": str(exc)})

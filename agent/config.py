@@ -173,6 +173,8 @@ class AgentConfig:
     trust_policy: Path
     fleet: str = "default"
     device_class: str | None = None
+    # The device's X25519 private key: opens bundles encrypted for this device.
+    decryption_key: Path | None = None
     # SIGTERM: how long calls in flight may take to finish before the agent exits.
     drain_timeout_s: float = 10.0
     broker: BrokerConfig | None = None  # no [broker]: offline (no desired state, no telemetry)
@@ -494,6 +496,7 @@ def parse_config(data: bytes | str, *, base_dir: Path = Path()) -> AgentConfig:
     assert state_dir is not None  # required above
     assert trust_policy is not None
     device_class = root.opt_string("device_class")
+    decryption_key = root.path_value("decryption_key")
     drain = root.number("drain_timeout_s", 10.0)
     broker_table = root.table("broker")
     sections = {
@@ -521,6 +524,7 @@ def parse_config(data: bytes | str, *, base_dir: Path = Path()) -> AgentConfig:
         state_dir=state_dir,
         trust_policy=trust_policy,
         device_class=device_class,
+        decryption_key=decryption_key,
         drain_timeout_s=drain,
         broker=broker,
         fetch=_fetch(sections["fetch"]),

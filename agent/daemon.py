@@ -259,6 +259,7 @@ class Agent:
                 health_gate_priority=config.update.health_gate_priority,
                 health_gate_timeout_s=config.update.health_gate_timeout_s,
                 runtime_options=config.runtime,
+                decryption_key=config.decryption_key,
             ),
             device=DeviceInfo(runtimes=installed_runtimes(), device_class=config.device_class),
             fetcher=fetcher or _fetcher(config),

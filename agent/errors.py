@@ -21,6 +21,7 @@ __all__ = [
     "BundleTooLargeError",
     "CompatibilityError",
     "ConfigError",
+    "DecryptionError",
     "DigestMismatchError",
     "DownloadError",
     "DuplicateMemberError",
@@ -38,6 +39,7 @@ __all__ = [
     "MemberOrderError",
     "MissingMemberError",
     "NotATarError",
+    "NotForThisDeviceError",
     "OverloadedError",
     "QuantizationError",
     "RollbackError",
@@ -141,6 +143,14 @@ class ExpiredError(BundleError):
 
 class HealthCheckError(BundleError):
     """The model failed its on-device health check (golden outputs or latency)."""
+
+
+class NotForThisDeviceError(BundleError):
+    """The bundle is encrypted, and not for this device's key (or the agent has none)."""
+
+
+class DecryptionError(BundleError):
+    """An encrypted bundle's key entry or payload does not decrypt."""
 
 
 # --- we could not get it ---------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ import numpy.typing as npt
 
 from agent.errors import EdgeshipError, HealthCheckError
 from agent.manifest import Manifest, Tolerance
+from agent.payload_crypto import DeviceKey, read_payload
 from agent.runtimes import RuntimeOptions
 from agent.serving import ServingModel, p95_ms
 
@@ -42,6 +44,7 @@ __all__ = [
     "cpu_wait_s",
     "load_and_check",
     "load_arrays",
+    "load_payload_arrays",
     "model_clocks",
     "spawned_lowered",
 ]
@@ -72,11 +75,33 @@ def load_arrays(path: Path) -> dict[str, npt.NDArray[Any]]:
     Raises:
         HealthCheckError: the file is missing or not a plain ``.npz``.
     """
+    return _parse_npz(path, path.name)
+
+
+def load_payload_arrays(
+    manifest: Manifest, model_dir: Path, member: str, key: DeviceKey | None = None
+) -> dict[str, npt.NDArray[Any]]:
+    """The arrays of a bundle's ``.npz`` payload file, decrypted in memory if need be.
+
+    Raises:
+        HealthCheckError: the file is missing or not a plain ``.npz``.
+        NotForThisDeviceError, DecryptionError: an encrypted file this key cannot open.
+    """
+    if manifest.encryption is None:
+        return _parse_npz(model_dir / member, member)
     try:
-        with np.load(path, allow_pickle=False) as data:
-            return {name: np.asarray(data[name]) for name in data.files}
+        data = read_payload(manifest, model_dir, member, key)
+    except OSError as exc:
+        raise HealthCheckError(f"cannot read {member}: {exc}") from None
+    return _parse_npz(io.BytesIO(data), member)
+
+
+def _parse_npz(source: Path | io.BytesIO, name: str) -> dict[str, npt.NDArray[Any]]:
+    try:
+        with np.load(source, allow_pickle=False) as data:
+            return {n: np.asarray(data[n]) for n in data.files}
     except (OSError, ValueError, EOFError) as exc:
-        raise HealthCheckError(f"cannot read {path.name}: {exc}") from None
+        raise HealthCheckError(f"cannot read {name}: {exc}") from None
 
 
 def compare_outputs(
@@ -162,19 +187,20 @@ def check_health(
     runs: int = DEFAULT_LATENCY_RUNS,
     clock: Callable[[], float] = time.perf_counter,
     clocks: Sequence[Callable[[], float]] = (),
+    key: DeviceKey | None = None,
 ) -> HealthReport:
     """Run the health gate on a loaded candidate.
 
     A latency run is timed by ``clock``, or by the smallest interval among ``clocks``
-    when given.
+    when given. ``key`` opens the golden files of an encrypted bundle.
 
     Raises:
         HealthCheckError: golden outputs outside tolerance, p95 latency over budget, or the
             model failed while answering.
     """
     health = manifest.health
-    inputs = load_arrays(model_dir / health.golden_inputs)
-    expected = load_arrays(model_dir / health.expected_outputs)
+    inputs = load_payload_arrays(manifest, model_dir, health.golden_inputs, key)
+    expected = load_payload_arrays(manifest, model_dir, health.expected_outputs, key)
     try:
         actual = model.predict(inputs)
     except EdgeshipError as exc:
@@ -211,6 +237,7 @@ class ChildGate:
     runtime: str
     options: RuntimeOptions = field(default_factory=RuntimeOptions)
     timeout_s: float = 300.0
+    key_file: Path | None = None  # the device key, for an encrypted bundle
 
 
 def check_in_child(
@@ -241,6 +268,7 @@ def check_in_child(
         "runtime": gate.runtime,
         "options": dataclasses.asdict(gate.options),
         "runs": runs,
+        "key_file": None if gate.key_file is None else str(gate.key_file),
     }
     bootstrap = (
         f"import sys; sys.path.insert(0, {root!r}); from agent._gate_child import main; main()"
@@ -307,6 +335,7 @@ def load_and_check(
     runs: int = DEFAULT_LATENCY_RUNS,
     priority: GatePriority = "idle",
     child: ChildGate | None = None,
+    key: DeviceKey | None = None,
 ) -> tuple[ServingModel, HealthReport]:
     """Load a candidate and run the health gate on it, off the serving path.
 
@@ -344,7 +373,7 @@ def load_and_check(
         if report is not None:
             return model, report
         try:
-            return model, check_health(model, manifest, model_dir, runs=runs, clock=clock)
+            return model, check_health(model, manifest, model_dir, runs=runs, clock=clock, key=key)
         except BaseException:
             model.close()
             raise

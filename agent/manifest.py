@@ -11,6 +11,7 @@ See docs/bundle-format.md for the normative description.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import re
@@ -213,6 +214,27 @@ class FileEntry:
     sha256: str
 
 
+ENCRYPTION_SCHEME = "x25519-hkdf-sha256+aes-256-gcm"
+
+
+@dataclass(frozen=True)
+class Recipient:
+    """The bundle's data key, wrapped for one device key (see :mod:`agent.payload_crypto`)."""
+
+    key_id: str  # sha256 of the recipient's raw 32-byte X25519 public key, hex
+    ephemeral_public: bytes  # 32 bytes
+    wrapped_key: bytes  # the 32-byte data key, AES-256-GCM sealed: 48 bytes
+
+
+@dataclass(frozen=True)
+class Encryption:
+    """Every payload file is AES-256-GCM ciphertext; ``files`` sizes and digests are of it."""
+
+    recipients: tuple[Recipient, ...]
+    nonces: Mapping[str, bytes]  # payload path -> its 12-byte nonce
+    scheme: str = ENCRYPTION_SCHEME
+
+
 @dataclass(frozen=True)
 class Manifest:
     """A parsed, schema-checked manifest. Create with :meth:`from_bytes` or the constructor."""
@@ -230,6 +252,7 @@ class Manifest:
     drift_reference: DriftReference | None = None
     evaluation: Mapping[str, Any] | None = None
     model_card: ModelCard = field(default_factory=ModelCard)
+    encryption: Encryption | None = None
     schema_version: str = SCHEMA_VERSION
     # Top-level fields of a newer minor schema, kept verbatim and otherwise ignored.
     extensions: Mapping[str, Any] = field(default_factory=dict)
@@ -307,6 +330,20 @@ class Manifest:
                 ],
             }
         )
+        if self.encryption is not None:  # absent, not null: plain manifests stay as they were
+            e = self.encryption
+            out["encryption"] = {
+                "scheme": e.scheme,
+                "recipients": [
+                    {
+                        "key_id": r.key_id,
+                        "ephemeral_public": _b64(r.ephemeral_public),
+                        "wrapped_key": _b64(r.wrapped_key),
+                    }
+                    for r in e.recipients
+                ],
+                "nonces": {path: _b64(n) for path, n in sorted(e.nonces.items())},
+            }
         return out
 
     def to_bytes(self) -> bytes:
@@ -374,6 +411,7 @@ class Manifest:
             evaluation=root.opt(root.any_obj, "evaluation"),
             model_card=_parse_card(root.obj("model_card")),
             files=_parse_files(root.array("files")),
+            encryption=_parse_encryption(root.opt(root.obj, "encryption")),
             extensions={k: v for k, v in cast(dict[str, Any], doc).items() if k not in root.seen},
         )
         root.done()
@@ -513,6 +551,54 @@ class _Obj:
                 f"{self.where} has unknown field(s) {', '.join(extra)}; this schema version"
                 " does not define them"
             )
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _parse_encryption(o: _Obj | None) -> Encryption | None:
+    if o is None:
+        return None
+    scheme = o.text("scheme", max_len=64)
+    if scheme != ENCRYPTION_SCHEME:
+        raise MalformedManifestError(
+            f"{o.where}.scheme {scheme!r} is unknown; this agent decrypts {ENCRYPTION_SCHEME}"
+        )
+
+    def raw(item: _Obj, key: str, size: int) -> bytes:
+        text = item.text(key, max_len=128)
+        try:
+            data = base64.b64decode(text, validate=True)
+        except ValueError:
+            data = b""
+        if len(data) != size or _b64(data) != text:
+            raise MalformedManifestError(
+                f"{item.where}.{key} must be {size} bytes in canonical base64"
+            )
+        return data
+
+    recipients = []
+    for r in _items(o, "recipients", max_len=1024):
+        recipients.append(
+            Recipient(r.sha256("key_id"), raw(r, "ephemeral_public", 32), raw(r, "wrapped_key", 48))
+        )
+        r.done()
+    if not recipients:
+        raise MalformedManifestError(f"{o.where}.recipients must name at least one device key")
+    if len({r.key_id for r in recipients}) != len(recipients):
+        raise MalformedManifestError(f"{o.where}.recipients names a key id twice")
+    table = o.obj("nonces")
+    nonces = {}
+    for path in sorted(table.value):
+        if not is_safe_member_path(path):
+            raise MalformedManifestError(f"{table.where} names {path!r}, not a safe member path")
+        nonces[path] = raw(table, path, 12)
+    table.seen.update(table.value)
+    if len(set(nonces.values())) != len(nonces):
+        raise MalformedManifestError(f"{table.where} uses a nonce twice")
+    o.done()
+    return Encryption(recipients=tuple(recipients), nonces=nonces, scheme=scheme)
 
 
 def _items(parent: _Obj, key: str, *, max_len: int = 10_000) -> list[_Obj]:
@@ -747,3 +833,8 @@ def _check_consistency(m: Manifest) -> None:
         )
     if m.expires is not None and m.expires <= m.created:
         raise MalformedManifestError("manifest expires must be after created")
+    if m.encryption is not None and set(m.encryption.nonces) != listed:
+        raise MalformedManifestError(
+            "manifest encryption.nonces must name exactly the files listed: every payload file"
+            " of an encrypted bundle is encrypted"
+        )

@@ -47,6 +47,7 @@ from agent.errors import (
 from agent.fetch import Fetcher, FetchLimits, UrlFetcher, partial_path
 from agent.health import ChildGate, GatePriority, HealthReport, load_and_check
 from agent.manifest import Manifest
+from agent.payload_crypto import DeviceKey, open_data_key
 from agent.runtimes import RuntimeOptions, installed_runtimes, load_model
 from agent.serving import ModelSlot, ProbationMonitor, ProbationVerdict, ServingModel
 from agent.signing import TrustPolicy
@@ -107,6 +108,8 @@ class UpdaterConfig:
     health_gate_priority: GatePriority = "idle"
     health_gate_timeout_s: float = 300.0  # a child gate that takes longer fails
     runtime_options: RuntimeOptions = field(default_factory=RuntimeOptions)
+    # The device's X25519 private key (PEM): opens bundles encrypted for this device.
+    decryption_key: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -246,6 +249,11 @@ class Updater:
         self.config = config or UpdaterConfig()
         self._device = device
         self.fetcher: Fetcher = fetcher or UrlFetcher()
+        self.key = (
+            None
+            if self.config.decryption_key is None
+            else DeviceKey.load(self.config.decryption_key)
+        )
         self._custom_loader = loader is not None
         self.loader: ModelLoader = loader or self._default_loader
         self.slot = slot
@@ -440,6 +448,10 @@ class Updater:
                 digest=verified.digest,
                 max_attempts=self.config.max_attempts,
             )
+            if verified.manifest.encryption is not None:
+                # An encrypted bundle this device cannot open fails here, before it is
+                # staged or counted against the loop budget.
+                open_data_key(verified.manifest.encryption, self.key)
         except (BundleError, StateError) as exc:
             self.store.remove_tree(extract)
             self._fail(state, str(exc))
@@ -495,7 +507,10 @@ class Updater:
             child = None
             if self.config.health_gate == "process" and not self._custom_loader:
                 child = ChildGate(
-                    runtime, self.config.runtime_options, self.config.health_gate_timeout_s
+                    runtime,
+                    self.config.runtime_options,
+                    self.config.health_gate_timeout_s,
+                    self.config.decryption_key,
                 )
             model, report = load_and_check(
                 lambda: self._load(manifest, model_dir, runtime),
@@ -504,6 +519,7 @@ class Updater:
                 runs=self.config.health_runs,
                 priority=self.config.health_gate_priority,
                 child=child,
+                key=self.key,
             )
         except EdgeshipError as exc:
             self._fail(state, str(exc))
@@ -526,7 +542,7 @@ class Updater:
         return self.loader(manifest, model_dir, runtime)
 
     def _default_loader(self, manifest: Manifest, model_dir: Path, runtime: str) -> ServingModel:
-        return load_model(manifest, model_dir, runtime, self.config.runtime_options)
+        return load_model(manifest, model_dir, runtime, self.config.runtime_options, key=self.key)
 
     def _serve(self, digest: str | None) -> None:
         if self.slot is None:

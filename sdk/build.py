@@ -21,6 +21,7 @@ from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from agent.bundle import write_bundle
 from agent.errors import ConfigError, GateError
@@ -40,6 +41,7 @@ from agent.manifest import (
     TensorSpec,
     Tolerance,
 )
+from agent.payload_crypto import encrypt_files
 from sdk._npz import write_npz
 from sdk.datasets import Dataset, load_dataset
 from sdk.drift_reference import drift_reference
@@ -261,6 +263,7 @@ def build_bundle(
     golden_count: int = 8,
     quantize: QuantizeOptions | None = None,
     progress: Progress | None = None,
+    encrypt_for: Sequence[X25519PublicKey] = (),
 ) -> BuildResult:
     """Quantize, evaluate, compute golden outputs, sign and write a bundle.
 
@@ -271,7 +274,9 @@ def build_bundle(
     bundled model through the agent's own runtime layer, and the tolerance is derived
     from the measured spread (:func:`sdk.evaluate.derive_golden`) unless the metadata
     fixes ``atol`` / ``rtol``. The drift reference comes from the calibration set (else
-    the validation set).
+    the validation set). With ``encrypt_for`` (device X25519 public keys), every payload
+    file is encrypted for those devices (:mod:`agent.payload_crypto`); the manifest stays
+    readable and the signature and digests cover the ciphertext.
 
     Raises:
         ConfigError: bad model, data sets, metadata or targets.
@@ -399,6 +404,16 @@ def build_bundle(
         write_npz(stage / EXPECTED_OUTPUTS, expected)
 
         payload = {p: stage / p for p in (model_member, GOLDEN_INPUTS, EXPECTED_OUTPUTS)}
+        encryption = None
+        if encrypt_for:
+            encryption, sealed = encrypt_files(
+                {p: src.read_bytes() for p, src in payload.items()}, list(encrypt_for)
+            )
+            for p, data in sealed.items():
+                target = stage / "encrypted" / p
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
+                payload[p] = target
         files = tuple(
             FileEntry(path=p, size=src.stat().st_size, sha256=_sha256(src))
             for p, src in sorted(payload.items())
@@ -408,6 +423,7 @@ def build_bundle(
             files=files,
             health=replace(manifest.health, tolerance=tolerance),
             evaluation=evaluation,
+            encryption=encryption,
         )
         manifest_bytes = manifest.to_bytes()
         Manifest.from_bytes(manifest_bytes)  # never sign what a device would refuse to parse

@@ -24,6 +24,7 @@ from rich.table import Table
 from agent.bundle import read_unverified, verify_bundle
 from agent.errors import ConfigError, EdgeshipError, GateError, KeyFileError
 from agent.manifest import Manifest, format_time
+from agent.payload_crypto import load_public_key
 from agent.signing import PublicKey, TrustPolicy
 from sdk import __version__
 from sdk.build import (
@@ -145,6 +146,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             max_size_mb=args.max_size_mb,
         ),
     )
+    recipients = [load_public_key(k) for k in args.encrypt_for]
     out = args.out or Path(f"{metadata.name}-{metadata.version}.edgeship")
     try:
         with _progress(not args.json and sys.stderr.isatty()) as progress:
@@ -158,6 +160,7 @@ def cmd_build(args: argparse.Namespace) -> int:
                 golden_count=args.golden_count,
                 quantize=options,
                 progress=progress,
+                encrypt_for=recipients,
             )
     except GateError as exc:
         report = exc.report
@@ -319,6 +322,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for table in _manifest_tables(manifest, f"{args.bundle} (NOT verified: use edgeship verify)"):
         console.print(table)
     console.print(f"signed by key id(s): {', '.join(keyids)}")
+    if manifest.encryption is not None:
+        ids = ", ".join(r.key_id for r in manifest.encryption.recipients)
+        console.print(
+            f"payload encrypted ({manifest.encryption.scheme}) for device key id(s): {ids}"
+        )
     return 0
 
 
@@ -395,6 +403,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--key", type=Path, action="append", help="signing key (repeat for k-of-n)")
     p.add_argument("--passphrase-env", metavar="NAME", help=passphrase_help)
+    p.add_argument(
+        "--encrypt-for",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DEVICE.pub",
+        help="encrypt the payload for this device key (edgeship-agent keygen; repeat)",
+    )
     p.add_argument(
         "--target",
         action="append",

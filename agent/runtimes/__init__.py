@@ -18,6 +18,7 @@ from pathlib import Path
 from agent.errors import HealthCheckError, RuntimeUnavailableError
 from agent.inference import Backend, Model
 from agent.manifest import FORMAT_RUNTIMES, Manifest
+from agent.payload_crypto import DeviceKey, read_payload
 from agent.runtimes._base import (
     RUNTIME_EXTRAS,
     SMALL_MODEL_ELEMENTS,
@@ -45,6 +46,7 @@ def load_model(
     options: RuntimeOptions | None = None,
     *,
     policy: InputPolicy | None = None,
+    key: DeviceKey | None = None,
 ) -> Model:
     """Load ``model_dir / manifest.model.file`` into ``runtime``, ready to predict.
 
@@ -57,6 +59,8 @@ def load_model(
         runtime: ``onnxruntime``, ``litert`` or ``tflite-runtime``.
         options: threads and memory options (default :class:`RuntimeOptions()`).
         policy: limits for every request (default :class:`InputPolicy()`).
+        key: the device key that opens an encrypted bundle; the model is decrypted in
+            memory and never written anywhere.
 
     Raises:
         RuntimeUnavailableError: the runtime is unknown, cannot run this model format, or
@@ -64,6 +68,7 @@ def load_model(
         HealthCheckError: the file is missing or does not load, or its signature differs
             from the manifest's.
         MalformedManifestError: the manifest quantizes a non-integer tensor.
+        NotForThisDeviceError, DecryptionError: an encrypted bundle this key cannot open.
     """
     spec = manifest.model
     options = options or RuntimeOptions()
@@ -77,8 +82,14 @@ def load_model(
             f" {' or '.join(FORMAT_RUNTIMES[spec.format])}"
         )
     path = Path(model_dir) / spec.file
+    if manifest.encryption is not None and not options.load_from_memory:
+        raise RuntimeUnavailableError(
+            "an encrypted model is decrypted in memory; set runtime.load_from_memory = true"
+        )
     try:
-        source: bytes | Path = path.read_bytes() if options.load_from_memory else path
+        source: bytes | Path = (
+            read_payload(manifest, model_dir, spec.file, key) if options.load_from_memory else path
+        )
     except OSError as exc:
         raise HealthCheckError(f"cannot read the model file {path}: {exc}") from exc
     if not options.load_from_memory and not path.is_file():
