@@ -50,6 +50,7 @@ _WRAP_INFO = b"edgeship/v1/wrap"
 _KEY_AAD = b"edgeship/v1/key"
 _FILE_AAD = b"edgeship/v1/file:"
 _ZERO_NONCE = bytes(12)
+MAX_FILE_BYTES = 2**31 - 1  # cryptography's one-shot AES-GCM limit
 
 
 def _raw(public: X25519PublicKey) -> bytes:
@@ -148,9 +149,18 @@ def encrypt_files(
     plaintexts: dict[str, bytes], recipients: list[X25519PublicKey]
 ) -> tuple[Encryption, dict[str, bytes]]:
     """Encrypt payload files for ``recipients``. Returns the manifest section and the
-    ciphertexts by path."""
+    ciphertexts by path.
+
+    Raises:
+        ValueError: no recipients, or a file of 2 GiB or more.
+    """
     if not recipients:
         raise ValueError("at least one recipient key is needed")
+    for path, plain in plaintexts.items():
+        if len(plain) >= MAX_FILE_BYTES:
+            raise ValueError(
+                f"{path} is {len(plain)} bytes; AES-GCM files are limited to 2 GiB here"
+            )
     data_key = AESGCM.generate_key(bit_length=256)
     wrapped = []
     for public in recipients:

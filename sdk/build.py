@@ -406,9 +406,12 @@ def build_bundle(
         payload = {p: stage / p for p in (model_member, GOLDEN_INPUTS, EXPECTED_OUTPUTS)}
         encryption = None
         if encrypt_for:
-            encryption, sealed = encrypt_files(
-                {p: src.read_bytes() for p, src in payload.items()}, list(encrypt_for)
-            )
+            try:
+                encryption, sealed = encrypt_files(
+                    {p: src.read_bytes() for p, src in payload.items()}, list(encrypt_for)
+                )
+            except ValueError as exc:
+                raise ConfigError(f"cannot encrypt the bundle: {exc}") from None
             for p, data in sealed.items():
                 target = stage / "encrypted" / p
                 target.parent.mkdir(parents=True, exist_ok=True)

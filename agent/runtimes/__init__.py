@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from agent.errors import HealthCheckError, RuntimeUnavailableError
+from agent.errors import ConfigError, HealthCheckError, RuntimeUnavailableError
 from agent.inference import Backend, Model
 from agent.manifest import FORMAT_RUNTIMES, Manifest
 from agent.payload_crypto import DeviceKey, read_payload
@@ -69,6 +69,7 @@ def load_model(
             from the manifest's.
         MalformedManifestError: the manifest quantizes a non-integer tensor.
         NotForThisDeviceError, DecryptionError: an encrypted bundle this key cannot open.
+        ConfigError: an encrypted bundle with ``options.load_from_memory`` off.
     """
     spec = manifest.model
     options = options or RuntimeOptions()
@@ -83,7 +84,7 @@ def load_model(
         )
     path = Path(model_dir) / spec.file
     if manifest.encryption is not None and not options.load_from_memory:
-        raise RuntimeUnavailableError(
+        raise ConfigError(
             "an encrypted model is decrypted in memory; set runtime.load_from_memory = true"
         )
     try:

@@ -15,8 +15,9 @@ import pytest
 
 from agent.bundle import verify_bundle
 from agent.cli import main as agent_main
-from agent.errors import NotForThisDeviceError
+from agent.errors import ConfigError, NotForThisDeviceError
 from agent.payload_crypto import DeviceKey
+from agent.runtimes import RuntimeOptions, load_model
 from agent.serving import ModelSlot
 from agent.signing import TrustPolicy
 from agent.store import Store
@@ -172,3 +173,21 @@ def test_the_command_lines(
     assert "no device key" in capsys.readouterr().err
     assert agent_main([*predict, "--decryption-key", "device.key"]) == 0
     assert np.load(tmp_path / "out.npy").shape == (2, 10)
+
+
+def test_load_model_decrypts_in_memory_only(world: dict[str, Path], tmp_path: Path) -> None:
+    with (world["dir"] / "sealed.edgeship").open("rb") as f:
+        v = verify_bundle(f, _policy(world), now=datetime.now(UTC), extract_to=tmp_path / "x")
+    key = DeviceKey.load(world["dir"] / "device-a.key")
+    with load_model(v.manifest, tmp_path / "x", "onnxruntime", key=key) as model:
+        assert model.predict({"x": np.zeros((1, 64), np.float32)})["probs"].shape == (1, 10)
+    with pytest.raises(ConfigError, match="load_from_memory"):
+        load_model(
+            v.manifest,
+            tmp_path / "x",
+            "onnxruntime",
+            RuntimeOptions(load_from_memory=False),
+            key=key,
+        )
+    with pytest.raises(NotForThisDeviceError):
+        load_model(v.manifest, tmp_path / "x", "onnxruntime")
