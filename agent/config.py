@@ -22,7 +22,7 @@ from agent.cache import CacheConfig
 from agent.errors import ConfigError
 from agent.fetch import FetchLimits
 from agent.health import GatePriority, check_priority
-from agent.http_server import HttpServerConfig
+from agent.http_server import HttpServerConfig, ServerTls
 from agent.mqtt_serving import MqttServingConfig
 from agent.runtimes import RuntimeOptions
 from agent.telemetry.mqtt import MqttConfig
@@ -410,6 +410,11 @@ def _http(t: _Table) -> HttpServerConfig:
             raise ConfigError(
                 f"http.token_file: cannot read {token_file}: {exc.strerror}"
             ) from None
+    cert, key, client_ca = (
+        t.path_value(k) for k in ("tls_cert_file", "tls_key_file", "tls_client_ca_file")
+    )
+    if cert is None and (key is not None or client_ca is not None):
+        raise ConfigError("http.tls_key_file and http.tls_client_ca_file need http.tls_cert_file")
     config = HttpServerConfig(
         enabled=t.boolean("enabled", False),
         host=t.string("host", d.host),
@@ -421,6 +426,7 @@ def _http(t: _Table) -> HttpServerConfig:
         max_connections=t.integer("max_connections", d.max_connections, minimum=1),
         read_timeout_s=t.number("read_timeout_s", d.read_timeout_s),
         request_deadline_s=t.number("request_deadline_s", d.request_deadline_s),
+        tls=None if cert is None else ServerTls(cert, key, client_ca),
     )
     if config.enabled:
         try:

@@ -33,6 +33,7 @@ import ipaddress
 import json
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections import OrderedDict
@@ -40,6 +41,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, NoReturn
 
 from agent.cache import Predictor, predict_versioned
@@ -60,7 +62,7 @@ from agent.tensor_codec import (
     encode_json,
 )
 
-__all__ = ["HttpServer", "HttpServerConfig", "TokenBuckets", "start_http_server"]
+__all__ = ["HttpServer", "HttpServerConfig", "ServerTls", "TokenBuckets", "start_http_server"]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +92,9 @@ class HttpServerConfig:
         request_deadline_s: longest time from a connection (or the previous answer on
             it) to a complete request, headers and body.
         limits: bounds on the decoded tensors.
+        tls: serve HTTPS with this certificate; with ``tls.client_ca_file`` every client
+            must present a certificate that CA signed (which may replace the token on a
+            non-loopback address).
     """
 
     enabled: bool = False
@@ -104,6 +109,7 @@ class HttpServerConfig:
     read_timeout_s: float = 5.0
     request_deadline_s: float = 30.0
     limits: CodecLimits = field(default_factory=CodecLimits)
+    tls: ServerTls | None = None
 
     def check(self) -> None:
         """Refuse settings that would be unsafe or meaningless.
@@ -112,10 +118,12 @@ class HttpServerConfig:
             ConfigError: no token on a non-loopback address, a short token, or a
                 non-positive limit.
         """
-        if self.token is None and not _is_loopback(self.host):
+        client_certs = self.tls is not None and self.tls.client_ca_file is not None
+        if self.token is None and not client_certs and not _is_loopback(self.host):
             raise ConfigError(
                 f"the HTTP endpoint would listen on {self.host}, beyond this machine, without"
-                " a token; set http.token (at least 16 random characters) or bind 127.0.0.1"
+                " a token; set http.token (at least 16 random characters), require client"
+                " certificates (http.tls_client_ca_file), or bind 127.0.0.1"
             )
         if self.token is not None and (
             len(self.token) < MIN_TOKEN_CHARS or not self.token.isascii() or " " in self.token
@@ -133,6 +141,28 @@ class HttpServerConfig:
                 raise ConfigError(f"http.{name} must be positive")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"http.port {self.port} is not a TCP port")
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """HTTPS for the endpoint: a certificate chain, its key, optionally a client CA."""
+
+    cert_file: Path
+    key_file: Path | None = None  # None: the key is in cert_file
+    client_ca_file: Path | None = None
+
+    def context(self) -> ssl.SSLContext:
+        """Raises: ConfigError when a file is missing or invalid."""
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            ctx.load_cert_chain(self.cert_file, self.key_file)
+            if self.client_ca_file is not None:
+                ctx.verify_mode = ssl.CERT_REQUIRED
+                ctx.load_verify_locations(self.client_ca_file)
+        except OSError as exc:  # ssl.SSLError is an OSError
+            raise ConfigError(f"the HTTP endpoint's TLS files are unusable: {exc}") from None
+        return ctx
 
 
 def _is_loopback(host: str) -> bool:
@@ -243,15 +273,22 @@ class _Server(ThreadingHTTPServer):
         self.active: set[threading.Thread] = set()
         self.active_lock = threading.Lock()
         super().__init__(address, _Handler)
+        if endpoint.tls_context is not None:
+            # The handshake happens in the connection's own thread, under its read timeout
+            # and deadline: a client that stalls it cannot hold up the accept loop.
+            self.socket = endpoint.tls_context.wrap_socket(
+                self.socket, server_side=True, do_handshake_on_connect=False
+            )
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
             # Answer without a thread: a flood of slow connections cannot take them all.
-            try:
-                request.setblocking(False)
-                request.send(_TOO_MANY_CONNECTIONS)
-            except OSError:
-                pass
+            if not isinstance(request, ssl.SSLSocket):  # no TLS session to answer in yet
+                try:
+                    request.setblocking(False)
+                    request.send(_TOO_MANY_CONNECTIONS)
+                except OSError:
+                    pass
             self.shutdown_request(request)
             return
         try:
@@ -305,6 +342,21 @@ class _Handler(BaseHTTPRequestHandler):
         # Headers and body go out in two writes; without this, Nagle's algorithm holds the
         # body until the client's delayed ACK (up to 40 ms per keep-alive request).
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.tls_failed = False
+        if isinstance(self.connection, ssl.SSLSocket):
+            deadline = time.monotonic() + self.endpoint.config.request_deadline_s
+            self.watchdog.arm(self.connection, deadline)
+            try:
+                self.connection.do_handshake()
+            except (OSError, ValueError) as exc:  # refused certificate, plain HTTP, timeout
+                log.info("TLS handshake with %s failed: %s", self.client_address[0], exc)
+                self.tls_failed = True
+            finally:
+                self.watchdog.disarm(self.connection)
+
+    def handle(self) -> None:
+        if not self.tls_failed:
+            super().handle()
 
     def handle_one_request(self) -> None:
         self.body_read = False
@@ -532,6 +584,7 @@ class HttpServer:
         config.check()
         self.predictor = predictor
         self.config = config
+        self.tls_context = None if config.tls is None else config.tls.context()
         self._token_digest = (
             None
             if config.token is None
@@ -558,7 +611,8 @@ class HttpServer:
     @property
     def url(self) -> str:
         host = self.config.host
-        return f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
+        scheme = "https" if self.tls_context is not None else "http"
+        return f"{scheme}://{f'[{host}]' if ':' in host else host}:{self.port}"
 
     def start(self) -> None:
         """Listen and serve in a background thread.

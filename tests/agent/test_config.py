@@ -177,3 +177,23 @@ def test_unusable_fetch_tls_files_stop_the_agent_at_start(tmp_path: Path) -> Non
     (tmp_path / "missing.crt").write_text("not a certificate")
     with pytest.raises(ConfigError, match="fetch TLS files are unusable"):
         _fetcher(c)
+
+
+def test_http_tls_files() -> None:
+    c = _parse(
+        '[http]\ntls_cert_file = "c.pem"\ntls_key_file = "k.pem"\ntls_client_ca_file = "ca.pem"\n'
+    )
+    assert c.http.tls is not None
+    assert (c.http.tls.cert_file, c.http.tls.key_file, c.http.tls.client_ca_file) == (
+        Path("/etc/edgeship/c.pem"),
+        Path("/etc/edgeship/k.pem"),
+        Path("/etc/edgeship/ca.pem"),
+    )
+    assert _parse().http.tls is None
+    with pytest.raises(ConfigError, match=r"need http\.tls_cert_file"):
+        _parse('[http]\ntls_key_file = "k.pem"\n')
+    # Client certificates stand in for the token beyond loopback.
+    text = '[http]\nenabled = true\nhost = "0.0.0.0"\ntls_cert_file = "c.pem"\n'
+    with pytest.raises(ConfigError, match="without a token"):
+        _parse(text)
+    assert _parse(text + 'tls_client_ca_file = "ca.pem"\n').http.host == "0.0.0.0"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import ssl
 import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -14,9 +15,17 @@ import numpy as np
 import pytest
 
 from agent.errors import ConfigError, InferenceError, OverloadedError
-from agent.http_server import HttpServer, HttpServerConfig, TokenBuckets, start_http_server
+from agent.http_server import (
+    HttpServer,
+    HttpServerConfig,
+    ServerTls,
+    TokenBuckets,
+    start_http_server,
+)
 from agent.inference import Model
 from agent.tensor_codec import BINARY_CONTENT_TYPE, decode_binary, encode_binary
+from agent.tls import TlsConfig
+from tests.support.broker import ClientCert, Pki
 from tests.support.models import load_onnx_mlp, mlp_reference, mlp_weights
 
 pytestmark = pytest.mark.integration
@@ -423,3 +432,83 @@ def test_server_stops_and_frees_its_port(model: Model, tmp_path: Path) -> None:
     s.stop()
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", port))
+
+
+# --- https ---------------------------------------------------------------------------------
+
+
+def _https(
+    server: HttpServer, pki: Pki, client: ClientCert | None = None
+) -> http.client.HTTPSConnection:
+    ctx = TlsConfig(pki.ca_file, client and client.cert_file, client and client.key_file).context()
+    return http.client.HTTPSConnection("127.0.0.1", server.port, timeout=10, context=ctx)
+
+
+def _https_predict(conn: http.client.HTTPSConnection, x: np.ndarray) -> np.ndarray:
+    body = json.dumps({"inputs": {"x": x.tolist()}}).encode()
+    conn.request(
+        "POST", "/v1/predict", body=body, headers={**AUTH, "Content-Type": "application/json"}
+    )
+    response = conn.getresponse()
+    assert response.status == 200
+    probs = json.loads(response.read())["outputs"]["probs"]
+    return np.reshape(np.asarray(probs["data"], np.float32), probs["shape"])
+
+
+def _https_health(conn: http.client.HTTPSConnection) -> int:
+    conn.request("GET", "/v1/health", headers=AUTH)
+    return conn.getresponse().status
+
+
+def test_https_endpoint_serves_predictions(model: Model, pki: Pki) -> None:
+    tls = ServerTls(pki.server_cert, pki.server_key)
+    with HttpServer(model, _config(tls=tls)) as s:
+        assert s.url.startswith("https://")
+        conn = _https(s, pki)
+        try:
+            x = _batch(3)
+            for _ in range(2):  # keep-alive over one TLS session
+                np.testing.assert_allclose(_https_predict(conn, x), _expected(x), atol=1e-5)
+        finally:
+            conn.close()
+        # Plain HTTP to the TLS port gets no answer, and the server keeps serving.
+        with pytest.raises((http.client.HTTPException, OSError)):
+            _request(s, "GET", "/v1/health")
+        conn = _https(s, pki)
+        assert _https_health(conn) == 200
+        conn.close()
+
+
+def test_a_stalled_tls_handshake_does_not_hold_up_other_clients(model: Model, pki: Pki) -> None:
+    tls = ServerTls(pki.server_cert, pki.server_key)
+    with HttpServer(model, _config(tls=tls, request_deadline_s=30.0)) as s:
+        stalled = [socket.create_connection(("127.0.0.1", s.port)) for _ in range(3)]
+        try:
+            conn = _https(s, pki)
+            assert _https_health(conn) == 200
+            conn.close()
+        finally:
+            for sock in stalled:
+                sock.close()
+
+
+def test_client_certificates_are_required_when_a_client_ca_is_set(model: Model, pki: Pki) -> None:
+    tls = ServerTls(pki.server_cert, pki.server_key, client_ca_file=pki.ca_file)
+    # Client certificates authenticate callers: no token needed, even beyond loopback.
+    HttpServer(model, _config(tls=tls, token=None, host="0.0.0.0"))
+    with HttpServer(model, _config(tls=tls)) as s:
+        conn = _https(s, pki, pki.client("device-1"))
+        x = _batch(2)
+        np.testing.assert_allclose(_https_predict(conn, x), _expected(x), atol=1e-5)
+        conn.close()
+        for refused in (None, pki.foreign):
+            conn = _https(s, pki, refused)
+            with pytest.raises((ssl.SSLError, ConnectionError)):
+                _https_health(conn)
+            conn.close()
+
+
+def test_unusable_tls_files_are_a_config_error(model: Model, tmp_path: Path) -> None:
+    (tmp_path / "cert.pem").write_text("not a certificate")
+    with pytest.raises(ConfigError, match="TLS files are unusable"):
+        HttpServer(model, _config(tls=ServerTls(tmp_path / "cert.pem")))
