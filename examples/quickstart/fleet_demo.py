@@ -3,11 +3,13 @@
 What it does, each step through the real command-line tools:
 
 1. trains the digits classifier (scikit-learn's bundled digits) and exports ONNX;
-2. makes a signing key and the trust policy the devices get;
+2. makes a signing key and the trust policy the devices get, and each device's
+   decryption key (`edgeship-agent keygen`);
 3. builds and signs three bundles: v1 (float32), v2 (static int8, gated against v1's
-   accuracy), and v3, which is fine on the build machine but carries a latency budget no
-   device can meet, so the device's own health check refuses it; and shows that a build
-   missing its gate writes nothing and that a tampered copy does not verify;
+   accuracy, its payload encrypted for the two devices), and v3, which is fine on the
+   build machine but carries a latency budget no device can meet, so the device's own
+   health check refuses it; and shows that a build missing its gate writes nothing and
+   that a tampered copy does not verify;
 4. starts a broker (a private mosquitto on a free loopback port, unless --broker is
    given), a bundle server (`edgeship serve`), a collector (`edgeship collect`) and two
    device agents (`edgeship-agent run`), each with its local HTTP endpoint on;
@@ -164,11 +166,18 @@ def main() -> int:
     run(sys.executable, ROOT / "examples" / "digits" / "train.py", "--out", out / "digits")
     data = out / "digits"
 
-    say("2. a signing key and the trust policy every device gets")
+    say("2. a signing key and the trust policy every device gets; each device's own key")
     run(edgeship, "keygen", key, "--passphrase-env", PASSPHRASE_ENV)
     run(edgeship, "trust", f"{key}.pub", "--out", out / "trust.toml")
+    device_keys = {d: out / "devices" / f"{d}.key" for d in DEVICES}
+    (out / "devices").mkdir()
+    for device_key in device_keys.values():
+        run(agent_cli, "keygen", "--out", device_key)
 
-    say("3. build and sign v1 (float32), v2 (static int8, gated) and v3 (will fail on device)")
+    say(
+        "3. build and sign v1 (float32), v2 (static int8, gated, encrypted for the devices)"
+        " and v3 (will fail on device)"
+    )
     common = [
         "--metadata",
         ROOT / "examples" / "quickstart" / "digits.toml",
@@ -210,6 +219,7 @@ def main() -> int:
         "1.0",
         "--min-agreement",
         "0.97",
+        *[arg for k in device_keys.values() for arg in ("--encrypt-for", f"{k}.pub")],
         "--out",
         out / "bundles" / "digits-v2.edgeship",
     )
@@ -325,7 +335,8 @@ def main() -> int:
             config = state.parent / f"{device}.toml"
             config.write_text(
                 f'device_id = "{device}"\nfleet = "{FLEET}"\nstate_dir = "{state}"\n'
-                f'trust_policy = "{out / "trust.toml"}"\n\n'
+                f'trust_policy = "{out / "trust.toml"}"\n'
+                f'decryption_key = "{device_keys[device]}"\n\n'
                 f'[broker]\nurl = "{broker_url}"\n\n'
                 "[telemetry]\ninterval_s = 2.0\n\n"
                 f"[http]\nenabled = true\nport = {http_port}\n"
@@ -390,7 +401,11 @@ def main() -> int:
             t.join(timeout=15)
         answered = sum(t.ok for t in traffic)
         failed = [f for t in traffic for f in t.failed]
-        print(f"traffic: {answered} predictions answered, {len(failed)} failed")
+        early = sum(t.no_model for t in traffic)
+        print(
+            f"traffic: {answered} predictions answered, {len(failed)} failed; {early} sent"
+            " before v1 was installed were answered 503 (the devices count them as errors)"
+        )
         if failed:
             print("\n".join(failed[:10]))
             raise SystemExit("requests failed during the rollouts")
