@@ -15,7 +15,8 @@ import pytest
 
 from agent.bundle import verify_bundle
 from agent.cli import main as agent_main
-from agent.errors import ConfigError, NotForThisDeviceError
+from agent.errors import ConfigError, HealthCheckError, NotForThisDeviceError
+from agent.health import ChildGate, check_in_child
 from agent.payload_crypto import DeviceKey
 from agent.runtimes import RuntimeOptions, load_model
 from agent.serving import ModelSlot
@@ -25,7 +26,7 @@ from agent.updater import Updater, UpdaterConfig
 from sdk.build import BuildMetadata, build_bundle
 from sdk.cli import main as sdk_main
 from sdk.keys import SigningKey, generate_key
-from tests.support.models import make_onnx_mlp
+from tests.support.models import make_onnx_mlp, make_tflite_mlp
 
 PASS_ENV = "EDGESHIP_TEST_PASSPHRASE"
 
@@ -191,3 +192,26 @@ def test_load_model_decrypts_in_memory_only(world: dict[str, Path], tmp_path: Pa
         )
     with pytest.raises(NotForThisDeviceError):
         load_model(v.manifest, tmp_path / "x", "onnxruntime")
+
+
+def test_an_encrypted_tflite_bundle_passes_the_gate_in_its_child_process(
+    world: dict[str, Path], tmp_path: Path
+) -> None:
+    signing = generate_key(tmp_path / "k", b"pw")
+    device = DeviceKey.load(world["dir"] / "device-a.key")
+    result = build_bundle(
+        make_tflite_mlp(tmp_path / "m.tflite"),
+        tmp_path / "t.edgeship",
+        metadata=BuildMetadata(name="t", version="1", sequence=1),
+        keys=[signing],
+        encrypt_for=[device.public],
+    )
+    with result.path.open("rb") as f:
+        v = verify_bundle(
+            f, TrustPolicy.of([signing.public]), now=datetime.now(UTC), extract_to=tmp_path / "x"
+        )
+    gate = ChildGate("litert", key_file=world["dir"] / "device-a.key")
+    report = check_in_child(v.manifest, tmp_path / "x", gate, runs=3)
+    assert report.max_abs_deviation <= 1e-5
+    with pytest.raises(HealthCheckError, match="no device key"):
+        check_in_child(v.manifest, tmp_path / "x", ChildGate("litert"), runs=1)
