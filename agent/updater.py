@@ -502,6 +502,7 @@ class Updater:
         )
         manifest = self.store.manifest(digest)
         model_dir = self.store.version_dir(digest)
+        started = time.monotonic()
         try:
             runtime = check_compatibility(manifest, self.device)
             child = None
@@ -524,7 +525,13 @@ class Updater:
         except EdgeshipError as exc:
             self._fail(state, str(exc))
             raise
-        self._emit("health-check-passed", digest=digest, p95_ms=report.p95_ms)
+        self._emit(
+            "health-check-passed",
+            digest=digest,
+            p95_ms=report.p95_ms,
+            gate="process" if child is not None else "thread",
+            seconds=round(time.monotonic() - started, 3),  # the gate and the load, together
+        )
         self._save(replace(state, pending=replace(p, phase="probation")))
         if self.slot is not None:
             monitor = ProbationMonitor(manifest.health.probation)

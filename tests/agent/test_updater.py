@@ -125,6 +125,10 @@ def test_install_then_commit_makes_the_version_current(
         "activated",
         "committed",
     ]
+    passed = dict(events.seen)["health-check-passed"]
+    assert passed["gate"] == "process"
+    assert 0 < passed["seconds"] < 120
+    assert passed["p95_ms"] == result.health.p95_ms
 
 
 def test_store_keeps_current_and_previous_only(
