@@ -15,7 +15,7 @@ import threading
 import time
 from typing import Any
 
-# A test hook: makes the child misbehave at a named point ("crash", "hang").
+# A test hook: makes the child misbehave ("crash", "hang" asleep, "spin" on a CPU).
 FAULT_ENV = "EDGESHIP_TEST_GATE_FAULT"
 
 
@@ -67,6 +67,8 @@ def main() -> None:
             os.abort()
         if fault == "hang":
             time.sleep(3600)
+        while fault == "spin":
+            pass
         try:
             model = load_model(manifest, model_dir, request["runtime"], options, key=key)
         except EdgeshipError as exc:

@@ -291,11 +291,28 @@ def check_in_child(
     try:
         out, err = proc.communicate(json.dumps(request) + "\n", timeout=gate.timeout_s)
     except subprocess.TimeoutExpired:
+        used = _cpu_and_wait_s(proc.pid)
         proc.kill()
         proc.communicate()
+        why = "the candidate hangs, or the device is too busy to check it"
+        if used is not None:
+            cpu_s, wait_s = used
+            if wait_s > 0.25 * gate.timeout_s:
+                why = (
+                    f"it waited {wait_s:.0f} s for a CPU and ran {cpu_s:.1f} s: the device is"
+                    " too busy to check the candidate at this priority (raise"
+                    " update.health_gate_timeout_s, or set update.health_gate_priority to a"
+                    " nice increment such as 10)"
+                )
+            elif cpu_s > 0.25 * gate.timeout_s:
+                why = f"it ran {cpu_s:.0f} s: the candidate hangs or is far too slow"
+            else:
+                why = (
+                    f"it ran {cpu_s:.1f} s and was blocked the rest of the time: the"
+                    " candidate (or its runtime) hangs"
+                )
         raise HealthCheckError(
-            f"the health check did not finish within {gate.timeout_s:g} s; the candidate"
-            " hangs or the device is too busy to check it"
+            f"the health check did not finish within {gate.timeout_s:g} s; {why}"
         ) from None
     except BaseException:
         proc.kill()
@@ -325,6 +342,19 @@ def check_in_child(
         p95_ms=float(doc["p95_ms"]),
         runs=int(doc["runs"]),
     )
+
+
+def _cpu_and_wait_s(pid: int) -> tuple[float, float] | None:
+    """Seconds a live process's threads have run, and waited runnable for a CPU."""
+    try:
+        cpu = wait = 0
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
+                fields = f.read().split()
+            cpu, wait = cpu + int(fields[0]), wait + int(fields[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return cpu / 1e9, wait / 1e9
 
 
 def load_and_check(
