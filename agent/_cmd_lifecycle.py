@@ -149,12 +149,9 @@ def _config(args: argparse.Namespace) -> UpdaterConfig:
 def _fetcher(args: argparse.Namespace) -> UrlFetcher:
     if args.key_file is not None and args.cert_file is None:
         raise ConfigError("--key-file needs --cert-file")
-    if args.ca_file is None and args.cert_file is None:
-        return UrlFetcher()
-    try:
-        return UrlFetcher(TlsConfig(args.ca_file, args.cert_file, args.key_file).context())
-    except OSError as exc:  # ssl.SSLError is an OSError
-        raise ConfigError(f"the TLS files are unusable: {exc}") from None
+    given = args.ca_file is not None or args.cert_file is not None
+    tls = TlsConfig(args.ca_file, args.cert_file, args.key_file) if given else None
+    return UrlFetcher.from_tls(tls, setting="the --ca-file / --cert-file / --key-file")
 
 
 def _install(args: argparse.Namespace) -> int:

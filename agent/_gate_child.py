@@ -15,19 +15,10 @@ import threading
 import time
 from typing import Any
 
+from agent._priority import lower_this_thread
+
 # A test hook: makes the child misbehave ("crash", "hang" asleep, "spin" on a CPU).
 FAULT_ENV = "EDGESHIP_TEST_GATE_FAULT"
-
-
-def _lower_priority(priority: object) -> None:
-    # Called before any thread exists, so every thread started later inherits it.
-    try:
-        if priority == "idle":
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        elif isinstance(priority, int) and priority > 0:
-            os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0) + priority)
-    except (OSError, AttributeError):  # not permitted or not Linux: normal priority
-        pass
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -46,7 +37,7 @@ def _answer(doc: dict[str, Any]) -> None:
 
 def main() -> None:
     request = json.loads(sys.stdin.readline())
-    _lower_priority(request["priority"])
+    lower_this_thread(request["priority"])  # before any thread exists: all inherit it
     _exit_with_parent(request["parent"])
     fault = os.environ.get(FAULT_ENV)
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 import math
 import tomllib
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from agent.cache import CacheConfig
 from agent.errors import ConfigError
@@ -28,6 +28,8 @@ from agent.runtimes import RuntimeOptions
 from agent.telemetry.mqtt import MqttConfig
 from agent.telemetry.topics import check_id
 from agent.tls import TlsConfig
+
+T = TypeVar("T")
 
 __all__ = [
     "AgentConfig",
@@ -209,9 +211,15 @@ class _Table:
     def _take(self, key: str) -> Any:
         return self.doc.pop(key, None)
 
-    def take(self, key: str) -> object:
-        """The raw value, for a key that accepts more than one type."""
-        return self._take(key)
+    def checked(self, key: str, check: Callable[[object], T], default: T) -> T:
+        """A value of more than one TOML type, validated by ``check`` (raises ValueError)."""
+        value = self._take(key)
+        if value is None:
+            return default
+        try:
+            return check(value)
+        except ValueError as exc:
+            raise ConfigError(f"{self._key(key)} {exc}") from None
 
     def table(self, key: str) -> _Table | None:
         value = self._take(key)
@@ -304,12 +312,10 @@ def _broker(t: _Table) -> BrokerConfig:
             f"broker.url {url!r} must be mqtt://HOST[:PORT] or mqtts://HOST[:PORT]"
             " (credentials go in broker.username / broker.password_file)"
         )
-    tls = parts.scheme == "mqtts"
-    files = {k: t.path_value(k) for k in ("ca_file", "cert_file", "key_file")}
-    if not tls and any(files.values()):
+    given = _tls_files(t, "broker")
+    if parts.scheme != "mqtts" and given is not None:
         raise ConfigError("broker.ca_file / cert_file / key_file need an mqtts:// url")
-    if files["key_file"] is not None and files["cert_file"] is None:
-        raise ConfigError("broker.key_file needs broker.cert_file")
+    files = given or TlsConfig()
     username = t.opt_string("username")
     password_file = t.path_value("password_file")
     if password_file is not None and username is None:
@@ -317,9 +323,9 @@ def _broker(t: _Table) -> BrokerConfig:
     config = BrokerConfig(
         url=url,
         protocol=t.choice("protocol", ("5", "3.1.1"), "5"),  # type: ignore[arg-type]
-        ca_file=files["ca_file"],
-        cert_file=files["cert_file"],
-        key_file=files["key_file"],
+        ca_file=files.ca_file,
+        cert_file=files.cert_file,
+        key_file=files.key_file,
         username=username,
         password_file=password_file,
         connect_timeout_s=t.number("connect_timeout_s", 10.0),
@@ -350,6 +356,7 @@ def _fetch(t: _Table) -> FetchConfig:
 
 
 def _tls_files(t: _Table, table: str) -> TlsConfig | None:
+    """``ca_file``, ``cert_file``, ``key_file`` of a table; None when none is set."""
     files = {k: t.path_value(k) for k in ("ca_file", "cert_file", "key_file")}
     if files["key_file"] is not None and files["cert_file"] is None:
         raise ConfigError(f"{table}.key_file needs {table}.cert_file")
@@ -360,13 +367,7 @@ def _tls_files(t: _Table, table: str) -> TlsConfig | None:
 
 def _update(t: _Table) -> UpdateConfig:
     d = UpdateConfig()
-    priority_value = t.take("health_gate_priority")
-    try:
-        priority = (
-            d.health_gate_priority if priority_value is None else check_priority(priority_value)
-        )
-    except ValueError as exc:
-        raise ConfigError(f"update.health_gate_priority {exc}") from None
+    priority = t.checked("health_gate_priority", check_priority, d.health_gate_priority)
     gate = t.choice("health_gate", ("process", "thread"), d.health_gate)
     return UpdateConfig(
         max_attempts=t.integer("max_attempts", d.max_attempts, minimum=1),

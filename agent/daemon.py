@@ -55,6 +55,7 @@ from agent.fetch import Fetcher, UrlFetcher
 from agent.http_server import HttpServer
 from agent.manifest import Manifest
 from agent.mqtt_serving import MqttInferenceServer
+from agent.runtimes import installed_runtimes
 from agent.serving import ModelSlot
 from agent.signing import TrustPolicy
 from agent.store import AgentState, Store
@@ -152,21 +153,6 @@ def _is_classifier(manifest: Manifest, kind: str) -> bool:
     )
 
 
-def _fetcher(config: AgentConfig) -> UrlFetcher:
-    """The bundle downloader, with the TLS files of ``[fetch]``.
-
-    Raises:
-        ConfigError: a TLS file is missing or unusable.
-    """
-    tls = config.fetch.tls
-    if tls is None:
-        return UrlFetcher()
-    try:
-        return UrlFetcher(ssl_context=tls.context())
-    except OSError as exc:  # ssl.SSLError is an OSError
-        raise ConfigError(f"fetch TLS files are unusable: {exc}") from None
-
-
 class _Instrumented:
     """The agent's predictor: every call is timed and counted; sampled calls feed drift."""
 
@@ -242,8 +228,6 @@ class Agent:
         self._candidate: str | None = None
         self._lock_fd: int | None = None
         policy = load_policy(config.trust_policy)
-        from agent.runtimes import installed_runtimes  # noqa: PLC0415 - imports no runtime
-
         self.updater = Updater(
             config.state_dir,
             policy,
@@ -262,7 +246,7 @@ class Agent:
                 decryption_key=config.decryption_key,
             ),
             device=DeviceInfo(runtimes=installed_runtimes(), device_class=config.device_class),
-            fetcher=fetcher or _fetcher(config),
+            fetcher=fetcher or UrlFetcher.from_tls(config.fetch.tls, setting="fetch"),
             slot=self.slot,
             events=self._on_event,
         )

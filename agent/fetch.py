@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from agent.errors import DownloadError
+from agent.errors import ConfigError, DownloadError
+from agent.tls import TlsConfig
 
 __all__ = ["FetchLimits", "Fetcher", "UrlFetcher", "file_sha256", "partial_path"]
 
@@ -76,6 +77,21 @@ class UrlFetcher:
 
     def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
         self.ssl_context = ssl_context
+
+    @classmethod
+    def from_tls(cls, tls: TlsConfig | None, *, setting: str) -> UrlFetcher:
+        """A fetcher trusting ``tls``'s CA and presenting its client certificate (None:
+        the system's CAs, no client certificate).
+
+        Raises:
+            ConfigError: a file is missing or unusable; the message names ``setting``.
+        """
+        if tls is None:
+            return cls()
+        try:
+            return cls(tls.context())
+        except OSError as exc:  # ssl.SSLError is an OSError
+            raise ConfigError(f"{setting} TLS files are unusable: {exc}") from None
 
     def fetch(self, source: str, dest: Path, *, sha256: str | None, limits: FetchLimits) -> str:
         """Fetch ``source`` to ``dest``; see :class:`Fetcher`.

@@ -8,7 +8,6 @@ few runs against ``health.latency_budget_p95_ms``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
 import json
@@ -27,6 +26,7 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 import numpy.typing as npt
 
+from agent._priority import lower_this_thread
 from agent.errors import EdgeshipError, HealthCheckError
 from agent.manifest import Manifest, Tolerance
 from agent.payload_crypto import DeviceKey, read_payload
@@ -87,8 +87,6 @@ def load_payload_arrays(
         HealthCheckError: the file is missing or not a plain ``.npz``.
         NotForThisDeviceError, DecryptionError: an encrypted file this key cannot open.
     """
-    if manifest.encryption is None:
-        return _parse_npz(model_dir / member, member)
     try:
         data = read_payload(manifest, model_dir, member, key)
     except OSError as exc:
@@ -151,17 +149,23 @@ def compare_outputs(
     return worst_name, worst_dev
 
 
+def _schedstat(path: str) -> tuple[int, int] | None:
+    """(nanoseconds on a CPU, nanoseconds runnable but waiting) of one thread, if known."""
+    try:
+        with open(path, "rb") as f:
+            fields = f.read().split()
+        return int(fields[0]), int(fields[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def cpu_wait_s() -> float:
     """Seconds the calling thread has spent runnable but waiting for a CPU, if known.
 
-    Linux reports it in ``/proc/thread-self/schedstat`` (second field, nanoseconds);
-    elsewhere this is 0.0.
+    Linux reports it in ``/proc/thread-self/schedstat``; elsewhere this is 0.0.
     """
-    try:
-        with open("/proc/thread-self/schedstat", "rb") as f:
-            return int(f.read().split()[1]) / 1e9
-    except (OSError, IndexError, ValueError):
-        return 0.0
+    stat = _schedstat("/proc/thread-self/schedstat")
+    return 0.0 if stat is None else stat[1] / 1e9
 
 
 def _wall_minus_wait() -> float:
@@ -185,14 +189,13 @@ def check_health(
     model_dir: Path,
     *,
     runs: int = DEFAULT_LATENCY_RUNS,
-    clock: Callable[[], float] = time.perf_counter,
-    clocks: Sequence[Callable[[], float]] = (),
+    clocks: Sequence[Callable[[], float]] = (time.perf_counter,),
     key: DeviceKey | None = None,
 ) -> HealthReport:
     """Run the health gate on a loaded candidate.
 
-    A latency run is timed by ``clock``, or by the smallest interval among ``clocks``
-    when given. ``key`` opens the golden files of an encrypted bundle.
+    A latency run is timed by the smallest interval among ``clocks`` (see
+    :func:`model_clocks`). ``key`` opens the golden files of an encrypted bundle.
 
     Raises:
         HealthCheckError: golden outputs outside tolerance, p95 latency over budget, or the
@@ -206,15 +209,14 @@ def check_health(
     except EdgeshipError as exc:
         raise HealthCheckError(f"the model fails on its golden inputs: {exc}") from None
     worst, deviation = compare_outputs(expected, actual, health.tolerance)
-    timers = tuple(clocks) or (clock,)
     latencies = []
     for _ in range(runs):
-        starts = [c() for c in timers]
+        starts = [c() for c in clocks]
         try:
             model.predict(inputs)
         except EdgeshipError as exc:
             raise HealthCheckError(f"the model fails on a repeated run: {exc}") from None
-        latencies.append(max(0.0, min(c() - t for c, t in zip(timers, starts, strict=True))))
+        latencies.append(max(0.0, min(c() - t for c, t in zip(clocks, starts, strict=True))))
     observed = p95_ms(latencies)
     budget = health.latency_budget_p95_ms
     if budget is not None and observed > budget:
@@ -259,6 +261,11 @@ def check_in_child(
         HealthCheckError: the candidate fails the gate, or the child crashed, hung (past
             ``gate.timeout_s``) or could not start.
     """
+    if not sys.executable or getattr(sys, "frozen", False):
+        raise HealthCheckError(
+            "no Python interpreter to run the health check process in (a frozen or embedded"
+            ' application); set update.health_gate = "thread"'
+        )
     root = str(Path(__file__).resolve().parent.parent)  # the directory holding `agent`
     request = {
         "parent": os.getpid(),
@@ -273,11 +280,6 @@ def check_in_child(
     bootstrap = (
         f"import sys; sys.path.insert(0, {root!r}); from agent._gate_child import main; main()"
     )
-    if not sys.executable or getattr(sys, "frozen", False):
-        raise HealthCheckError(
-            "no Python interpreter to run the health check process in (a frozen or embedded"
-            ' application); set update.health_gate = "thread"'
-        )
     try:
         proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
             [sys.executable, "-c", bootstrap],
@@ -347,14 +349,14 @@ def check_in_child(
 def _cpu_and_wait_s(pid: int) -> tuple[float, float] | None:
     """Seconds a live process's threads have run, and waited runnable for a CPU."""
     try:
-        cpu = wait = 0
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/schedstat", "rb") as f:
-                fields = f.read().split()
-            cpu, wait = cpu + int(fields[0]), wait + int(fields[1])
-    except (OSError, IndexError, ValueError):
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
         return None
-    return cpu / 1e9, wait / 1e9
+    stats = [_schedstat(f"/proc/{pid}/task/{tid}/schedstat") for tid in tids]
+    known = [st for st in stats if st is not None]
+    if not known:
+        return None
+    return sum(st[0] for st in known) / 1e9, sum(st[1] for st in known) / 1e9
 
 
 def load_and_check(
@@ -403,7 +405,9 @@ def load_and_check(
         if report is not None:
             return model, report
         try:
-            return model, check_health(model, manifest, model_dir, runs=runs, clock=clock, key=key)
+            return model, check_health(
+                model, manifest, model_dir, runs=runs, clocks=(clock,), key=key
+            )
         except BaseException:
             model.close()
             raise
@@ -468,15 +472,6 @@ def spawned_lowered(before: set[int], reference: int) -> bool:
     return any(_lowered(tid, reference) for tid in _thread_ids() if tid not in before)
 
 
-def _lower_this_thread(priority: Literal["idle"] | int) -> None:
-    tid = threading.get_native_id()
-    with contextlib.suppress(OSError):  # not permitted here: run at normal priority
-        if priority == "idle":
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-        else:
-            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + priority)
-
-
 def _in_lowered_thread(
     fn: Callable[[], T], priority: Literal["idle"] | int, *, known: set[int] | None = None
 ) -> T:
@@ -485,7 +480,7 @@ def _in_lowered_thread(
     errors: list[BaseException] = []
 
     def run() -> None:
-        _lower_this_thread(priority)
+        lower_this_thread(priority)
         try:
             results.append(fn())
         except BaseException as exc:  # noqa: BLE001 - handed to the caller, re-raised there

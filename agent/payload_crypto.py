@@ -50,7 +50,7 @@ _WRAP_INFO = b"edgeship/v1/wrap"
 _KEY_AAD = b"edgeship/v1/key"
 _FILE_AAD = b"edgeship/v1/file:"
 _ZERO_NONCE = bytes(12)
-MAX_FILE_BYTES = 2**31 - 1  # cryptography's one-shot AES-GCM limit
+MAX_FILE_BYTES = 2**31 - 1  # cryptography's one-shot AES-GCM limit (pyca issue 6486)
 
 
 def _raw(public: X25519PublicKey) -> bytes:
@@ -157,7 +157,7 @@ def encrypt_files(
     if not recipients:
         raise ValueError("at least one recipient key is needed")
     for path, plain in plaintexts.items():
-        if len(plain) >= MAX_FILE_BYTES:
+        if len(plain) > MAX_FILE_BYTES:
             raise ValueError(
                 f"{path} is {len(plain)} bytes; AES-GCM files are limited to 2 GiB here"
             )

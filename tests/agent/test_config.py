@@ -8,6 +8,7 @@ import pytest
 
 from agent.config import AgentConfig, load_config, parse_config
 from agent.errors import ConfigError
+from agent.fetch import UrlFetcher
 
 ROOT = Path(__file__).resolve().parents[2]
 MINIMAL = 'device_id = "d1"\nstate_dir = "state"\ntrust_policy = "trust.toml"\n'
@@ -168,15 +169,13 @@ def test_fetch_tls_files_are_resolved_and_checked() -> None:
         _parse('[fetch]\nkey_file = "d.key"\n')
 
 
-def test_unusable_fetch_tls_files_stop_the_agent_at_start(tmp_path: Path) -> None:
-    from agent.daemon import _fetcher  # noqa: PLC0415 - the daemon's own helper
-
+def test_unusable_fetch_tls_files_are_a_config_error(tmp_path: Path) -> None:
     c = _parse('[fetch]\nca_file = "missing.crt"\n', base=tmp_path)
     with pytest.raises(ConfigError, match="fetch TLS files are unusable"):
-        _fetcher(c)
+        UrlFetcher.from_tls(c.fetch.tls, setting="fetch")
     (tmp_path / "missing.crt").write_text("not a certificate")
     with pytest.raises(ConfigError, match="fetch TLS files are unusable"):
-        _fetcher(c)
+        UrlFetcher.from_tls(c.fetch.tls, setting="fetch")
 
 
 def test_http_tls_files() -> None:

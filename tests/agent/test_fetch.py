@@ -18,6 +18,7 @@ import pytest
 
 from agent.errors import DownloadError
 from agent.fetch import FetchLimits, UrlFetcher, partial_path
+from agent.http_server import ServerTls
 from agent.tls import TlsConfig
 from tests.agent.test_store import tiny_tmpfs
 from tests.support.broker import Pki
@@ -135,12 +136,9 @@ def server() -> Iterator[BundleServer]:
 
 def tls_server_context(pki: Pki, *, client_certs: bool) -> ssl.SSLContext:
     """A server context with the PKI's server certificate; optionally requiring clients'."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(pki.server_cert, pki.server_key)
-    if client_certs:
-        ctx.verify_mode = ssl.CERT_REQUIRED
-        ctx.load_verify_locations(pki.ca_file)
-    return ctx
+    return ServerTls(
+        pki.server_cert, pki.server_key, pki.ca_file if client_certs else None
+    ).context()
 
 
 @pytest.fixture

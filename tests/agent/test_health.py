@@ -42,6 +42,13 @@ def _staged(tmp_path: Path, **kwargs: object) -> tuple[Model, Manifest, Path]:
     return load_model(verified.manifest, target, "onnxruntime"), verified.manifest, target
 
 
+def _staged_files(tmp_path: Path, **kwargs: object) -> tuple[Manifest, Path]:
+    """A verified, extracted bundle, for checks that load the model themselves."""
+    model, manifest, target = _staged(tmp_path, **kwargs)
+    model.close()
+    return manifest, target
+
+
 def test_candidate_matching_its_golden_outputs_passes(tmp_path: Path) -> None:
     model, manifest, target = _staged(tmp_path)
     with model:
@@ -240,8 +247,7 @@ def test_model_clocks_never_count_more_than_the_wall_clock() -> None:
 
 
 def test_child_gate_passes_a_good_candidate(tmp_path: Path) -> None:
-    model, manifest, target = _staged(tmp_path)
-    model.close()
+    manifest, target = _staged_files(tmp_path)
     report = check_in_child(manifest, target, ChildGate("onnxruntime"), runs=3)
     assert report.worst_output == "probs"
     assert report.max_abs_deviation <= 1e-5
@@ -250,22 +256,19 @@ def test_child_gate_passes_a_good_candidate(tmp_path: Path) -> None:
 
 
 def test_child_gate_names_the_deviation_of_a_wrong_candidate(tmp_path: Path) -> None:
-    model, manifest, target = _staged(tmp_path, expected_shift=0.01)
-    model.close()
+    manifest, target = _staged_files(tmp_path, expected_shift=0.01)
     with pytest.raises(HealthCheckError, match=r"'probs' deviates by 0\.01"):
         check_in_child(manifest, target, ChildGate("onnxruntime"), runs=1)
 
 
 def test_child_gate_checks_the_latency_budget(tmp_path: Path) -> None:
-    model, manifest, target = _staged(tmp_path, latency_budget_p95_ms=1e-6)
-    model.close()
+    manifest, target = _staged_files(tmp_path, latency_budget_p95_ms=1e-6)
     with pytest.raises(HealthCheckError, match=r"p95 latency .* exceeds the budget"):
         check_in_child(manifest, target, ChildGate("onnxruntime"), runs=2)
 
 
 def test_child_gate_reports_a_candidate_that_cannot_load(tmp_path: Path) -> None:
-    model, manifest, target = _staged(tmp_path)
-    model.close()
+    manifest, target = _staged_files(tmp_path)
     (target / manifest.model.file).chmod(0o600)
     (target / manifest.model.file).write_bytes(b"not an onnx model")
     with pytest.raises(HealthCheckError, match="cannot be loaded: onnxruntime cannot load"):
@@ -275,8 +278,7 @@ def test_child_gate_reports_a_candidate_that_cannot_load(tmp_path: Path) -> None
 def test_a_crash_in_the_child_fails_the_gate_and_spares_the_agent(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model, manifest, target = _staged(tmp_path)
-    model.close()
+    manifest, target = _staged_files(tmp_path)
     monkeypatch.setenv(FAULT_ENV, "crash")
     with pytest.raises(HealthCheckError, match="process was killed by SIGABRT"):
         check_in_child(manifest, target, ChildGate("onnxruntime"), runs=1)
@@ -285,8 +287,7 @@ def test_a_crash_in_the_child_fails_the_gate_and_spares_the_agent(
 def test_a_frozen_application_is_told_to_use_the_thread_gate(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    model, manifest, target = _staged(tmp_path)
-    model.close()
+    manifest, target = _staged_files(tmp_path)
     monkeypatch.setattr(sys, "frozen", True, raising=False)
     with pytest.raises(HealthCheckError, match='health_gate = "thread"'):
         check_in_child(manifest, target, ChildGate("onnxruntime"), runs=1)
@@ -299,8 +300,7 @@ def test_a_frozen_application_is_told_to_use_the_thread_gate(
 def test_a_hanging_child_fails_the_gate_after_its_timeout_saying_how(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str, why: str
 ) -> None:
-    model, manifest, target = _staged(tmp_path)
-    model.close()
+    manifest, target = _staged_files(tmp_path)
     monkeypatch.setenv(FAULT_ENV, fault)
     start = time.monotonic()
     with pytest.raises(HealthCheckError, match=rf"did not finish within 2 s; .*{why}"):
@@ -311,8 +311,7 @@ def test_a_hanging_child_fails_the_gate_after_its_timeout_saying_how(
 
 
 def test_a_gate_starved_of_cpu_says_the_device_is_too_busy(tmp_path: Path) -> None:
-    model, manifest, target = _staged(tmp_path)
-    model.close()
+    manifest, target = _staged_files(tmp_path)
     busy = [
         subprocess.Popen([sys.executable, "-c", "while True: pass"])
         for _ in range(os.cpu_count() or 1)
@@ -328,8 +327,7 @@ def test_a_gate_starved_of_cpu_says_the_device_is_too_busy(tmp_path: Path) -> No
 
 
 def test_the_child_exits_when_the_agent_dies(tmp_path: Path) -> None:
-    model, _, target = _staged(tmp_path)
-    model.close()
+    _, target = _staged_files(tmp_path)
     script = tmp_path / "agent.py"
     script.write_text(
         "import sys\n"
@@ -377,8 +375,7 @@ def test_load_and_check_with_a_child_gate_loads_the_candidate_here_once(tmp_path
 def test_load_and_check_does_not_load_a_candidate_that_failed_in_the_child(
     tmp_path: Path,
 ) -> None:
-    model, manifest, target = _staged(tmp_path, expected_shift=0.5)
-    model.close()
+    manifest, target = _staged_files(tmp_path, expected_shift=0.5)
 
     def load() -> Model:
         raise AssertionError("a failed candidate must not be loaded for serving")

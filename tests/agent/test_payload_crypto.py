@@ -18,7 +18,7 @@ from agent.errors import (
     MalformedManifestError,
     NotForThisDeviceError,
 )
-from agent.manifest import ENCRYPTION_SCHEME, Manifest, Recipient
+from agent.manifest import ENCRYPTION_SCHEME, Manifest
 from agent.payload_crypto import (
     DeviceKey,
     decrypt_file,
@@ -171,8 +171,3 @@ def _mutate(doc: dict[str, object], change: str) -> dict[str, object]:
 def test_a_malformed_encryption_section_is_refused(change: str, message: str) -> None:
     with pytest.raises(MalformedManifestError, match=message):
         Manifest.from_json(_mutate(_encrypted_manifest(), change))
-
-
-def test_recipient_is_a_value() -> None:
-    r = Recipient("a" * 64, bytes(32), bytes(48))
-    assert r == Recipient("a" * 64, bytes(32), bytes(48))
