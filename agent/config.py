@@ -18,16 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from agent.cache import CacheConfig
 from agent.errors import ConfigError
-from agent.fetch import FetchLimits
-from agent.health import GatePriority, check_priority
-from agent.http_server import HttpServerConfig, ServerTls
-from agent.mqtt_serving import MqttServingConfig
-from agent.runtimes import RuntimeOptions
-from agent.telemetry.mqtt import MqttConfig
-from agent.telemetry.topics import check_id
-from agent.tls import TlsConfig
+from agent.install._fetch import FetchLimits
+from agent.install._health import GatePriority, check_priority
+from agent.messages.topics import check_id
+from agent.plumbing.mqtt import MqttConfig
+from agent.plumbing.tls import TlsConfig
+from agent.serve._cache import CacheConfig
+from agent.serve.http import HttpServerConfig, ServerTls
+from agent.serve.mqtt import MqttServingConfig
+from agent.serve.runtimes import RuntimeOptions
 
 T = TypeVar("T")
 

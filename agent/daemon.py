@@ -1,10 +1,10 @@
 """The long-running agent: serve the current model, follow the desired state, report.
 
-:class:`Agent` composes the parts: the :class:`~agent.updater.Updater` and its
-:class:`~agent.serving.ModelSlot`, telemetry (:class:`~agent.telemetry.Reporter` with
+:class:`Agent` composes the parts: the :class:`~agent.install._updater.Updater` and its
+:class:`~agent.serve._slot.ModelSlot`, telemetry (:class:`~agent.telemetry.Reporter` with
 its durable outbox, metrics and drift), the MQTT transport, MQTT and HTTP serving and the
 optional prediction cache. ``edgeship-agent run --config agent.toml`` runs one with
-signal handling (agent/_cmd_run.py); an application embeds one in-process::
+signal handling (agent/cli/_run.py); an application embeds one in-process::
 
     with Agent(load_config(Path("agent.toml"))) as agent:
         outputs = agent.predict({"x": batch})
@@ -37,10 +37,10 @@ from typing import Any
 
 import numpy.typing as npt
 
-from agent.bundle import DeviceInfo, Limits
-from agent.cache import PredictionCache, Predictor, predict_versioned
+from agent.bundle._verify import DeviceInfo, Limits
+from agent.bundle.manifest import Manifest
+from agent.bundle.signing import TrustPolicy
 from agent.config import AgentConfig, TelemetryConfig
-from agent.desired import Desired, parse_desired
 from agent.errors import (
     BundleError,
     ConfigError,
@@ -51,26 +51,19 @@ from agent.errors import (
     OverloadedError,
     StateError,
 )
-from agent.fetch import Fetcher, UrlFetcher
-from agent.http_server import HttpServer
-from agent.manifest import Manifest
-from agent.mqtt_serving import MqttInferenceServer
-from agent.runtimes import installed_runtimes
-from agent.serving import ModelSlot
-from agent.signing import TrustPolicy
-from agent.store import AgentState, Store
-from agent.telemetry import (
-    DriftMonitor,
-    Metrics,
-    MqttTransport,
-    Outbox,
-    Reporter,
-    ReporterConfig,
-    SystemSampler,
-    Topics,
-)
-from agent.telemetry.transport import Message, Transport
-from agent.updater import Updater, UpdaterConfig, check_acceptance
+from agent.install._fetch import Fetcher, UrlFetcher
+from agent.install._store import AgentState, Store
+from agent.install._updater import Updater, UpdaterConfig, check_acceptance
+from agent.messages.desired import Desired, parse_desired
+from agent.messages.topics import Topics
+from agent.plumbing.mqtt import MqttTransport
+from agent.plumbing.transport import Message, Transport
+from agent.serve._cache import PredictionCache, Predictor, predict_versioned
+from agent.serve._slot import ModelSlot
+from agent.serve.http import HttpServer
+from agent.serve.mqtt import MqttInferenceServer
+from agent.serve.runtimes import installed_runtimes
+from agent.telemetry import DriftMonitor, Metrics, Outbox, Reporter, ReporterConfig, SystemSampler
 
 __all__ = ["Agent", "load_policy", "state_document"]
 

@@ -27,21 +27,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.bundle import verify_bundle
-from agent.payload_crypto import DeviceKey
-from agent.runtimes import load_model
-from agent.signing import TrustPolicy
-from sdk.build import BuildMetadata, build_bundle
-from sdk.keys import generate_key
+from agent.bundle._verify import verify_bundle
+from agent.bundle.crypto import DeviceKey
+from agent.bundle.signing import TrustPolicy
+from agent.serve.runtimes import load_model
+from sdk.build._bundle import BuildMetadata, build_bundle
+from sdk.build.keys import generate_key
 from tests.support.models import make_onnx_mlp
 
 _PEAK = """
 import sys
 sys.path.insert(0, {root!r})
 from pathlib import Path
-from agent.manifest import Manifest
-from agent.payload_crypto import DeviceKey
-from agent.runtimes import load_model
+from agent.bundle.manifest import Manifest
+from agent.bundle.crypto import DeviceKey
+from agent.serve.runtimes import load_model
 d = Path({directory!r})
 m = Manifest.from_bytes((d / "manifest.json").read_bytes())
 def status(field):

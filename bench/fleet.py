@@ -85,7 +85,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.telemetry import MqttConfig, MqttTransport, Outbox, Reporter, ReporterConfig, Topics
+from agent.messages.topics import Topics
+from agent.plumbing.mqtt import MqttConfig, MqttTransport
+from agent.telemetry import Outbox, Reporter, ReporterConfig
 from sdk.fleet._client import FleetClient
 from sdk.fleet._rollout_run import RolloutFiles, run_rollout
 from sdk.fleet.publish import BundleRef

@@ -32,9 +32,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.manifest import Compatibility, ModelSpec, RuntimeRequirement, TensorSpec
-from agent.runtimes import RuntimeOptions, installed_runtimes, load_model
-from agent.validation import InputPolicy
+from agent.bundle.manifest import Compatibility, ModelSpec, RuntimeRequirement, TensorSpec
+from agent.serve._validation import InputPolicy
+from agent.serve.runtimes import RuntimeOptions, installed_runtimes, load_model
 from tests.support.bundles import make_manifest
 from tests.support.models import make_onnx_conv, make_onnx_mlp, make_tflite_mlp
 

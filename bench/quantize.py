@@ -1,7 +1,7 @@
 """fp32 vs int8: size, latency and accuracy for the digits MLP and the 224x224 conv net.
 
 Prints one JSON document. Ratios are int8 / fp32 measured in the same run, with the two
-models' runs interleaved (sdk.evaluate), so machine load affects both alike. Targets
+models' runs interleaved (sdk.build.evaluate), so machine load affects both alike. Targets
 (issue 5): conv int8 p50 latency <= 0.45x fp32 and size <= 0.30x; digits accuracy drop
 <= 0.5 points.
 
@@ -20,9 +20,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sdk.datasets import load_dataset
-from sdk.evaluate import EvaluationReport, _cpu_model, evaluate
-from sdk.quantize import quantize
+from sdk.build.datasets import load_dataset
+from sdk.build.evaluate import EvaluationReport, _cpu_model, evaluate
+from sdk.build.quantize import quantize
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TARGETS = {"conv_p50_ratio": 0.45, "conv_size_ratio": 0.30, "digits_accuracy_drop_points": 0.5}

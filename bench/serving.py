@@ -39,13 +39,13 @@ from paho.mqtt.properties import Properties
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.http_server import HttpServer, HttpServerConfig
-from agent.manifest import ModelSpec, TensorSpec
-from agent.mqtt_serving import MqttInferenceServer, MqttServingConfig
-from agent.runtimes import load_model
-from agent.telemetry.mqtt import MqttConfig, MqttTransport
-from agent.telemetry.topics import Topics
-from agent.tensor_codec import BINARY_CONTENT_TYPE, JSON_CONTENT_TYPE, encode_binary, encode_json
+from agent.bundle.manifest import ModelSpec, TensorSpec
+from agent.messages.topics import Topics
+from agent.plumbing.mqtt import MqttConfig, MqttTransport
+from agent.serve.codec import BINARY_CONTENT_TYPE, JSON_CONTENT_TYPE, encode_binary, encode_json
+from agent.serve.http import HttpServer, HttpServerConfig
+from agent.serve.mqtt import MqttInferenceServer, MqttServingConfig
+from agent.serve.runtimes import load_model
 from tests.support.broker import Broker
 from tests.support.bundles import make_manifest
 from tests.support.models import make_onnx_mlp

@@ -37,14 +37,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.bundle import verify_bundle
+from agent.bundle._verify import verify_bundle
+from agent.bundle.manifest import Manifest
 from agent.errors import EdgeshipError
-from agent.health import ChildGate, load_and_check
-from agent.manifest import Manifest
-from agent.runtimes import load_model
-from agent.serving import ModelSlot
-from tests.agent._lifecycle import POLICY, golden_inputs, make_model_bundle
+from agent.install._health import ChildGate, load_and_check
+from agent.serve._slot import ModelSlot
+from agent.serve.runtimes import load_model
 from tests.support.bundles import NOW
+from tests.support.lifecycle import POLICY, golden_inputs, make_model_bundle
 
 
 def rss_mib() -> float:

@@ -34,18 +34,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.manifest import DriftFeatureRef, DriftReference
-from agent.telemetry import (
-    DriftMonitor,
-    Metrics,
-    MqttConfig,
-    MqttTransport,
-    Outbox,
-    Reporter,
-    ReporterConfig,
-    SystemSampler,
-    Topics,
-)
+from agent.bundle.manifest import DriftFeatureRef, DriftReference
+from agent.messages.topics import Topics
+from agent.plumbing.mqtt import MqttConfig, MqttTransport
+from agent.telemetry import DriftMonitor, Metrics, Outbox, Reporter, ReporterConfig, SystemSampler
 from tests.support.broker import Broker
 
 FEATURES = 64

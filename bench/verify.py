@@ -32,8 +32,8 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from agent.bundle import Limits, verify_bundle, write_bundle
-from agent.manifest import (
+from agent.bundle._verify import Limits, verify_bundle, write_bundle
+from agent.bundle.manifest import (
     PAYLOAD_TYPE,
     Compatibility,
     FileEntry,
@@ -44,8 +44,8 @@ from agent.manifest import (
     TensorSpec,
     Tolerance,
 )
-from agent.signing import TrustPolicy
-from sdk.keys import SigningKey, sign_envelope
+from agent.bundle.signing import TrustPolicy
+from sdk.build.keys import SigningKey, sign_envelope
 
 CHUNK = 1024**2
 NOW = datetime(2026, 1, 2, tzinfo=UTC)

@@ -14,35 +14,24 @@ See docs/mqtt.md for topics, payloads and delivery semantics. Typical wiring::
 
 from __future__ import annotations
 
-from agent.telemetry.drift import DriftMonitor, psi, psi_band
-from agent.telemetry.metrics import LogHistogram, Metrics, MetricsSnapshot
-from agent.telemetry.mqtt import MqttConfig, MqttTransport
-from agent.telemetry.outbox import Outbox, OutboxRecord, OutboxStats
-from agent.telemetry.reporter import EVENT_KINDS, Reporter, ReporterConfig
-from agent.telemetry.system import SystemSampler
-from agent.telemetry.topics import SCHEMA_VERSION, Topics
-from agent.telemetry.transport import Message, Transport
-from agent.tls import TlsConfig
+from agent.telemetry._drift import DriftMonitor, psi, psi_band
+from agent.telemetry._metrics import LogHistogram, Metrics, MetricsSnapshot
+from agent.telemetry._outbox import Outbox, OutboxRecord, OutboxStats
+from agent.telemetry._reporter import EVENT_KINDS, Reporter, ReporterConfig
+from agent.telemetry._system import SystemSampler
 
 __all__ = [
     "EVENT_KINDS",
-    "SCHEMA_VERSION",
     "DriftMonitor",
     "LogHistogram",
-    "Message",
     "Metrics",
     "MetricsSnapshot",
-    "MqttConfig",
-    "MqttTransport",
     "Outbox",
     "OutboxRecord",
     "OutboxStats",
     "Reporter",
     "ReporterConfig",
     "SystemSampler",
-    "TlsConfig",
-    "Topics",
-    "Transport",
     "psi",
     "psi_band",
 ]

@@ -10,7 +10,7 @@ size and latency, and fidelity to the float model is measured, not accuracy.
 Writes into ``--out`` (default ``out/conv``) the model, ``calibration.npz`` and
 ``validation.npz`` (synthetic images: low-resolution noise upsampled 8x, so neighbouring
 pixels correlate as in photos), then quantizes it (static int8, QDQ) with
-``sdk.quantize`` and prints the ``sdk.evaluate`` report. Takes about 10-20 seconds.
+``sdk.build.quantize`` and prints the ``sdk.build.evaluate`` report. Takes about 10-20 seconds.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from rich.console import Console
 
-from sdk.datasets import load_dataset
-from sdk.evaluate import evaluate
-from sdk.quantize import quantize
+from sdk.build.datasets import load_dataset
+from sdk.build.evaluate import evaluate
+from sdk.build.quantize import quantize
 
 ONNX_OPSET = 17
 ONNX_IR_VERSION = 8

@@ -6,7 +6,7 @@ Writes into ``--out`` (default ``out/digits``):
 * ``digits.onnx``: the trained MLPClassifier exported with skl2onnx (opset 17, IR 8, so
   any onnxruntime >= 1.14 loads it); input ``x`` float32 [N, 64] in [0, 1], outputs
   ``label`` and ``probabilities``;
-* ``digits.tflite``: the same weights as a TFLite flatbuffer (sdk.tflite_writer), input
+* ``digits.tflite``: the same weights as a TFLite flatbuffer (sdk.build.tflite_writer), input
   ``x``, output ``probabilities``;
 * ``calibration.npz``: 300 training images (key ``x``) for static quantization;
 * ``validation.npz``: the held-out images (``x``) and their ``labels``;
@@ -38,8 +38,8 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier
 
-from sdk.evaluate import open_model
-from sdk.tflite_writer import write_mlp_tflite
+from sdk.build.evaluate import open_model
+from sdk.build.tflite_writer import write_mlp_tflite
 
 ONNX_OPSET = 17  # onnxruntime rejects onnx 1.23's default opset 28 / IR 14
 ONNX_IR_VERSION = 8

@@ -1,6 +1,6 @@
 """The fleet side's MQTT client: publishes desired state, reads status, state and events.
 
-It does not reuse :class:`agent.telemetry.mqtt.MqttTransport`, on purpose: that transport
+It does not reuse :class:`agent.plumbing.mqtt.MqttTransport`, on purpose: that transport
 is a *device* connection — it announces a birth and a last will on a device's ``status``
 topic, so a collector or the CLI would show up as a device of the fleet — and its
 message dispatch cannot route MQTT 5 shared subscriptions (``$share/<group>/...``), whose
@@ -24,8 +24,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.errors import BrokerError, ConfigError
-from agent.telemetry.transport import Message, MessageHandler
-from agent.tls import TlsConfig
+from agent.plumbing.tls import TlsConfig
+from agent.plumbing.transport import Message, MessageHandler
 
 __all__ = ["BrokerUrl", "FleetClient", "parse_broker_url", "plain_filter"]
 

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import ConfigError, StateError
-from agent.telemetry.topics import PREFIX, Topics
-from agent.telemetry.transport import Message
+from agent.messages.topics import PREFIX, Topics
+from agent.plumbing.transport import Message
 from sdk.fleet._client import FleetClient
 from sdk.fleet.publish import desired_payload
 from sdk.fleet.rollout import Decision, DeviceProgress, DeviceView, Rollout, step

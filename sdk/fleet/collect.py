@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.errors import ConfigError
-from agent.telemetry.topics import PREFIX, SCHEMA_VERSION
-from agent.telemetry.transport import Message
+from agent.messages.topics import PREFIX, SCHEMA_VERSION
+from agent.plumbing.transport import Message
 from sdk.fleet._client import FleetClient
 from sdk.fleet.store import (
     EventRecord,

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from agent.errors import ConfigError
-from agent.telemetry.topics import PREFIX, check_id
-from agent.telemetry.transport import Message
+from agent.messages.topics import PREFIX, check_id
+from agent.plumbing.transport import Message
 from sdk.fleet._client import FleetClient
 
 __all__ = ["discover_devices", "load_groups", "matches", "parse_where", "select_devices"]

@@ -1,6 +1,6 @@
 """Desired state: which bundle a device should run, published retained per device.
 
-The payload is defined, written and read by :mod:`agent.desired` (docs/mqtt.md,
+The payload is defined, written and read by :mod:`agent.messages.desired` (docs/mqtt.md,
 "desired"); an empty retained payload clears it. The transport is untrusted: the device
 verifies the bundle's signature whatever the payload says.
 """
@@ -13,12 +13,12 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from agent.bundle import read_unverified, verify_bundle
-from agent.desired import BundleRef, Desired
+from agent.bundle._verify import read_unverified, verify_bundle
+from agent.bundle.manifest import Manifest
+from agent.bundle.signing import TrustPolicy
 from agent.errors import ConfigError, ManifestMismatchError
-from agent.manifest import Manifest
-from agent.signing import TrustPolicy
-from agent.telemetry.topics import Topics
+from agent.messages.desired import BundleRef, Desired
+from agent.messages.topics import Topics
 from sdk.fleet._client import FleetClient
 
 __all__ = ["BundleRef", "bundle_ref", "clear_desired", "desired_payload", "publish_desired"]

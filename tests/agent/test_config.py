@@ -8,7 +8,7 @@ import pytest
 
 from agent.config import AgentConfig, load_config, parse_config
 from agent.errors import ConfigError
-from agent.fetch import UrlFetcher
+from agent.install._fetch import UrlFetcher
 
 ROOT = Path(__file__).resolve().parents[2]
 MINIMAL = 'device_id = "d1"\nstate_dir = "state"\ntrust_policy = "trust.toml"\n'

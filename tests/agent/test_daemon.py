@@ -35,14 +35,22 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.bundle import verify_bundle
+from agent.bundle._verify import verify_bundle
+from agent.bundle.manifest import Health, ModelSpec, Probation, TensorSpec, Tolerance
 from agent.config import parse_config
 from agent.daemon import Agent
-from agent.desired import parse_desired
-from agent.manifest import Health, ModelSpec, Probation, TensorSpec, Tolerance
-from agent.telemetry.topics import Topics
-from agent.updater import Updater
-from tests.agent._lifecycle import (
+from agent.install._updater import Updater
+from agent.messages.desired import parse_desired
+from agent.messages.topics import Topics
+from tests.support.broker import Broker, Pki, Subscriber, free_port
+from tests.support.bundles import (
+    EXPECTED_PATH,
+    GOLDEN_PATH,
+    MODEL_PATH,
+    BundleParts,
+    make_manifest,
+)
+from tests.support.lifecycle import (
     KEY,
     N_IN,
     NO_WAIT,
@@ -51,14 +59,6 @@ from tests.agent._lifecycle import (
     golden_inputs,
     make_model_bundle,
     reference_outputs,
-)
-from tests.support.broker import Broker, Pki, Subscriber, free_port
-from tests.support.bundles import (
-    EXPECTED_PATH,
-    GOLDEN_PATH,
-    MODEL_PATH,
-    BundleParts,
-    make_manifest,
 )
 from tests.support.models import make_onnx_mlp
 

@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from sdk.datasets import load_dataset
-from sdk.evaluate import Gates, evaluate, open_model
-from sdk.quantize import quantize
+from sdk.build.datasets import load_dataset
+from sdk.build.evaluate import Gates, evaluate, open_model
+from sdk.build.quantize import quantize
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

@@ -5,8 +5,8 @@ Three layers, from honest to hostile:
 * :func:`make_manifest` — a valid :class:`Manifest` with sane defaults; any field can be
   overridden, and ``files`` is computed from the payload unless given.
 * :class:`BundleParts` — manifest + payload + signing keys -> canonical bundle bytes, built
-  with :func:`agent.bundle.write_bundle` and :func:`sdk.keys.sign_envelope`. Knobs swap in
-  other manifest or envelope bytes, and :meth:`BundleParts.members` gives the canonical
+  with :func:`agent.bundle.write_bundle` and :func:`sdk.build.keys.sign_envelope`. Knobs
+  swap in other manifest or envelope bytes, and :meth:`BundleParts.members` gives the canonical
   member list for tests that reorder, drop or add members.
 * :func:`raw_member` / :func:`raw_tar` — hand-made tar members of any type, name, size and
   header spelling, for archives the canonical writer refuses to produce.
@@ -31,9 +31,9 @@ from typing import Any, BinaryIO, Literal
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from agent import _tar
-from agent.bundle import write_bundle
-from agent.manifest import (
+from agent.bundle import _tar
+from agent.bundle._verify import write_bundle
+from agent.bundle.manifest import (
     MANIFEST_PATH,
     PAYLOAD_TYPE,
     SIGNATURE_PATH,
@@ -46,8 +46,8 @@ from agent.manifest import (
     TensorSpec,
     Tolerance,
 )
-from agent.signing import Envelope, TrustPolicy
-from sdk.keys import SigningKey, sign_envelope
+from agent.bundle.signing import Envelope, TrustPolicy
+from sdk.build.keys import SigningKey, sign_envelope
 
 __all__ = [
     "CREATED",
@@ -186,7 +186,7 @@ class BundleParts:
         return head + [(p, _read(self.payload[p])) for p in sorted(self.payload)]
 
     def to_bytes(self) -> bytes:
-        """The canonical bundle, written by :func:`agent.bundle.write_bundle`."""
+        """The canonical bundle, written by :func:`agent.bundle._verify.write_bundle`."""
         out = io.BytesIO()
         self.write(out)
         return out.getvalue()

@@ -15,10 +15,9 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from agent.telemetry.mqtt import MqttConfig, MqttTransport
-from agent.telemetry.outbox import encode_json
-from agent.telemetry.topics import Topics
-from agent.telemetry.transport import Message
+from agent.messages.topics import Topics, encode_json
+from agent.plumbing.mqtt import MqttConfig, MqttTransport
+from agent.plumbing.transport import Message
 
 __all__ = ["FakeDevice", "start_devices"]
 

@@ -25,7 +25,7 @@ from ai_edge_litert import schema_py_generated as s
 from onnx import TensorProto, checker, helper, numpy_helper, save
 
 if TYPE_CHECKING:
-    from agent.inference import Model
+    from agent.serve._model import Model
 
 __all__ = [
     "ONNX_IR_VERSION",
@@ -422,8 +422,8 @@ def load_onnx_mlp(directory: Path) -> Model:
     Input ``x`` float32 [N, 64], output ``probs`` float32 [N, 10]; close it when done (it
     is a context manager).
     """
-    from agent.manifest import ModelSpec, TensorSpec  # noqa: PLC0415 - keep model builders light
-    from agent.runtimes import load_model  # noqa: PLC0415
+    from agent.bundle.manifest import ModelSpec, TensorSpec  # noqa: PLC0415 - keep model builders light
+    from agent.serve.runtimes import load_model  # noqa: PLC0415
     from tests.support.bundles import make_manifest  # noqa: PLC0415
 
     make_onnx_mlp(directory / "model" / "model.onnx")

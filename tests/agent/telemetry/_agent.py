@@ -11,7 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-from agent.telemetry import MqttConfig, MqttTransport, Outbox, Reporter, ReporterConfig, Topics
+from agent.messages.topics import Topics
+from agent.plumbing.mqtt import MqttConfig, MqttTransport
+from agent.telemetry import Outbox, Reporter, ReporterConfig
 
 
 def main() -> None:

@@ -3,10 +3,10 @@ import math
 import numpy as np
 import pytest
 
-from agent.manifest import DriftFeatureRef, DriftReference
-from agent.telemetry.drift import DEFAULT_MIN_ROWS_FOR_PSI, DriftMonitor, psi, psi_band
-from sdk.datasets import Dataset
-from sdk.drift_reference import drift_reference
+from agent.bundle.manifest import DriftFeatureRef, DriftReference
+from agent.telemetry._drift import DEFAULT_MIN_ROWS_FOR_PSI, DriftMonitor, psi, psi_band
+from sdk.build.datasets import Dataset
+from sdk.build.drift_reference import drift_reference
 
 
 def _reference(groups: int = 4, edges: tuple[float, ...] = (-1.0, 0.0, 1.0)) -> DriftReference:

@@ -4,7 +4,7 @@ import threading
 import numpy as np
 import pytest
 
-from agent.telemetry.metrics import MAX_ERROR_KINDS, LogHistogram, Metrics
+from agent.telemetry._metrics import MAX_ERROR_KINDS, LogHistogram, Metrics
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

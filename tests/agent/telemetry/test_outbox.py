@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.telemetry.outbox import Outbox
+from agent.telemetry._outbox import Outbox
 
 
 def _payload(ob: Outbox, seq: int) -> dict:

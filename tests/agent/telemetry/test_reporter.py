@@ -5,7 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from agent.telemetry import Metrics, MqttConfig, MqttTransport, Outbox, Reporter, Topics
+from agent.messages.topics import Topics
+from agent.plumbing.mqtt import MqttConfig, MqttTransport
+from agent.telemetry import Metrics, Outbox, Reporter
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from agent.errors import BrokerError
-from agent.telemetry.transport import Message
+from agent.plumbing.transport import Message
 from sdk.fleet._client import FleetClient
 from tests.support.broker import Broker, Subscriber
 

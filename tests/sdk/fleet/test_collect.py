@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.telemetry.transport import Message
+from agent.plumbing.transport import Message
 from sdk.cli import main
 from sdk.fleet._client import FleetClient
 from sdk.fleet.collect import Collector, parse_message

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from agent.bundle.manifest import PAYLOAD_TYPE
 from agent.errors import ConfigError, ManifestMismatchError, UntrustedSignerError
-from agent.manifest import PAYLOAD_TYPE
+from sdk.build.keys import sign_envelope
 from sdk.cli import main
 from sdk.fleet.groups import load_groups, parse_where, select_devices
 from sdk.fleet.publish import bundle_ref, desired_payload
-from sdk.keys import sign_envelope
 from tests.support.broker import Broker, Subscriber
 from tests.support.bundles import NOW, BundleParts, make_key, make_manifest, make_policy
 from tests.support.fake_device import start_devices

@@ -1,0 +1,283 @@
+"""``edgeship-agent install | resume | status | rollback | recover-state``.
+
+Thin: parse, call :class:`agent.install.Updater` or :class:`agent.install.Store`, print.
+A one-shot ``install`` serves no traffic, so it commits as soon as the health gate
+passes; probation applies where the agent serves (``edgeship-agent run`` or a program
+using :class:`agent.serve._slot.ModelSlot`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from agent.bundle.crypto import DeviceKey
+from agent.bundle.signing import TrustPolicy
+from agent.errors import ConfigError, StateError
+from agent.install._fetch import UrlFetcher
+from agent.install._store import AgentState, Store
+from agent.install._updater import InstallResult, Updater, UpdaterConfig
+from agent.plumbing.tls import TlsConfig
+
+__all__ = ["register", "status_document"]
+
+_SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the lifecycle commands to ``edgeship-agent``."""
+
+    def state_dir(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--state-dir", type=Path, required=True, help="the agent's state directory")
+
+    def tls_files(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--ca-file", type=Path, help="https: trust this CA instead of the system's")
+        p.add_argument("--cert-file", type=Path, help="https: client certificate (PEM)")
+        p.add_argument("--key-file", type=Path, help="https: its private key (PEM)")
+        p.add_argument(
+            "--decryption-key",
+            type=Path,
+            help="the device key (edgeship-agent keygen) that opens encrypted bundles",
+        )
+
+    p = sub.add_parser("install", help="install a bundle from a path or http(s) URL")
+    p.add_argument("source", help="bundle path or http(s) URL")
+    state_dir(p)
+    p.add_argument("--trust", type=Path, required=True, help="trust policy (TOML)")
+    p.add_argument("--sha256", help="the bundle file's expected sha256")
+    tls_files(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_install)
+
+    p = sub.add_parser("resume", help="finish or roll back an interrupted install")
+    state_dir(p)
+    p.add_argument("--trust", type=Path, required=True, help="trust policy (TOML)")
+    tls_files(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_resume)
+
+    p = sub.add_parser("status", help="show current, previous, pending and the last failure")
+    state_dir(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_status)
+
+    p = sub.add_parser("rollback", help="roll back to the previous version at once")
+    state_dir(p)
+    p.add_argument("--reason", default="rolled back by hand", help="recorded with the rollback")
+    p.set_defaults(func=_rollback)
+
+    p = sub.add_parser(
+        "keygen",
+        help="create this device's decryption key (X25519) for encrypted bundles",
+        description="Write a new X25519 private key (PEM, mode 0600) and PATH.pub, the"
+        " public key to give to whoever builds bundles (edgeship build --encrypt-for).",
+    )
+    p.add_argument("--out", type=Path, required=True, help="private key file to create")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_keygen)
+
+    p = sub.add_parser("recover-state", help="restore a corrupt state file")
+    state_dir(p)
+    p.add_argument(
+        "--floor",
+        type=int,
+        help="the anti-rollback floor to keep, if the recovery copy is also unusable",
+    )
+    p.set_defaults(func=_recover)
+
+
+def _policy(path: Path) -> TrustPolicy:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read trust policy {path}: {exc.strerror}") from None
+    return TrustPolicy.from_toml(data)
+
+
+def _print_result(result: InstallResult | None, updater: Updater, as_json: bool) -> None:
+    state = updater.status()
+    if as_json:
+        doc: dict[str, Any] = {"result": None, "state": status_document(updater.store, state)}
+        if result is not None:
+            doc["result"] = {
+                "digest": result.digest,
+                "name": result.name,
+                "version": result.version,
+                "sequence": result.sequence,
+                # A one-shot command commits what passed the health gate.
+                "outcome": "committed" if result.outcome == "probation" else result.outcome,
+            }
+        print(json.dumps(doc, indent=2, sort_keys=True))
+        return
+    if result is None:
+        print("nothing to resume" if state.last_failure is None else _failure_line(state))
+        return
+    verb = "already current" if result.outcome == "already-current" else "installed"
+    print(f"{verb}: {result.name} {result.version} (sequence {result.sequence})")
+    print(f"digest:    {result.digest}")
+    if result.health is not None:
+        print(
+            f"health:    max deviation {result.health.max_abs_deviation:.3g},"
+            f" p95 {result.health.p95_ms:.2f} ms over {result.health.runs} runs"
+        )
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    key = DeviceKey.generate()
+    try:
+        key.save(args.out)
+    except FileExistsError:
+        raise ConfigError(f"{args.out} exists; refusing to overwrite a device key") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot write {args.out}: {exc}") from None
+    if args.json:
+        print(json.dumps({"key": str(args.out), "public": f"{args.out}.pub", "key_id": key.key_id}))
+    else:
+        print(f"wrote {args.out} (0600) and {args.out}.pub\nkey id {key.key_id}")
+    return 0
+
+
+def _config(args: argparse.Namespace) -> UpdaterConfig:
+    return UpdaterConfig(decryption_key=args.decryption_key)
+
+
+def _fetcher(args: argparse.Namespace) -> UrlFetcher:
+    if args.key_file is not None and args.cert_file is None:
+        raise ConfigError("--key-file needs --cert-file")
+    given = args.ca_file is not None or args.cert_file is not None
+    tls = TlsConfig(args.ca_file, args.cert_file, args.key_file) if given else None
+    return UrlFetcher.from_tls(tls, setting="the --ca-file / --cert-file / --key-file")
+
+
+def _install(args: argparse.Namespace) -> int:
+    if args.sha256 is not None and not _SHA256_RE.match(args.sha256):
+        raise ConfigError("--sha256 must be 64 hex digits")
+    updater = Updater(
+        args.state_dir, _policy(args.trust), fetcher=_fetcher(args), config=_config(args)
+    )
+    state = updater.status()
+    if state.pending is not None and state.pending.phase == "probation":
+        updater.resume()  # a one-shot install left in probation by a crash: roll it back
+    result = updater.install(args.source, sha256=args.sha256 and args.sha256.lower())
+    if result.outcome == "probation":
+        updater.commit()
+    _print_result(result, updater, args.json)
+    return 0
+
+
+def _resume(args: argparse.Namespace) -> int:
+    updater = Updater(
+        args.state_dir, _policy(args.trust), fetcher=_fetcher(args), config=_config(args)
+    )
+    result = updater.resume()
+    if result is not None and result.outcome == "probation":
+        updater.commit()
+    _print_result(result, updater, args.json)
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    state = Updater(args.state_dir, None).rollback(args.reason)
+    print(f"rolled back: current is now {_describe(Store(args.state_dir), state.current)}")
+    return 0
+
+
+def _recover(args: argparse.Namespace) -> int:
+    store = Store(args.state_dir)
+    store.init()
+    with store.lock():
+        state = store.recover(floor=args.floor)
+    print(f"state restored; anti-rollback floor {state.floor}")
+    return 0
+
+
+def _when(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _version_info(store: Store, digest: str | None) -> dict[str, Any] | None:
+    if digest is None:
+        return None
+    info: dict[str, Any] = {"digest": digest}
+    try:
+        m = store.manifest(digest)
+    except StateError:
+        info["missing"] = True
+        return info
+    info.update({"name": m.name, "version": m.version, "sequence": m.sequence})
+    return info
+
+
+def status_document(store: Store, state: AgentState) -> dict[str, Any]:
+    """The state as a JSON-ready document, with name/version/sequence of stored versions."""
+    pending = state.pending
+    failure = state.last_failure
+    return {
+        "current": _version_info(store, state.current),
+        "previous": _version_info(store, state.previous),
+        "pending": None
+        if pending is None
+        else {
+            "phase": pending.phase,
+            "source": pending.source,
+            "digest": pending.digest,
+            "sequence": pending.sequence,
+            "started": _when(pending.started),
+        },
+        "floor": state.floor,
+        "attempts": dict(state.attempts),
+        "last_failure": None
+        if failure is None
+        else {
+            "outcome": failure.outcome,
+            "phase": failure.phase,
+            "digest": failure.digest,
+            "reason": failure.reason,
+            "time": _when(failure.time),
+        },
+    }
+
+
+def _describe(store: Store, digest: str | None) -> str:
+    info = _version_info(store, digest)
+    if info is None:
+        return "-"
+    if info.get("missing"):
+        return f"{digest} (missing from the store)"
+    return f"{info['name']} {info['version']} (sequence {info['sequence']}, {digest})"
+
+
+def _failure_line(state: AgentState) -> str:
+    f = state.last_failure
+    if f is None:
+        return "-"
+    where = f" in {f.phase}" if f.phase else ""
+    return f"{f.outcome}{where} at {_when(f.time)}: {f.reason}"
+
+
+def _status(args: argparse.Namespace) -> int:
+    store = Store(args.state_dir)
+    state = store.load()
+    if args.json:
+        print(json.dumps(status_document(store, state), indent=2, sort_keys=True))
+        return 0
+    p = state.pending
+    rows = [
+        ("current", _describe(store, state.current)),
+        ("previous", _describe(store, state.previous)),
+        (
+            "pending",
+            "-" if p is None else f"{p.phase}: {p.source}" + (f" ({p.digest})" if p.digest else ""),
+        ),
+        ("floor", "-" if state.floor is None else str(state.floor)),
+        ("last failure", _failure_line(state)),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        sys.stdout.write(f"{key:<{width}}  {value}\n")
+    return 0

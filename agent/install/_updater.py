@@ -1,0 +1,610 @@
+"""The install state machine: fetch, verify, stage, health-check, activate, probation, commit.
+
+::
+
+    idle -> downloading -> verifying -> staged -> health-check -> probation -> committed
+                 |              |          |            |              |
+                 +--------------+----------+------------+--> failed    +--> rolled-back
+
+Every transition is persisted in ``state.json`` *before* the side effect it announces,
+and every step can run again after a crash: downloads resume, verification starts over
+from the downloaded file, a version already in the store is adopted as is, the health
+gate runs again (counted against the loop budget). :meth:`Updater.resume` continues an
+interrupted install or, from probation, rolls back: ``current`` only ever names a
+committed, verified version, so after any crash the agent serves one.
+
+The decisions themselves (:func:`check_acceptance`, :func:`resume_action`,
+:func:`commit_state`, :func:`rollback_state`) are pure functions of the state; the
+:class:`Updater` around them does the I/O.
+
+A test-only hook makes crash tests possible without timing games: when the environment
+variable ``EDGESHIP_CRASH_AT`` names a crash point (see :data:`CRASH_POINTS`), the
+process SIGKILLs itself right there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from agent.bundle._verify import DeviceInfo, Limits, check_compatibility, verify_bundle
+from agent.bundle.crypto import DeviceKey, open_data_key
+from agent.bundle.manifest import Manifest
+from agent.bundle.signing import TrustPolicy
+from agent.errors import (
+    BundleError,
+    ConfigError,
+    DownloadError,
+    EdgeshipError,
+    RollbackError,
+    StateError,
+)
+from agent.install._fetch import Fetcher, FetchLimits, UrlFetcher, partial_path
+from agent.install._health import ChildGate, GatePriority, HealthReport, load_and_check
+from agent.install._store import AgentState, Failure, Pending, Phase, Store
+from agent.serve._slot import ModelSlot, ProbationMonitor, ProbationVerdict, ServingModel
+from agent.serve.runtimes import RuntimeOptions, installed_runtimes, load_model
+
+__all__ = [
+    "CRASH_ENV",
+    "CRASH_POINTS",
+    "EventSink",
+    "InstallResult",
+    "ModelLoader",
+    "Updater",
+    "UpdaterConfig",
+    "check_acceptance",
+    "commit_state",
+    "resume_action",
+    "rollback_state",
+]
+
+CRASH_ENV = "EDGESHIP_CRASH_AT"
+# Where the test hook can kill the agent: after each phase is persisted, and between the
+# side effects inside a step.
+CRASH_POINTS = (
+    "downloading",
+    "downloaded",
+    "verifying",
+    "extracted",
+    "adopted",
+    "staged",
+    "health-check",
+    "probation",
+    "committed",
+    "collected",
+)
+
+
+class EventSink(Protocol):
+    """Receives lifecycle events (the daemon connects telemetry here)."""
+
+    def __call__(self, kind: str, fields: Mapping[str, Any], /) -> None: ...
+
+
+ModelLoader = Callable[[Manifest, Path, str], ServingModel]
+
+
+@dataclass(frozen=True)
+class UpdaterConfig:
+    max_attempts: int = 3  # loop budget: health-check attempts (incl. crashes) per digest
+    fetch: FetchLimits = field(default_factory=FetchLimits)
+    bundle: Limits = field(default_factory=Limits)  # incl. clock_slack_seconds for expiry
+    health_runs: int = 20  # latency samples taken by the health gate
+    # Where the gate runs: a child process (nothing of it shares the serving process's
+    # interpreter lock, and a candidate that crashes its runtime only fails the gate) or a
+    # thread of this process. A custom ``loader`` cannot be repeated in a child process,
+    # so an Updater given one always uses a thread.
+    health_gate: Literal["process", "thread"] = "process"
+    # CPU priority of the gate and of loading the candidate here (see load_and_check).
+    health_gate_priority: GatePriority = "idle"
+    health_gate_timeout_s: float = 300.0  # a child gate that takes longer fails
+    runtime_options: RuntimeOptions = field(default_factory=RuntimeOptions)
+    # The device's X25519 private key (PEM): opens bundles encrypted for this device.
+    decryption_key: Path | None = None
+
+
+@dataclass(frozen=True)
+class InstallResult:
+    digest: str
+    name: str
+    version: str
+    sequence: int
+    outcome: Literal["probation", "already-current"]
+    health: HealthReport | None = None
+
+
+# --- pure decisions ------------------------------------------------------------------
+
+
+def check_acceptance(state: AgentState, *, sequence: int, digest: str, max_attempts: int) -> None:
+    """May a verified bundle with this sequence and digest be installed? Pure.
+
+    Raises:
+        RollbackError: the sequence is below the floor, or equal to it with other content
+            (only the version that set the floor may be installed again at that sequence).
+        StateError: the digest used up its loop budget.
+    """
+    if state.floor is not None:
+        if sequence < state.floor:
+            raise RollbackError(
+                f"bundle sequence {sequence} is below this device's floor {state.floor}; to"
+                " return to older content, publish it again with a higher sequence"
+            )
+        if sequence == state.floor and digest != state.floor_digest:
+            raise RollbackError(
+                f"sequence {sequence} was already committed with other content; a new version"
+                " needs a higher sequence"
+            )
+    if state.attempts_for(digest) >= max_attempts:
+        raise StateError(
+            f"version {digest[:12]} failed {state.attempts_for(digest)} install attempts (the"
+            f" loop budget is {max_attempts}); it will not be tried again: publish a fixed"
+            " bundle"
+        )
+
+
+ResumeAction = Literal["nothing", "fetch", "verify", "health-check", "roll-back"]
+
+
+def resume_action(state: AgentState) -> ResumeAction:
+    """What to do on start with the persisted state. Pure.
+
+    An install continues from its last persisted phase; a candidate in probation is rolled
+    back, because a restart in probation may well be the candidate's fault.
+    """
+    if state.pending is None:
+        return "nothing"
+    return {
+        "downloading": "fetch",
+        "verifying": "verify",
+        "staged": "health-check",
+        "health-check": "health-check",
+        "probation": "roll-back",
+    }[state.pending.phase]  # type: ignore[return-value]
+
+
+def commit_state(state: AgentState) -> AgentState:
+    """The state after the candidate in probation is committed. Pure.
+
+    Raises:
+        StateError: nothing is in probation.
+    """
+    p = state.pending
+    if p is None or p.phase != "probation" or p.digest is None or p.sequence is None:
+        raise StateError("no version is in probation; nothing to commit")
+    floor, floor_digest = state.floor, state.floor_digest
+    if floor is None or p.sequence > floor:
+        floor, floor_digest = p.sequence, p.digest
+    attempts = {k: v for k, v in state.attempts.items() if k != p.digest}
+    previous = state.current if state.current != p.digest else state.previous
+    return replace(
+        state,
+        current=p.digest,
+        previous=previous,
+        pending=None,
+        floor=floor,
+        floor_digest=floor_digest,
+        attempts=attempts,
+    )
+
+
+def rollback_state(state: AgentState, reason: str, now: float) -> AgentState:
+    """The state after rolling back. Pure.
+
+    From probation: the candidate is dropped and ``current`` keeps serving. Otherwise an
+    unfinished install is abandoned and ``current`` goes back to ``previous``.
+
+    Raises:
+        StateError: there is nothing to roll back to.
+    """
+    p = state.pending
+    if p is not None and p.phase == "probation":
+        failure = Failure("rolled-back", reason, now, digest=p.digest, phase="probation")
+        return replace(state, pending=None, last_failure=failure)
+    if state.previous is None:
+        raise StateError("there is no previous version to roll back to")
+    failure = Failure("rolled-back", reason, now, digest=state.current)
+    return replace(state, current=state.previous, previous=None, pending=None, last_failure=failure)
+
+
+def _crash_point(name: str) -> None:
+    if os.environ.get(CRASH_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _default_device() -> DeviceInfo:
+    return DeviceInfo(runtimes=installed_runtimes())
+
+
+class Updater:
+    """Runs installs against one state directory; serves through ``slot`` when given.
+
+    ``policy`` may be None for an updater that only reports, commits or rolls back.
+    """
+
+    def __init__(
+        self,
+        state_dir: Path,
+        policy: TrustPolicy | None,
+        *,
+        config: UpdaterConfig | None = None,
+        device: DeviceInfo | None = None,
+        fetcher: Fetcher | None = None,
+        loader: ModelLoader | None = None,
+        slot: ModelSlot | None = None,
+        events: EventSink | None = None,
+        wall_clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        self.store = Store(state_dir)
+        self.policy = policy
+        self.config = config or UpdaterConfig()
+        self._device = device
+        self.fetcher: Fetcher = fetcher or UrlFetcher()
+        self.key = (
+            None
+            if self.config.decryption_key is None
+            else DeviceKey.load(self.config.decryption_key)
+        )
+        self._custom_loader = loader is not None
+        self.loader: ModelLoader = loader or self._default_loader
+        self.slot = slot
+        self._events = events
+        self._wall_clock = wall_clock or (lambda: datetime.now(UTC))
+        self._lock = threading.RLock()  # one state change at a time within this process
+
+    @property
+    def device(self) -> DeviceInfo:
+        if self._device is None:
+            self._device = _default_device()
+        return self._device
+
+    # --- public operations -----------------------------------------------------------
+
+    def status(self) -> AgentState:
+        """The persisted state. Raises: StateError if the state file is corrupt."""
+        return self.store.load()
+
+    def install(self, source: str, *, sha256: str | None = None) -> InstallResult:
+        """Fetch, verify, stage and health-check a bundle, then activate it in probation.
+
+        With a slot, the candidate serves from here on while probation watches it
+        (:meth:`check_probation`); without one the caller decides (:meth:`commit`).
+        An interrupted install of the same source continues where it stopped.
+
+        Raises:
+            DownloadError: the bundle could not be fetched (the install stays pending and
+                resumes on the next attempt).
+            BundleError: the bundle is refused (verification, rollback floor, health).
+            StateError: a version is in probation, or the loop budget is used up.
+        """
+        with self._lock, self.store.lock():
+            self.store.init()
+            state = self.store.load()
+            p = state.pending
+            if p is not None and p.phase == "probation":
+                raise StateError(
+                    f"version {(p.digest or '')[:12]} is in probation; wait for it to be"
+                    " committed or roll it back first"
+                )
+            if p is None or (p.source, p.sha256) != (source, sha256):
+                if p is not None:
+                    state = self._fail(state, "superseded by a new install request")
+                self.store.collect_garbage(state.keep(), frozenset())
+                pending = Pending("downloading", source, sha256, started=time.time())
+                state = self._save(replace(state, pending=pending))
+                self._emit("install-started", source=source)
+            return self._run(state)
+
+    def resume(self) -> InstallResult | None:
+        """On start: continue an interrupted install, or roll back a candidate in probation.
+
+        Raises:
+            EdgeshipError: as :meth:`install` for the continued install.
+        """
+        with self._lock, self.store.lock():
+            self.store.init()
+            state = self.store.load()
+            action = resume_action(state)
+            if action == "nothing":
+                self.store.collect_garbage(state.keep(), frozenset())
+                return None
+            if action == "roll-back":
+                self._rollback(state, "the agent restarted during probation")
+                return None
+            return self._run(state)
+
+    def commit(self) -> AgentState:
+        """Commit the candidate in probation: it becomes current, the floor rises.
+
+        Raises:
+            StateError: nothing is in probation.
+        """
+        with self._lock, self.store.lock():
+            state = self.store.load()
+            new = self._save(commit_state(state), crash_point="committed")
+            if self.slot is not None:
+                self.slot.end_probation()
+            self._collect(new)
+            sequence = None if state.pending is None else state.pending.sequence
+            self._emit("committed", digest=new.current, sequence=sequence)
+            return new
+
+    def rollback(self, reason: str = "rolled back by hand") -> AgentState:
+        """Roll back at once: drop the candidate in probation, or return to ``previous``.
+
+        Raises:
+            StateError: there is nothing to roll back to.
+        """
+        with self._lock, self.store.lock():
+            return self._rollback(self.store.load(), reason)
+
+    def start_serving(self) -> str | None:
+        """Load the current version into an empty slot (on start, after :meth:`resume`).
+
+        A slot already serving (a candidate that :meth:`resume` activated) is left alone.
+        Returns the digest being served, if any.
+
+        Raises:
+            StateError: the current version cannot be loaded.
+        """
+        with self._lock:
+            if self.slot is None or self.slot.digest is not None:
+                return None if self.slot is None else self.slot.digest
+            current = self.store.load().current
+            self._serve(current)
+            return current
+
+    def check_probation(self) -> ProbationVerdict | None:
+        """Judge the candidate in probation; commit or roll back when decided.
+
+        Returns the verdict, or None when nothing is in probation here.
+        """
+        with self._lock:
+            monitor = None if self.slot is None else self.slot.monitor()
+            if monitor is None:
+                return None
+            verdict = monitor.verdict()
+            if verdict.state == "passed":
+                self.commit()
+            elif verdict.state == "breached":
+                self.rollback(f"probation breached: {verdict.reason}")
+            return verdict
+
+    def watch_probation(self, stop: threading.Event, poll_seconds: float = 0.2) -> None:
+        """Check probation until it is decided or ``stop`` is set (a daemon thread's loop)."""
+        while not stop.is_set():
+            verdict = self.check_probation()
+            if verdict is None or verdict.state != "watching":
+                return
+            stop.wait(poll_seconds)
+
+    # --- the steps ---------------------------------------------------------------------
+
+    def _run(self, state: AgentState) -> InstallResult:
+        while True:
+            p = state.pending
+            if p is None:  # pragma: no cover - every step ends in a phase or raises
+                raise StateError("install ended without a result")
+            if p.phase == "downloading":
+                state = self._download(state, p)
+            elif p.phase == "verifying":
+                state, done = self._verify(state, p)
+                if done is not None:
+                    return done
+            elif p.phase in ("staged", "health-check"):
+                return self._health_and_activate(state, p)
+            else:
+                raise StateError(f"cannot continue an install in phase {p.phase}")
+
+    def _bundle_path(self, p: Pending) -> Path:
+        key = hashlib.sha256(f"{p.source}\0{p.sha256 or ''}".encode()).hexdigest()[:16]
+        return self.store.staging_dir / f"bundle-{key}"
+
+    def _download(self, state: AgentState, p: Pending) -> AgentState:
+        dest = self._bundle_path(p)
+        if not dest.exists():  # a crash after the download completed: use what we have
+            try:
+                self.fetcher.fetch(p.source, dest, sha256=p.sha256, limits=self.config.fetch)
+            except DownloadError as exc:
+                # Keep the install pending: the partial file stays and the next try resumes.
+                failure = Failure("failed", str(exc), time.time(), phase="downloading")
+                self._save(replace(state, last_failure=failure), crash_point=None)
+                self._emit("download-failed", source=p.source, reason=str(exc))
+                raise
+        _crash_point("downloaded")
+        self._emit("downloaded", source=p.source)
+        return self._save(replace(state, pending=replace(p, phase="verifying")))
+
+    def _verify(self, state: AgentState, p: Pending) -> tuple[AgentState, InstallResult | None]:
+        bundle = self._bundle_path(p)
+        if not bundle.exists():  # the file went missing: fetch it again
+            return self._save(replace(state, pending=replace(p, phase="downloading"))), None
+        if self.policy is None:
+            raise ConfigError("installing needs a trust policy; give one (--trust)")
+        extract = self.store.staging_path("extract")
+        try:
+            with bundle.open("rb") as f:
+                verified = verify_bundle(
+                    f,
+                    self.policy,
+                    now=self._wall_clock(),
+                    limits=self.config.bundle,
+                    min_sequence=state.floor,
+                    device=self.device,
+                    extract_to=extract,
+                )
+            check_acceptance(
+                state,
+                sequence=verified.manifest.sequence,
+                digest=verified.digest,
+                max_attempts=self.config.max_attempts,
+            )
+            if verified.manifest.encryption is not None:
+                # An encrypted bundle this device cannot open fails here, before it is
+                # staged or counted against the loop budget.
+                open_data_key(verified.manifest.encryption, self.key)
+        except (BundleError, StateError) as exc:
+            self.store.remove_tree(extract)
+            self._fail(state, str(exc))
+            raise
+        except OSError as exc:
+            self.store.remove_tree(extract)
+            self._fail(state, f"cannot stage the bundle: {exc}")
+            raise StateError(f"cannot stage the bundle: {exc}; free some disk space") from None
+        m = verified.manifest
+        self._emit("verified", digest=verified.digest, name=m.name, sequence=m.sequence)
+        if verified.digest == state.current:
+            self.store.remove_tree(extract)
+            new = self._save(replace(state, pending=None))
+            self._collect(new)
+            return new, InstallResult(
+                verified.digest, m.name, m.version, m.sequence, "already-current"
+            )
+        _crash_point("extracted")
+        self.store.adopt(extract, verified.digest)
+        _crash_point("adopted")
+        staged = replace(p, phase="staged", digest=verified.digest, sequence=m.sequence)
+        new = self._save(replace(state, pending=staged))
+        # The bundle file is no longer needed: its verified content is in the store.
+        self.store.remove_tree(bundle)
+        self._emit("staged", digest=verified.digest)
+        return new, None
+
+    def _health_and_activate(self, state: AgentState, p: Pending) -> InstallResult:
+        digest = p.digest
+        if digest is None or not self.store.has_version(digest):
+            # Staged content is gone (should not happen): verify again from the start.
+            self._fail(state, "the staged version vanished from the store")
+            raise StateError("the staged version vanished from the store; install it again")
+        try:
+            check_acceptance(
+                state,
+                sequence=p.sequence or 0,
+                digest=digest,
+                max_attempts=self.config.max_attempts,
+            )
+        except EdgeshipError as exc:
+            self._fail(state, str(exc))
+            raise
+        # Count the attempt before loading: a candidate that crashes the agent while
+        # loading or running must use up its budget, not loop forever.
+        state = self._save(
+            replace(state.with_attempt(digest), pending=replace(p, phase="health-check"))
+        )
+        manifest = self.store.manifest(digest)
+        model_dir = self.store.version_dir(digest)
+        started = time.monotonic()
+        try:
+            runtime = check_compatibility(manifest, self.device)
+            child = None
+            if self.config.health_gate == "process" and not self._custom_loader:
+                child = ChildGate(
+                    runtime,
+                    self.config.runtime_options,
+                    self.config.health_gate_timeout_s,
+                    self.config.decryption_key,
+                )
+            model, report = load_and_check(
+                lambda: self._load(manifest, model_dir, runtime),
+                manifest,
+                model_dir,
+                runs=self.config.health_runs,
+                priority=self.config.health_gate_priority,
+                child=child,
+                key=self.key,
+            )
+        except EdgeshipError as exc:
+            self._fail(state, str(exc))
+            raise
+        self._emit(
+            "health-check-passed",
+            digest=digest,
+            p95_ms=report.p95_ms,
+            gate="process" if child is not None else "thread",
+            seconds=round(time.monotonic() - started, 3),  # the gate and the load, together
+        )
+        self._save(replace(state, pending=replace(p, phase="probation")))
+        if self.slot is not None:
+            monitor = ProbationMonitor(manifest.health.probation)
+            self.slot.swap(model, digest, monitor)
+        else:
+            model.close()
+        self._emit("activated", digest=digest, sequence=manifest.sequence)
+        return InstallResult(
+            digest, manifest.name, manifest.version, manifest.sequence, "probation", report
+        )
+
+    # --- helpers ---------------------------------------------------------------------
+
+    def _load(self, manifest: Manifest, model_dir: Path, runtime: str) -> ServingModel:
+        return self.loader(manifest, model_dir, runtime)
+
+    def _default_loader(self, manifest: Manifest, model_dir: Path, runtime: str) -> ServingModel:
+        return load_model(manifest, model_dir, runtime, self.config.runtime_options, key=self.key)
+
+    def _serve(self, digest: str | None) -> None:
+        if self.slot is None:
+            return
+        if digest is None:
+            self.slot.clear()
+            return
+        if self.slot.digest == digest and self.slot.monitor() is None:
+            return
+        manifest = self.store.manifest(digest)
+        runtime = check_compatibility(manifest, self.device)
+        self.slot.swap(self._load(manifest, self.store.version_dir(digest), runtime), digest)
+
+    def _rollback(self, state: AgentState, reason: str) -> AgentState:
+        new = rollback_state(state, reason, time.time())
+        if new.current is not None and not self.store.has_version(new.current):
+            raise StateError(f"version {new.current[:12]} is missing from the store")
+        new = self._save(new, crash_point=None)
+        self._serve(new.current)
+        self._collect(new)
+        self._emit("rolled-back", digest=new.current, reason=reason)
+        return new
+
+    def _fail(self, state: AgentState, reason: str) -> AgentState:
+        p = state.pending
+        phase: Phase | None = None if p is None else p.phase
+        digest = None if p is None else p.digest
+        new = self._save(
+            replace(
+                state,
+                pending=None,
+                last_failure=Failure("failed", reason, time.time(), digest=digest, phase=phase),
+            ),
+            crash_point=None,
+        )
+        self._collect(new)
+        self._emit("failed", digest=digest, phase=phase, reason=reason)
+        return new
+
+    def _collect(self, state: AgentState) -> None:
+        keep_staging: frozenset[Path] = frozenset()
+        if state.pending is not None:
+            bundle = self._bundle_path(state.pending)
+            keep_staging = frozenset({bundle, partial_path(bundle)})
+        self.store.collect_garbage(state.keep(), keep_staging)
+        _crash_point("collected")
+
+    def _save(self, state: AgentState, *, crash_point: str | None = "phase") -> AgentState:
+        self.store.save(state)
+        if crash_point == "phase" and state.pending is not None:
+            _crash_point(state.pending.phase)
+        elif crash_point not in (None, "phase"):
+            _crash_point(crash_point)
+        return state
+
+    def _emit(self, kind: str, **fields: Any) -> None:
+        if self._events is not None:
+            self._events(kind, fields)

@@ -1,0 +1,86 @@
+"""MQTT topic names of protocol v1: ``edgeship/v1/<fleet>/<device>/<leaf>``.
+
+Fleet and device ids become topic levels, so they must be non-empty and free of the
+MQTT separators and wildcards (``/``, ``+``, ``#``) and of NUL.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["PREFIX", "SCHEMA_VERSION", "Topics", "check_id", "encode_json"]
+
+PREFIX = "edgeship/v1"
+# The "v" field of every JSON payload on these topics (see docs/mqtt.md).
+SCHEMA_VERSION = 1
+
+_ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
+
+
+def check_id(kind: str, value: str) -> str:
+    """``value`` if usable as a fleet or device id.
+
+    Raises:
+        ValueError: empty, longer than 128 characters, or a character outside ``[A-Za-z0-9._:@-]``.
+    """
+    if not _ID.fullmatch(value):
+        raise ValueError(f"{kind} id {value!r} must match {_ID.pattern} (it becomes a topic level)")
+    return value
+
+
+@dataclass(frozen=True)
+class Topics:
+    """The topics of one device."""
+
+    fleet: str
+    device: str
+
+    def __post_init__(self) -> None:
+        check_id("fleet", self.fleet)
+        check_id("device", self.device)
+
+    @property
+    def base(self) -> str:
+        return f"{PREFIX}/{self.fleet}/{self.device}"
+
+    @property
+    def status(self) -> str:
+        return f"{self.base}/status"
+
+    @property
+    def state(self) -> str:
+        return f"{self.base}/state"
+
+    @property
+    def desired(self) -> str:
+        return f"{self.base}/desired"
+
+    @property
+    def telemetry(self) -> str:
+        return f"{self.base}/telemetry"
+
+    @property
+    def events(self) -> str:
+        return f"{self.base}/events"
+
+    @property
+    def infer_request(self) -> str:
+        return f"{self.base}/infer/request"
+
+    @property
+    def infer_response(self) -> str:
+        return f"{self.base}/infer/response"
+
+
+def encode_json(body: Mapping[str, Any]) -> bytes:
+    """Compact, key-sorted UTF-8 JSON.
+
+    Raises:
+        ValueError: NaN or infinity in the body.
+        TypeError: a value JSON cannot represent.
+    """
+    return json.dumps(body, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()

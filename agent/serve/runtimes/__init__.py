@@ -1,0 +1,112 @@
+"""One small interface over the device's inference runtimes.
+
+``onnxruntime`` runs ONNX models; ``litert`` (``ai_edge_litert``) and the legacy
+``tflite-runtime`` run TFLite models. Runtimes are imported only when a model is loaded,
+so the agent starts (and ``installed_runtimes`` answers) without any of them.
+
+    model = load_model(manifest, model_dir, "onnxruntime")
+    outputs = model.predict({"x": batch})
+
+:func:`agent.bundle._verify.check_compatibility` picks the runtime from the manifest and
+:func:`installed_runtimes`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from agent.bundle.crypto import DeviceKey, read_payload
+from agent.bundle.manifest import FORMAT_RUNTIMES, Manifest
+from agent.errors import ConfigError, HealthCheckError, RuntimeUnavailableError
+from agent.serve._model import Backend, Model
+from agent.serve._validation import InputPolicy
+from agent.serve.runtimes._base import (
+    RUNTIME_EXTRAS,
+    SMALL_MODEL_ELEMENTS,
+    RuntimeOptions,
+    installed_runtimes,
+    threads_for,
+)
+
+__all__ = [
+    "RUNTIME_EXTRAS",
+    "SMALL_MODEL_ELEMENTS",
+    "InputPolicy",
+    "Model",
+    "RuntimeOptions",
+    "installed_runtimes",
+    "load_model",
+]
+
+
+def load_model(
+    manifest: Manifest,
+    model_dir: Path,
+    runtime: str,
+    options: RuntimeOptions | None = None,
+    *,
+    policy: InputPolicy | None = None,
+    key: DeviceKey | None = None,
+) -> Model:
+    """Load ``model_dir / manifest.model.file`` into ``runtime``, ready to predict.
+
+    The model's inputs and outputs are checked against the manifest here, so a bundle whose
+    model does not match its manifest fails at install time, not at the first request.
+
+    Args:
+        manifest: the verified manifest; its ``model`` section describes the file.
+        model_dir: the directory the bundle's payload was extracted to.
+        runtime: ``onnxruntime``, ``litert`` or ``tflite-runtime``.
+        options: threads and memory options (default :class:`RuntimeOptions()`).
+        policy: limits for every request (default :class:`InputPolicy()`).
+        key: the device key that opens an encrypted bundle; the model is decrypted in
+            memory and never written anywhere.
+
+    Raises:
+        RuntimeUnavailableError: the runtime is unknown, cannot run this model format, or
+            is not installed (the message names the extra to install).
+        HealthCheckError: the file is missing or does not load, or its signature differs
+            from the manifest's.
+        MalformedManifestError: the manifest quantizes a non-integer tensor.
+        NotForThisDeviceError, DecryptionError: an encrypted bundle this key cannot open.
+        ConfigError: an encrypted bundle with ``options.load_from_memory`` off.
+    """
+    spec = manifest.model
+    options = options or RuntimeOptions()
+    if runtime not in RUNTIME_EXTRAS:
+        raise RuntimeUnavailableError(
+            f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIME_EXTRAS)}"
+        )
+    if runtime not in FORMAT_RUNTIMES[spec.format]:
+        raise RuntimeUnavailableError(
+            f"{runtime} cannot run a {spec.format} model; use"
+            f" {' or '.join(FORMAT_RUNTIMES[spec.format])}"
+        )
+    path = Path(model_dir) / spec.file
+    if manifest.encryption is not None and not options.load_from_memory:
+        raise ConfigError(
+            "an encrypted model is decrypted in memory; set runtime.load_from_memory = true"
+        )
+    try:
+        source: bytes | Path = (
+            read_payload(manifest, model_dir, spec.file, key) if options.load_from_memory else path
+        )
+    except OSError as exc:
+        raise HealthCheckError(f"cannot read the model file {path}: {exc}") from exc
+    if not options.load_from_memory and not path.is_file():
+        raise HealthCheckError(f"the model file {path} does not exist")
+    threads = threads_for(spec, options)
+    backend: Backend
+    if runtime == "onnxruntime":
+        from agent.serve.runtimes._onnxruntime import OnnxRuntimeBackend  # noqa: PLC0415 - lazy
+
+        backend = OnnxRuntimeBackend(spec, source, options, threads)
+    else:
+        from agent.serve.runtimes._tflite import TfliteBackend  # noqa: PLC0415 - lazy
+
+        backend = TfliteBackend(runtime, spec, source, options, threads)
+    try:
+        return Model(spec, backend, policy)
+    except BaseException:
+        backend.close()
+        raise

@@ -1,0 +1,173 @@
+"""What the runtime adapters share: options, installed-runtime lookup, signature checks."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from types import ModuleType
+
+from agent.bundle.manifest import ModelSpec, QuantParams, TensorSpec
+from agent.errors import HealthCheckError, RuntimeUnavailableError
+
+# Runtime name -> the pip extra that installs it.
+RUNTIME_EXTRAS: Mapping[str, str] = {
+    "onnxruntime": "onnx",
+    "litert": "litert",
+    "tflite-runtime": "tflite",
+}
+# Runtime name -> the distributions that provide its import package, in preference order.
+_DISTRIBUTIONS: Mapping[str, tuple[str, ...]] = {
+    "onnxruntime": (
+        "onnxruntime",
+        "onnxruntime-gpu",
+        "onnxruntime-openvino",
+        "onnxruntime-directml",
+        "onnxruntime-qnn",
+    ),
+    "litert": ("ai-edge-litert", "ai-edge-litert-nightly"),
+    "tflite-runtime": ("tflite-runtime",),
+}
+# A model whose inputs hold at most this many elements per sample runs single-threaded
+# unless told otherwise. Measured on the 64-32-10 MLP (64 elements, 2-core AMD EPYC VM,
+# onnxruntime 1.32, LiteRT 2.3): one thread is as fast as two at batch 1, ~1.5x faster at
+# batch 256 (onnxruntime) and ~3x faster with LiteRT, because waking a thread pool costs
+# more than the work. On the 224x224 conv model two threads are ~1.3-1.6x faster.
+# `bench/predict.py` reprints the comparison on the machine at hand.
+SMALL_MODEL_ELEMENTS = 16_384
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How a runtime executes a model. The defaults suit a small shared device.
+
+    Attributes:
+        intra_op_threads: threads inside one operator. ``None`` (auto): 1 for small models
+            (at most :data:`SMALL_MODEL_ELEMENTS` input elements per sample), where a thread
+            pool costs more than it gains; otherwise the runtime's default for onnxruntime
+            (one per physical core) and one per CPU for LiteRT / tflite-runtime.
+        inter_op_threads: onnxruntime only: threads running independent operators in
+            parallel. Setting it switches onnxruntime to its parallel execution mode, which
+            helps only graphs with parallel branches.
+        load_from_memory: read the model file into memory and load it from there, so the
+            runtime never reopens the file (it may be replaced or removed afterwards, and a
+            decrypted model never has to touch the disk). ``False`` lets the runtime open
+            the path itself; TFLite then memory-maps it, which saves RAM on large models.
+        cpu_mem_arena: onnxruntime only: keep its memory arena (faster repeated calls);
+            ``False`` returns memory after each call, for devices short of RAM.
+        allow_spinning: onnxruntime only: idle pool threads busy-wait for the next
+            operator. Saves microseconds per call with several threads, but keeps cores
+            busy; off by default on devices.
+    """
+
+    intra_op_threads: int | None = None
+    inter_op_threads: int | None = None
+    load_from_memory: bool = True
+    cpu_mem_arena: bool = True
+    allow_spinning: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("intra_op_threads", "inter_op_threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1 (or None for the default)")
+
+
+def installed_runtimes() -> dict[str, str]:
+    """Installed runtimes and their versions, from package metadata (imports nothing)."""
+    found = {}
+    for runtime, dists in _DISTRIBUTIONS.items():
+        for dist in dists:
+            try:
+                found[runtime] = metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                continue
+            break
+    return found
+
+
+def import_runtime(runtime: str, module: str) -> ModuleType:
+    """Import a runtime's module.
+
+    Raises:
+        RuntimeUnavailableError: it is not installed or cannot be imported here.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise RuntimeUnavailableError(
+            f"the {runtime} runtime is not usable here ({exc}); install it with"
+            f" pip install 'edgeship[{RUNTIME_EXTRAS[runtime]}]'"
+        ) from exc
+
+
+def threads_for(spec: ModelSpec, options: RuntimeOptions) -> int | None:
+    """The intra-op thread count to configure; ``None`` leaves the runtime's default."""
+    if options.intra_op_threads is not None:
+        return options.intra_op_threads
+    per_sample = sum(math.prod(d or 1 for d in s.shape) for s in spec.inputs)
+    return 1 if per_sample <= SMALL_MODEL_ELEMENTS else None
+
+
+def cpu_count() -> int:
+    return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class Found:
+    """A tensor as the runtime describes it. ``None`` dims are dynamic."""
+
+    dtype: str | None  # numpy dtype name; None when numpy has no equivalent
+    shape: tuple[int | None, ...]
+    quantization: QuantParams | None = None
+
+
+def check_signature(
+    file: str, kind: str, declared: Sequence[TensorSpec], found: Mapping[str, Found]
+) -> None:
+    """Refuse a model whose inputs or outputs differ from what the manifest declares.
+
+    Input dims must agree exactly where the model fixes them and the manifest may fix a
+    dynamic one; output dims are compared only where both fix them (runtimes often report
+    dynamic output shapes loosely).
+
+    Raises:
+        HealthCheckError: a name, dtype, rank, dimension or quantization differs.
+    """
+    names = {s.name for s in declared}
+    if len(names) != len(declared):
+        raise HealthCheckError(f"{file}: the manifest declares an {kind} name twice")
+    if names != set(found):
+        raise HealthCheckError(
+            f"{file}: the manifest declares {kind}s {sorted(names)} but the model has"
+            f" {sorted(found)}; rebuild the bundle from this model"
+        )
+    for spec in declared:
+        f = found[spec.name]
+        where = f"{file}: {kind} {spec.name!r}"
+        if f.dtype != spec.dtype:
+            raise HealthCheckError(
+                f"{where} is {f.dtype or 'an unsupported type'} in the model but"
+                f" {spec.dtype} in the manifest"
+            )
+        if len(f.shape) != len(spec.shape) or any(
+            m is not None and (d != m if kind == "input" else d not in (None, m))
+            for d, m in zip(spec.shape, f.shape, strict=True)
+        ):
+            raise HealthCheckError(
+                f"{where} has shape {list(f.shape)} in the model but {list(spec.shape)} in"
+                " the manifest (null = dynamic)"
+            )
+        q, fq = spec.quantization, f.quantization
+        if (
+            q is not None
+            and fq is not None
+            and (not math.isclose(q.scale, fq.scale, rel_tol=1e-6) or q.zero_point != fq.zero_point)
+        ):
+            raise HealthCheckError(
+                f"{where} is quantized with scale {fq.scale}, zero point {fq.zero_point} in"
+                f" the model but scale {q.scale}, zero point {q.zero_point} in the manifest"
+            )

@@ -1,0 +1,180 @@
+"""The manifest schema v1: round trips, canonical bytes, golden files, strictness."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.bundle.manifest import (
+    SCHEMA_VERSION,
+    FileEntry,
+    Manifest,
+    ModelCard,
+    QuantParams,
+    is_safe_member_path,
+)
+from agent.errors import MalformedManifestError, SchemaVersionError
+from tests.support.bundles import make_manifest
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def _golden() -> bytes:
+    return (GOLDEN / "manifest_v1.json").read_bytes()
+
+
+def test_golden_full_manifest_parses_with_every_section() -> None:
+    m = Manifest.from_bytes(_golden())
+    assert (m.name, m.version, m.sequence) == ("digits-int8", "2.1.0", 42)
+    assert m.expires == datetime(2026, 9, 1, 12, 0, tzinfo=UTC)
+    assert [r.name for r in m.compatibility.runtimes] == ["litert", "tflite-runtime"]
+    assert m.compatibility.runtimes[1].max_version == "2.15"
+    assert m.model.inputs[0].shape == (None, 64)
+    assert m.model.inputs[0].quantization == QuantParams(scale=0.0627451, zero_point=-128)
+    assert m.quantization.details["per_channel"] is True
+    assert m.health.probation.max_p95_ms == 8.0
+    assert m.drift_reference is not None
+    assert m.drift_reference.features[0].fractions == (0.25, 0.25, 0.25, 0.25)
+    assert m.evaluation is not None
+    assert m.evaluation["quantized"]["accuracy"] == 0.972
+    assert m.model_card.retraining_triggers == ("accuracy drop > 2%", "input drift PSI > 0.2")
+    assert m.file("model/model.tflite").size == 14000
+    assert m.extensions == {}
+
+
+def test_golden_manifest_canonical_bytes_are_unchanged() -> None:
+    # If this fails, the canonical encoding changed: bundles stop being reproducible
+    # across versions. Change the golden file only on purpose.
+    canonical = (GOLDEN / "manifest_v1.canonical.json").read_bytes()
+    assert Manifest.from_bytes(_golden()).to_bytes() == canonical
+
+
+def test_round_trip_through_bytes_is_identity() -> None:
+    m = Manifest.from_bytes(_golden())
+    assert Manifest.from_bytes(m.to_bytes()) == m
+    minimal = make_manifest()
+    assert Manifest.from_bytes(minimal.to_bytes()) == minimal
+
+
+def test_canonical_bytes_are_sorted_compact_utf8_with_newline() -> None:
+    m = make_manifest(model_card=ModelCard(description="Zähler ✓"))
+    raw = m.to_bytes()
+    assert raw.endswith(b"}\n")
+    assert b"\n" not in raw[:-1]
+    assert "Zähler ✓".encode() in raw  # UTF-8, not \u escapes
+    doc = json.loads(raw)
+    assert (
+        raw
+        == json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        + b"\n"
+    )
+
+
+def test_to_bytes_sorts_files_by_path() -> None:
+    m = make_manifest()
+    shuffled = replace(m, files=tuple(reversed(m.files)))
+    assert shuffled.to_bytes() == m.to_bytes()
+
+
+def test_created_and_expires_are_whole_seconds_utc() -> None:
+    t = datetime(2026, 5, 1, 10, 30, 15, 999_999, tzinfo=UTC)
+    raw = make_manifest(created=t).to_bytes()
+    assert b'"created":"2026-05-01T10:30:15Z"' in raw
+
+
+def test_default_schema_version_is_current() -> None:
+    assert make_manifest().schema_version == SCHEMA_VERSION == "1.0"
+
+
+def _edited(edit: dict[str, Any]) -> bytes:
+    doc = make_manifest().to_json()
+    doc.update(edit)
+    return json.dumps(doc).encode()
+
+
+def test_newer_minor_schema_keeps_unknown_top_level_fields() -> None:
+    m = Manifest.from_bytes(_edited({"schema_version": "1.3", "signed_by_hsm": {"slot": 2}}))
+    assert m.extensions == {"signed_by_hsm": {"slot": 2}}
+    # Kept verbatim when written again, so a relay does not drop what it does not know.
+    assert json.loads(m.to_bytes())["signed_by_hsm"] == {"slot": 2}
+
+
+def test_same_minor_schema_refuses_unknown_fields() -> None:
+    with pytest.raises(MalformedManifestError, match="unknown field"):
+        Manifest.from_bytes(_edited({"signed_by_hsm": 1}))
+
+
+def test_newer_major_schema_is_refused_with_schema_version_error() -> None:
+    with pytest.raises(SchemaVersionError, match="upgrade the agent"):
+        Manifest.from_bytes(_edited({"schema_version": "2.0"}))
+
+
+def test_older_major_schema_is_refused_too() -> None:
+    with pytest.raises(SchemaVersionError):
+        Manifest.from_bytes(_edited({"schema_version": "0.9"}))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ({"expires": "2025-01-01T00:00:00Z"}, "expires must be after created"),
+        ({"files": []}, "not listed in files"),
+        ({"sequence": 2**70 * -1}, "sequence"),
+        ({"version": "x" * 65}, "version"),
+    ],
+)
+def test_inconsistent_manifest_is_refused(edit: dict[str, Any], message: str) -> None:
+    with pytest.raises(MalformedManifestError, match=message):
+        Manifest.from_bytes(_edited(edit))
+
+
+def test_file_inside_another_file_is_refused() -> None:
+    files = (*make_manifest().files, FileEntry("model/model.onnx/x", 1, "0" * 64))
+    with pytest.raises(MalformedManifestError, match="inside another file"):
+        Manifest.from_bytes(
+            make_manifest(files=tuple(sorted(files, key=lambda f: f.path))).to_bytes()
+        )
+
+
+def test_unsorted_files_are_refused() -> None:
+    doc = make_manifest().to_json()
+    doc["files"].reverse()
+    with pytest.raises(MalformedManifestError, match="sorted"):
+        Manifest.from_bytes(json.dumps(doc).encode())
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["a", "model/model.onnx", "a_b/c-d.e", "_x/y", "x" * 100],
+)
+def test_safe_member_paths(path: str) -> None:
+    assert is_safe_member_path(path)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "",
+        "/abs",
+        "../x",
+        "a/../b",
+        "./a",
+        "a//b",
+        "a/",
+        ".hidden",
+        "a\\b",
+        "x" * 101,
+        "manifest.json",
+        "manifest.sig",
+        "caf\u00e9",
+        "a b",
+        "-rf",
+    ],
+)
+def test_unsafe_member_paths(path: str) -> None:
+    assert not is_safe_member_path(path)

@@ -1,0 +1,260 @@
+"""Evaluation side by side, gates with margins, and golden tolerances from measurement."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from agent.errors import ConfigError
+from agent.bundle.manifest import Manifest
+from sdk.build.datasets import Dataset
+from sdk.build.evaluate import Gates, derive_golden, evaluate, open_model
+from sdk.build.quantize import quantize
+from tests.support.bundles import make_manifest
+from tests.support.models import make_onnx_mlp, make_tflite_mlp
+
+RUNS = 5  # latency runs: enough to exercise the code, timing is not asserted here
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("eval")
+    calib = Dataset({"x": np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)})
+    paths = {
+        "onnx": make_onnx_mlp(d / "mlp.onnx"),
+        "other": make_onnx_mlp(d / "other.onnx", seed=7),  # unrelated weights
+        "tflite": make_tflite_mlp(d / "mlp.tflite"),
+    }
+    paths["onnx_q"] = quantize(
+        paths["onnx"], d / "q.onnx", scheme="dynamic", calibration=calib
+    ).path
+    paths["onnx_static"] = quantize(
+        paths["onnx"], d / "qs.onnx", scheme="static", calibration=calib
+    ).path
+    paths["tflite_q"] = quantize(
+        paths["tflite"], d / "q.tflite", scheme="static", calibration=calib
+    ).path
+    return paths
+
+
+@pytest.fixture(scope="module")
+def inputs() -> np.ndarray:
+    return np.random.default_rng(1).standard_normal((150, 64)).astype(np.float32)
+
+
+def _labelled_by(model: Path, x: np.ndarray) -> Dataset:
+    """Labels = the model's own top-1: its accuracy is exactly 1."""
+    labels = open_model(model).run({"x": x})[0].argmax(axis=1)
+    return Dataset({"x": x}, labels)
+
+
+def test_accuracy_and_agreement_are_measured_side_by_side(
+    work: dict[str, Path], inputs: np.ndarray
+) -> None:
+    report = evaluate(
+        work["tflite"], work["tflite_q"], _labelled_by(work["tflite"], inputs), latency_runs=RUNS
+    )
+    assert report.original.accuracy == 1.0
+    assert report.fidelity.agreement is not None
+    assert report.quantized.accuracy == pytest.approx(report.fidelity.agreement)
+    assert report.accuracy_drop_points == pytest.approx(100 * (1 - report.fidelity.agreement))
+    assert report.samples == 150
+    assert report.quantized.size_bytes < report.original.size_bytes
+
+
+def test_identical_models_have_perfect_fidelity(work: dict[str, Path], inputs: np.ndarray) -> None:
+    report = evaluate(work["onnx"], work["onnx"], Dataset({"x": inputs}), latency_runs=RUNS)
+    assert report.fidelity.agreement == 1.0
+    assert report.fidelity.max_abs_diff == 0.0
+    assert report.fidelity.min_cosine == pytest.approx(1.0)
+    assert report.original.accuracy is None
+
+
+def test_latency_is_reported_for_one_and_default_threads(
+    work: dict[str, Path], inputs: np.ndarray
+) -> None:
+    report = evaluate(work["onnx"], work["onnx_q"], Dataset({"x": inputs}), latency_runs=RUNS)
+    for m in (report.original, report.quantized):
+        assert [s.threads for s in m.latency] == [1, 0]
+        for s in m.latency:
+            assert s.runs == RUNS
+            assert 0 < s.p50_ms <= s.p95_ms
+
+
+def test_a_model_that_disagrees_fails_the_agreement_gate_by_its_margin(
+    work: dict[str, Path], inputs: np.ndarray
+) -> None:
+    report = evaluate(
+        work["onnx"],
+        work["other"],
+        _labelled_by(work["onnx"], inputs),
+        gates=Gates(min_agreement=0.99, max_accuracy_drop=0.5, max_size_mb=1.0),
+        latency_runs=RUNS,
+    )
+    assert not report.passed
+    failed = {g.name: g for g in report.failed_gates}
+    assert set(failed) == {"min_agreement", "max_accuracy_drop"}
+    agreement = failed["min_agreement"]
+    assert agreement.measured == report.fidelity.agreement
+    assert agreement.margin == pytest.approx(report.fidelity.agreement - 0.99)
+    drop = failed["max_accuracy_drop"]
+    assert drop.margin == pytest.approx(0.5 - report.accuracy_drop_points)
+    assert drop.margin < 0
+    size = next(g for g in report.gates if g.name == "max_size_mb")
+    assert size.passed
+    assert size.margin == pytest.approx(1.0 - report.quantized.size_bytes / 1e6)
+
+
+def test_size_and_latency_gates_fail_when_the_limit_is_below_the_measurement(
+    work: dict[str, Path], inputs: np.ndarray
+) -> None:
+    report = evaluate(
+        work["onnx"],
+        work["onnx_q"],
+        Dataset({"x": inputs}),
+        gates=Gates(max_size_mb=0.000001, max_p95_ms=0.0),
+        latency_runs=RUNS,
+    )
+    assert {g.name for g in report.failed_gates} == {"max_size_mb", "max_p95_ms"}
+    p95 = next(g for g in report.gates if g.name == "max_p95_ms")
+    assert p95.measured == report.quantized.p95_ms(1)
+
+
+def test_accuracy_gate_without_labels_fails_rather_than_passing_silently(
+    work: dict[str, Path], inputs: np.ndarray
+) -> None:
+    report = evaluate(
+        work["onnx"],
+        work["onnx"],
+        Dataset({"x": inputs}),
+        gates=Gates(max_accuracy_drop=1.0),
+        latency_runs=RUNS,
+    )
+    (gate,) = report.gates
+    assert not gate.passed
+    assert gate.measured is None
+
+
+def test_report_json_is_plain_and_fits_the_manifest(
+    work: dict[str, Path], inputs: np.ndarray
+) -> None:
+    report = evaluate(
+        work["tflite"],
+        work["tflite_q"],
+        _labelled_by(work["tflite"], inputs),
+        gates=Gates(min_agreement=0.5),
+        latency_runs=RUNS,
+    )
+    doc = report.to_json()
+    assert json.loads(json.dumps(doc, allow_nan=False)) == doc
+    assert doc["passed"] is True
+    assert doc["gates"][0]["name"] == "min_agreement"
+    manifest = make_manifest(evaluation=doc)
+    assert Manifest.from_bytes(manifest.to_bytes()).evaluation == doc
+
+
+def test_table_shows_the_failed_gate(work: dict[str, Path], inputs: np.ndarray) -> None:
+    report = evaluate(
+        work["onnx"],
+        work["other"],
+        Dataset({"x": inputs}),
+        gates=Gates(min_agreement=0.99),
+        latency_runs=RUNS,
+    )
+    console = Console(record=True, width=200)
+    console.print(report.to_table())
+    text = console.export_text()
+    assert "FAIL" in text
+    assert "top-1 agreement" in text
+
+
+def test_evaluation_reports_progress(work: dict[str, Path], inputs: np.ndarray) -> None:
+    seen: list[tuple[str, int, int]] = []
+    evaluate(
+        work["onnx"],
+        work["onnx_q"],
+        Dataset({"x": inputs}),
+        latency_runs=RUNS,
+        progress=lambda *a: seen.append(a),
+    )
+    assert ("evaluate", 3, 3) in seen  # 150 samples in batches of 64
+    assert seen[-1] == ("latency", 2, 2)
+
+
+def test_empty_or_mismatched_validation_data_is_a_config_error(work: dict[str, Path]) -> None:
+    with pytest.raises(ConfigError, match="empty"):
+        evaluate(work["onnx"], work["onnx"], Dataset({"x": np.zeros((0, 64), np.float32)}))
+    with pytest.raises(ConfigError, match="expects"):
+        evaluate(
+            work["onnx"], work["onnx"], Dataset({"a": np.zeros((2, 64)), "b": np.zeros((2, 1))})
+        )
+
+
+def test_int8_io_runner_takes_and_returns_floats(work: dict[str, Path], inputs: np.ndarray) -> None:
+    ref = open_model(work["tflite"]).run({"x": inputs})[0]
+    out = open_model(work["tflite_q"]).run({"x": inputs})[0]
+    assert out.dtype == np.float64
+    assert np.abs(out - ref).max() < 0.1
+
+
+# --- golden outputs and tolerance ------------------------------------------------------
+
+
+def test_golden_expected_outputs_are_the_single_threaded_outputs(
+    work: dict[str, Path], inputs: np.ndarray
+) -> None:
+    golden = derive_golden(work["onnx_q"], Dataset({"x": inputs}), count=5)
+    assert golden.inputs["x"].shape == (5, 64)
+    expected = open_model(work["onnx_q"], threads=1).run_dataset(
+        Dataset({"x": inputs[:5]}), batch_size=1
+    )[0]
+    np.testing.assert_array_equal(golden.expected["probs"], expected.astype(np.float32))
+    assert set(golden.details["deviations"]) == {
+        "threads=1 per-sample",
+        "threads=1 batched",
+        "threads=0 per-sample",
+        "threads=0 batched",
+        "reference kernels",
+    }
+
+
+def test_qdq_model_tolerance_covers_the_reference_kernels_disagreement(
+    work: dict[str, Path], inputs: np.ndarray
+) -> None:
+    data = Dataset({"x": inputs})
+    golden = derive_golden(work["onnx_static"], data, count=32)
+    # Fused integer kernels and unfused QDQ round differently (by an output step or two
+    # on x86); whatever is measured, the tolerance admits it with the safety factor.
+    measured = golden.details["deviations"]["reference kernels"]
+    assert golden.spread >= measured
+    assert golden.tolerance.atol >= 4 * measured
+    assert golden.tolerance.atol == pytest.approx(max(4 * golden.spread, golden.details["floor"]))
+
+
+def test_tolerance_is_at_least_one_output_step_for_int8_outputs(
+    work: dict[str, Path], inputs: np.ndarray
+) -> None:
+    golden = derive_golden(work["tflite_q"], Dataset({"x": inputs}))
+    scale = open_model(work["tflite_q"]).outputs[0].quant
+    assert scale is not None
+    assert golden.tolerance.atol >= scale.scale
+    assert golden.details["floor"] == pytest.approx(scale.scale)
+
+
+def test_tolerance_scales_with_the_measured_spread(
+    work: dict[str, Path], inputs: np.ndarray
+) -> None:
+    data = Dataset({"x": inputs})
+    base = derive_golden(work["onnx"], data, count=4)
+    # Another runtime that deviates by 1e-3 widens the tolerance to safety x 1e-3.
+    reference = {"probs": base.expected["probs"] + np.float32(1e-3)}
+    wider = derive_golden(work["onnx"], data, count=4, reference_outputs=reference, safety_factor=4)
+    assert wider.spread == pytest.approx(1e-3, rel=1e-3)
+    assert wider.tolerance.atol == pytest.approx(4e-3, rel=1e-3)
+    assert base.tolerance.atol < wider.tolerance.atol
+    # Float model, bit-identical runs: the tolerance is the float floor, small but not 0.
+    assert 0 < base.tolerance.atol < 1e-4
