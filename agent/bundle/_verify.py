@@ -52,6 +52,7 @@ from agent.errors import (
     TruncatedBundleError,
     UnsafeMemberError,
 )
+from agent.plumbing.files import write_new
 
 __all__ = [
     "DeviceInfo",
@@ -397,8 +398,8 @@ def _verify(
         )
 
     if extract_to is not None:
-        _write_whole(extract_to / MANIFEST_PATH, manifest_bytes)
-        _write_whole(extract_to / SIGNATURE_PATH, sig_bytes)
+        write_new(extract_to / MANIFEST_PATH, manifest_bytes)
+        write_new(extract_to / SIGNATURE_PATH, sig_bytes)
 
     for entry in manifest.files:
         header = reader.next_header()
@@ -485,15 +486,6 @@ def _write_all(fd: int, data: memoryview) -> None:
     while data:
         n = os.write(fd, data)
         data = data[n:]
-
-
-def _write_whole(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    try:
-        _write_all(fd, memoryview(data))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _make_read_only(root: Path) -> None:

@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from agent.bundle.manifest import Encryption, Manifest, Recipient
 from agent.errors import DecryptionError, KeyFileError, NotForThisDeviceError
+from agent.plumbing.files import write_new
 
 __all__ = [
     "DeviceKey",
@@ -119,9 +120,7 @@ class DeviceKey:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(pem)
+        write_new(path, pem, mode=0o600)
         Path(f"{path}.pub").write_bytes(
             self.public.public_bytes(
                 serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 import time
 import zipfile
 from collections.abc import Mapping
@@ -34,6 +32,7 @@ from agent.errors import (
     InputValidationError,
     RuntimeUnavailableError,
 )
+from agent.plumbing.files import atomic_replace
 from agent.serve._model import Model
 from agent.serve._validation import InputPolicy
 from agent.serve.runtimes import RuntimeOptions, installed_runtimes, load_model
@@ -146,26 +145,18 @@ def write_outputs(path: Path, outputs: Mapping[str, npt.NDArray[Any]]) -> None:
         )
     path = path.absolute()
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                if suffix == ".npy":
-                    np.save(f, next(iter(outputs.values())), allow_pickle=False)
-                elif suffix == ".npz":
-                    # What np.savez writes, without its keyword arguments, which an output
-                    # named "file" or "allow_pickle" would collide with.
-                    with zipfile.ZipFile(f, "w") as zf:
-                        for name, array in outputs.items():
-                            with zf.open(f"{name}.npy", "w") as member:
-                                np.lib.format.write_array(member, array, allow_pickle=False)
-                else:
-                    f.write(json.dumps({k: v.tolist() for k, v in outputs.items()}).encode())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_replace(path) as f:
+            if suffix == ".npy":
+                np.save(f, next(iter(outputs.values())), allow_pickle=False)
+            elif suffix == ".npz":
+                # What np.savez writes, without its keyword arguments, which an output
+                # named "file" or "allow_pickle" would collide with.
+                with zipfile.ZipFile(f, "w") as zf:
+                    for name, array in outputs.items():
+                        with zf.open(f"{name}.npy", "w") as member:
+                            np.lib.format.write_array(member, array, allow_pickle=False)
+            else:
+                f.write(json.dumps({k: v.tolist() for k, v in outputs.items()}).encode())
     except OSError as exc:
         raise InferenceError(f"cannot write outputs to {path}: {exc}") from exc
 

@@ -30,7 +30,8 @@ from agent.bundle.crypto import DeviceKey, read_payload
 from agent.bundle.manifest import Manifest, Tolerance
 from agent.errors import EdgeshipError, HealthCheckError
 from agent.install._priority import lower_this_thread
-from agent.serve._slot import ServingModel, p95_ms
+from agent.plumbing.stats import percentile_ms
+from agent.serve._slot import ServingModel
 from agent.serve.runtimes import RuntimeOptions
 
 __all__ = [
@@ -217,7 +218,7 @@ def check_health(
         except EdgeshipError as exc:
             raise HealthCheckError(f"the model fails on a repeated run: {exc}") from None
         latencies.append(max(0.0, min(c() - t for c, t in zip(clocks, starts, strict=True))))
-    observed = p95_ms(latencies)
+    observed = percentile_ms(latencies, 0.95)
     budget = health.latency_budget_p95_ms
     if budget is not None and observed > budget:
         raise HealthCheckError(

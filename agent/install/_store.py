@@ -32,6 +32,7 @@ from typing import Any, Literal, cast, get_args
 
 from agent.bundle.manifest import MANIFEST_PATH, Manifest
 from agent.errors import StateError
+from agent.plumbing.files import atomic_write, fsync_dir
 
 __all__ = [
     "PHASES",
@@ -41,7 +42,6 @@ __all__ = [
     "Pending",
     "Phase",
     "Store",
-    "atomic_write",
 ]
 
 STATE_FORMAT = 1
@@ -251,40 +251,6 @@ def _parse_state(doc: object) -> AgentState:
     )
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``: temp file in the same directory, fsync, rename, fsync dir.
-
-    Raises:
-        OSError: the write failed; ``path`` still holds its old content.
-    """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def _make_writable(root: Path) -> None:
     # Versions are read-only (0o555 / 0o444); a non-root agent must restore write
     # permission on a directory before it can move or delete it.
@@ -454,8 +420,8 @@ class Store:
             os.chmod(extracted, stat.S_IRWXU)
             os.rename(extracted, target)
             os.chmod(target, 0o555)  # noqa: S103 - read-only, not secret
-            _fsync_dir(self.versions_dir)
-            _fsync_dir(self.staging_dir)
+            fsync_dir(self.versions_dir)
+            fsync_dir(self.staging_dir)
         except OSError as exc:
             raise StateError(f"cannot move version {digest[:12]} into the store: {exc}") from None
         return target

@@ -13,7 +13,6 @@ a verdict against the window and thresholds of the signed manifest.
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -24,6 +23,7 @@ import numpy.typing as npt
 
 from agent.bundle.manifest import Probation
 from agent.errors import InferenceError, InputValidationError, StateError
+from agent.plumbing.stats import percentile_ms
 
 __all__ = [
     "ModelSlot",
@@ -31,7 +31,6 @@ __all__ = [
     "ProbationVerdict",
     "ServingModel",
     "judge_probation",
-    "p95_ms",
 ]
 
 MAX_LATENCY_SAMPLES = 10_000  # bounds a probation monitor's memory
@@ -43,15 +42,6 @@ class ServingModel(Protocol):
     def predict(self, inputs: Mapping[str, npt.ArrayLike]) -> dict[str, npt.NDArray[Any]]: ...
 
     def close(self) -> None: ...
-
-
-def p95_ms(latencies_s: Sequence[float]) -> float:
-    """95th percentile in milliseconds (nearest rank: a value that was actually observed)."""
-    if not latencies_s:
-        return 0.0
-    ordered = sorted(latencies_s)
-    rank = max(1, math.ceil(0.95 * len(ordered)))
-    return ordered[rank - 1] * 1000.0
 
 
 @dataclass(frozen=True)
@@ -94,7 +84,7 @@ def judge_probation(
             f"error rate {errors / requests:.1%} over {requests} calls exceeds {limit:.1%}",
         )
     if window.max_p95_ms is not None and latencies_s:
-        observed = p95_ms(latencies_s)
+        observed = percentile_ms(latencies_s, 0.95)
         if observed > window.max_p95_ms:
             return ProbationVerdict(
                 "breached",

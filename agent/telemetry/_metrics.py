@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.plumbing.stats import quantile_rank
+
 __all__ = ["LatencySummary", "LogHistogram", "Metrics", "MetricsSnapshot", "ModelInfo"]
 
 _log = math.log
@@ -69,15 +71,15 @@ class LogHistogram:
         return 2 * self.min_value * self.gamma**i / (1 + self.gamma)
 
     def quantiles(self, qs: tuple[float, ...]) -> list[float] | None:
-        """Estimates of the ``qs`` quantiles (``lower`` method); None when empty.
+        """Estimates of the ``qs`` quantiles; None when empty.
 
-        For ``q``, the estimate is within the relative accuracy of the sorted sample at
-        0-based rank ``floor(q * (n - 1))``.
+        For ``q``, the estimate is within the relative accuracy of the nearest-rank
+        quantile, the one definition edgeship uses (:mod:`agent.plumbing.stats`).
         """
         n = sum(self.counts)
         if n == 0:
             return None
-        ranks = [math.floor(q * (n - 1)) for q in qs]
+        ranks = [quantile_rank(q, n) - 1 for q in qs]
         out: list[float | None] = [None] * len(qs)
         seen = 0
         for i, c in enumerate(self.counts):

@@ -8,7 +8,7 @@ from agent.bundle.manifest import Probation
 from agent.errors import RollbackError, StateError
 from agent.install._store import AgentState, Pending
 from agent.install._updater import check_acceptance, commit_state, resume_action, rollback_state
-from agent.serve._slot import judge_probation, p95_ms
+from agent.serve._slot import judge_probation
 
 A = "a" * 64
 B = "b" * 64
@@ -157,9 +157,3 @@ def test_probation_breaches_on_p95_latency_at_the_end_of_the_window() -> None:
 
 def test_probation_with_an_empty_window_passes_at_once() -> None:
     assert _judge(Probation(requests=0, seconds=0.0)) == "passed"
-
-
-def test_p95_is_the_nearest_rank_of_observed_values() -> None:
-    assert p95_ms([0.001 * i for i in range(1, 21)]) == pytest.approx(19.0)
-    assert p95_ms([0.002]) == pytest.approx(2.0)
-    assert p95_ms([]) == 0.0
