@@ -12,22 +12,22 @@ from __future__ import annotations
 
 import math
 import tomllib
-import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from agent.errors import ConfigError
-from agent.install._fetch import FetchLimits
-from agent.install._health import GatePriority, check_priority
+from agent.install._config import FetchConfig, UpdateConfig
+from agent.install._sched import check_priority
 from agent.messages.topics import check_id
-from agent.plumbing.mqtt import MqttConfig
+from agent.plumbing.broker import BrokerConfig, BrokerUrl
 from agent.plumbing.tls import TlsConfig
 from agent.serve._cache import CacheConfig
-from agent.serve.http import HttpServerConfig, ServerTls
+from agent.serve._http_config import HttpServerConfig, ServerTls
 from agent.serve.mqtt import MqttServingConfig
 from agent.serve.runtimes import RuntimeOptions
+from agent.telemetry._reporter import TelemetryConfig
 
 T = TypeVar("T")
 
@@ -44,118 +44,7 @@ __all__ = [
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 LOG_LEVELS: tuple[LogLevel, ...] = ("debug", "info", "warning", "error")
-OutputKind = Literal["auto", "top_score", "values"]
 AttributeValue = str | int | float | bool
-
-
-@dataclass(frozen=True)
-class BrokerConfig:
-    """``[broker]``: the MQTT connection (see docs/mqtt.md)."""
-
-    url: str  # mqtt://host[:1883] or mqtts://host[:8883]
-    protocol: Literal["5", "3.1.1"] = "5"
-    ca_file: Path | None = None  # mqtts only; None: the system CAs
-    cert_file: Path | None = None  # client certificate: mutual TLS
-    key_file: Path | None = None
-    username: str | None = None
-    password_file: Path | None = None  # read at start; never in the config file itself
-    connect_timeout_s: float = 10.0
-    keepalive_s: int = 30
-    backoff_initial_s: float = 1.0
-    backoff_max_s: float = 60.0
-
-    @property
-    def host(self) -> str:
-        return urllib.parse.urlsplit(self.url).hostname or ""
-
-    @property
-    def port(self) -> int:
-        parts = urllib.parse.urlsplit(self.url)
-        return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
-
-    @property
-    def tls(self) -> bool:
-        return self.url.startswith("mqtts://")
-
-    def mqtt_config(self, fleet: str, device: str, attributes: Mapping[str, Any]) -> MqttConfig:
-        """The transport's settings.
-
-        Raises:
-            ConfigError: the password file cannot be read.
-        """
-        password = None
-        if self.password_file is not None:
-            try:
-                password = self.password_file.read_text(encoding="utf-8").strip()
-            except OSError as exc:
-                raise ConfigError(
-                    f"broker.password_file: cannot read {self.password_file}: {exc.strerror}"
-                ) from None
-        tls = TlsConfig(self.ca_file, self.cert_file, self.key_file) if self.tls else None
-        return MqttConfig(
-            host=self.host,
-            port=self.port,
-            fleet=fleet,
-            device=device,
-            protocol=self.protocol,
-            tls=tls,
-            username=self.username,
-            password=password,
-            keepalive_s=self.keepalive_s,
-            connect_timeout_s=self.connect_timeout_s,
-            backoff_initial_s=self.backoff_initial_s,
-            backoff_max_s=self.backoff_max_s,
-            attributes=dict(attributes),
-        )
-
-
-@dataclass(frozen=True)
-class FetchConfig:
-    """``[fetch]``: downloading bundles named by the desired state."""
-
-    max_bundle_bytes: int = 512 * 1024**2
-    connect_timeout_s: float = 10.0
-    read_timeout_s: float = 30.0
-    max_resumes: int = 5
-    min_free_bytes: int = 32 * 1024**2
-    # A failed download of the desired bundle is retried after this, doubling up to max.
-    retry_initial_s: float = 5.0
-    retry_max_s: float = 300.0
-    # https:// bundle URLs: the CA to trust instead of the system's; a client certificate.
-    tls: TlsConfig | None = None
-
-    def limits(self) -> FetchLimits:
-        return FetchLimits(
-            max_bundle_bytes=self.max_bundle_bytes,
-            connect_timeout_seconds=self.connect_timeout_s,
-            read_timeout_seconds=self.read_timeout_s,
-            max_resumes=self.max_resumes,
-            min_free_bytes=self.min_free_bytes,
-        )
-
-
-@dataclass(frozen=True)
-class UpdateConfig:
-    """``[update]``: the install state machine."""
-
-    max_attempts: int = 3
-    health_runs: int = 20
-    health_gate: Literal["process", "thread"] = "process"
-    health_gate_priority: GatePriority = "idle"
-    health_gate_timeout_s: float = 300.0
-    clock_slack_s: float = 300.0
-
-
-@dataclass(frozen=True)
-class TelemetryConfig:
-    """``[telemetry]``: metrics, drift and system numbers, through the durable outbox."""
-
-    interval_s: float = 10.0
-    outbox_max_bytes: int = 16 * 1024**2
-    ttl_s: float = 24 * 3600.0
-    # How model outputs are summarised: "auto" treats a (batch, k >= 2) float output as
-    # class scores (top-score histogram), anything else as plain values.
-    output_kind: OutputKind = "auto"
 
 
 @dataclass(frozen=True)
@@ -186,7 +75,6 @@ class AgentConfig:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     http: HttpServerConfig = field(default_factory=HttpServerConfig)
     mqtt_serving: MqttServingConfig = field(default_factory=MqttServingConfig)
-    mqtt_serving_enabled: bool = False
     cache: CacheConfig = field(default_factory=CacheConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     attributes: Mapping[str, AttributeValue] = field(default_factory=dict)
@@ -294,28 +182,10 @@ class _Table:
 
 
 def _broker(t: _Table) -> BrokerConfig:
-    url = t.string("url", required=True)
-    parts = urllib.parse.urlsplit(url)
-    try:
-        port = parts.port
-    except ValueError:
-        port = -1
-    if (
-        parts.scheme not in ("mqtt", "mqtts")
-        or not parts.hostname
-        or port == -1
-        or parts.path not in ("", "/")
-        or parts.query
-        or parts.username
-    ):
-        raise ConfigError(
-            f"broker.url {url!r} must be mqtt://HOST[:PORT] or mqtts://HOST[:PORT]"
-            " (credentials go in broker.username / broker.password_file)"
-        )
-    given = _tls_files(t, "broker")
-    if parts.scheme != "mqtts" and given is not None:
+    url = BrokerUrl.parse(t.string("url", required=True), setting="broker.url")
+    tls = _tls_files(t, "broker")
+    if not url.tls and tls is not None:
         raise ConfigError("broker.ca_file / cert_file / key_file need an mqtts:// url")
-    files = given or TlsConfig()
     username = t.opt_string("username")
     password_file = t.path_value("password_file")
     if password_file is not None and username is None:
@@ -323,9 +193,7 @@ def _broker(t: _Table) -> BrokerConfig:
     config = BrokerConfig(
         url=url,
         protocol=t.choice("protocol", ("5", "3.1.1"), "5"),  # type: ignore[arg-type]
-        ca_file=files.ca_file,
-        cert_file=files.cert_file,
-        key_file=files.key_file,
+        tls=tls,
         username=username,
         password_file=password_file,
         connect_timeout_s=t.number("connect_timeout_s", 10.0),
@@ -395,7 +263,7 @@ def _telemetry(t: _Table) -> TelemetryConfig:
     return TelemetryConfig(
         interval_s=t.number("interval_s", d.interval_s),
         outbox_max_bytes=t.integer("outbox_max_bytes", d.outbox_max_bytes, minimum=64 * 1024),
-        ttl_s=t.number("ttl_s", d.ttl_s),
+        ttl_s=t.number("ttl_s", d.ttl_s or 24 * 3600.0),
         output_kind=t.choice("output_kind", ("auto", "top_score", "values"), "auto"),  # type: ignore[arg-type]
     )
 
@@ -437,10 +305,10 @@ def _http(t: _Table) -> HttpServerConfig:
     return config
 
 
-def _mqtt_serving(t: _Table) -> tuple[bool, MqttServingConfig]:
+def _mqtt_serving(t: _Table) -> MqttServingConfig:
     d = MqttServingConfig()
-    enabled = t.boolean("enabled", False)
-    return enabled, MqttServingConfig(
+    return MqttServingConfig(
+        enabled=t.boolean("enabled", False),
         queue_size=t.integer("queue_size", d.queue_size, minimum=1),
         workers=t.integer("workers", d.workers, minimum=1, maximum=64),
         max_request_bytes=t.integer("max_request_bytes", d.max_request_bytes, minimum=1),
@@ -522,8 +390,8 @@ def parse_config(data: bytes | str, *, base_dir: Path = Path()) -> AgentConfig:
     }
     root.done()
     broker = None if broker_table is None else _broker(broker_table)
-    serving_enabled, serving = _mqtt_serving(sections["mqtt_serving"])
-    if serving_enabled and broker is None:
+    serving = _mqtt_serving(sections["mqtt_serving"])
+    if serving.enabled and broker is None:
         raise ConfigError("mqtt_serving.enabled needs a [broker]")
     config = AgentConfig(
         device_id=device_id,
@@ -540,7 +408,6 @@ def parse_config(data: bytes | str, *, base_dir: Path = Path()) -> AgentConfig:
         telemetry=_telemetry(sections["telemetry"]),
         http=_http(sections["http"]),
         mqtt_serving=serving,
-        mqtt_serving_enabled=serving_enabled,
         cache=_cache(sections["cache"]),
         logging=_logging(sections["logging"]),
         attributes=_attributes(sections["attributes"]),

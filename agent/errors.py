@@ -16,7 +16,6 @@ from __future__ import annotations
 __all__ = [
     "BadSignatureError",
     "BrokerError",
-    "BuildError",
     "BundleError",
     "BundleTooLargeError",
     "CompatibilityError",
@@ -29,7 +28,6 @@ __all__ = [
     "ExpiredError",
     "ExtraMemberError",
     "FetchError",
-    "GateError",
     "HealthCheckError",
     "InferenceError",
     "InputValidationError",
@@ -41,7 +39,6 @@ __all__ = [
     "NotATarError",
     "NotForThisDeviceError",
     "OverloadedError",
-    "QuantizationError",
     "RollbackError",
     "RuntimeUnavailableError",
     "SchemaVersionError",
@@ -51,6 +48,7 @@ __all__ = [
     "TruncatedBundleError",
     "UnsafeMemberError",
     "UntrustedSignerError",
+    "error_code",
 ]
 
 
@@ -168,28 +166,6 @@ class BrokerError(FetchError):
     """The MQTT broker could not be reached or refused the connection."""
 
 
-# --- the build side (SDK) ------------------------------------------------------------
-
-
-class BuildError(EdgeshipError):
-    """The SDK could not produce a bundle that it is willing to sign."""
-
-
-class QuantizationError(BuildError):
-    """The quantizer failed on this model, or its output does not load in the runtime."""
-
-
-class GateError(BuildError):
-    """The candidate missed a build gate; no bundle was written.
-
-    ``report`` holds the evaluation report that shows which gate failed and by how much.
-    """
-
-    def __init__(self, message: str, report: object = None) -> None:
-        super().__init__(message)
-        self.report = report
-
-
 # --- everything else ---------------------------------------------------------------
 
 
@@ -219,3 +195,22 @@ class InputValidationError(InferenceError):
 
 class OverloadedError(InferenceError):
     """The agent's request queue is full; retry later."""
+
+
+def error_code(exc: BaseException) -> str:
+    """The stable code of a failed prediction, as callers and telemetry see it.
+
+    ``invalid-input`` (the request does not fit the model; never retry as is),
+    ``overloaded`` and ``unavailable`` (retry shortly, or elsewhere), ``inference-failed``
+    (the model failed on this request) and ``internal`` (not an edgeship error: a bug).
+    The HTTP and MQTT endpoints answer with it, and the telemetry counts errors by it.
+    """
+    if isinstance(exc, InputValidationError):
+        return "invalid-input"
+    if isinstance(exc, OverloadedError):
+        return "overloaded"
+    if isinstance(exc, StateError):
+        return "unavailable"
+    if isinstance(exc, EdgeshipError):
+        return "inference-failed"
+    return "internal"

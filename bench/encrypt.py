@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.bundle._verify import verify_bundle
+from agent.bundle import verify_bundle
 from agent.bundle.crypto import DeviceKey
 from agent.bundle.signing import TrustPolicy
 from agent.serve.runtimes import load_model

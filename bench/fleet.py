@@ -15,7 +15,7 @@ bare paho MQTT 5 subscriber in another.
 
 1. Ingest. Each simulated device is the agent's real telemetry path: a
    :class:`agent.telemetry.Reporter` with its own :class:`Outbox` (SQLite, one file per
-   device) and :class:`MqttTransport` (its own connection, birth and last will). Only
+   device) and :class:`MqttClient` (its own connection, birth and last will). Only
    the timer differs: a pacer thread per worker calls ``Reporter.report_now()`` for
    every device at ``--rate`` messages/s, staggered, for ``--seconds`` (the reporter's
    own timer would work the same but could not stop every device at one instant, and
@@ -85,10 +85,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from agent.messages.status import device_presence
 from agent.messages.topics import Topics
-from agent.plumbing.mqtt import MqttConfig, MqttTransport
-from agent.telemetry import Outbox, Reporter, ReporterConfig
-from sdk.fleet._client import FleetClient
+from agent.plumbing.broker import BrokerConfig, BrokerUrl
+from agent.plumbing.mqtt import MqttClient
+from agent.plumbing.stats import percentile
+from agent.telemetry import Outbox, Reporter, TelemetryConfig
 from sdk.fleet._rollout_run import RolloutFiles, run_rollout
 from sdk.fleet.publish import BundleRef
 from sdk.fleet.rollout import Decision, Rollout, RolloutPlan, parse_waves, wave_order
@@ -163,21 +165,15 @@ def self_usage() -> dict[str, float]:
     }
 
 
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def _ms(value: float | None) -> float | None:
-    return None if value is None else round(value * 1e3, 1)
+def _ms(latencies_s: list[float], q: float) -> float | None:
+    """The nearest-rank ``q`` quantile in milliseconds; None without latencies."""
+    return round(percentile(latencies_s, q) * 1e3, 1) if latencies_s else None
 
 
 # --- simulated devices (worker processes) ----------------------------------------------------
 
 
-def _connect_all(transports: list[MqttTransport], timeout_s: float) -> None:
+def _connect_all(transports: list[MqttClient], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     for t in transports:
         if not t.wait_connected(max(0.0, deadline - time.monotonic())):
@@ -200,7 +196,7 @@ def telemetry_worker(
     seconds: float,
     state_dir: str,
 ) -> None:
-    """Devices with the agent's Reporter + Outbox + MqttTransport; one pacer thread.
+    """Devices with the agent's Reporter + Outbox + MqttClient; one pacer thread.
 
     Protocol on ``conn``: sends "ready"; receives the wall-clock start time; publishes;
     sends a result dict once every device's outbox is empty (all PUBACKed); receives
@@ -209,11 +205,14 @@ def telemetry_worker(
     devices = []
     for name in names:
         outbox = Outbox(Path(state_dir) / f"{name}.db")
-        transport = MqttTransport(
-            MqttConfig(host, port, fleet, name, backoff_initial_s=0.2, backoff_max_s=2.0)
+        transport = MqttClient(
+            BrokerConfig(
+                BrokerUrl(host, port, tls=False), backoff_initial_s=0.2, backoff_max_s=2.0
+            ),
+            presence=device_presence(Topics(fleet, name)),
         )
         reporter = Reporter(
-            Topics(fleet, name), outbox, transport, config=ReporterConfig(interval_s=3600.0)
+            Topics(fleet, name), outbox, transport, config=TelemetryConfig(interval_s=3600.0)
         )
         devices.append((outbox, transport, reporter))
     for _, transport, reporter in devices:
@@ -252,7 +251,7 @@ def telemetry_worker(
     )
     conn.recv()
 
-    def stop(device: tuple[Outbox, MqttTransport, Reporter]) -> None:
+    def stop(device: tuple[Outbox, MqttClient, Reporter]) -> None:
         outbox, transport, reporter = device
         reporter.stop()
         transport.stop(timeout_s=1.0)
@@ -388,8 +387,8 @@ def bare_worker(
             "distinct": len(keys),
             "first_at": got[0][0] if got else None,
             "last_at": got[-1][0] if got else None,
-            "latency_p50_ms": _ms(percentile(latencies, 0.5)),
-            "latency_p99_ms": _ms(percentile(latencies, 0.99)),
+            "latency_p50_ms": _ms(latencies, 0.5),
+            "latency_p99_ms": _ms(latencies, 0.99),
             **self_usage(),
         }
     )
@@ -638,8 +637,8 @@ def _stored(db: str, fleet: str) -> dict[str, Any]:
         "n_first_batch": int(first_batch[0]["n"]),
         "first": rows[0]["first"],
         "last": rows[0]["last"],
-        "latency_p50_ms": _ms(percentile(latencies, 0.5)),
-        "latency_p99_ms": _ms(percentile(latencies, 0.99)),
+        "latency_p50_ms": _ms(latencies, 0.5),
+        "latency_p99_ms": _ms(latencies, 0.99),
     }
 
 
@@ -793,7 +792,7 @@ class CommitClock:
 
     def __init__(self, broker: Broker, fleet: str, digest: str) -> None:
         self.at: dict[str, float] = {}
-        self.client = FleetClient(f"mqtt://{broker.host}:{broker.port}")
+        self.client = MqttClient(BrokerConfig(broker.url))
         self.client.connect()
 
         def on_event(msg: Any) -> None:
@@ -804,7 +803,7 @@ class CommitClock:
         self.client.subscribe(f"edgeship/v1/{fleet}/+/events", on_event)
 
     def close(self) -> None:
-        self.client.close()
+        self.client.stop()
 
 
 def bench_rollout(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -844,7 +843,7 @@ def bench_rollout(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
         workers.gather(120)
         connect_s = time.perf_counter() - t0
         commits = CommitClock(broker, fleet, bundle.digest)
-        client = FleetClient(f"mqtt://{broker.host}:{broker.port}")
+        client = MqttClient(BrokerConfig(broker.url))
         client.connect()
         started = time.time()
         try:
@@ -855,7 +854,7 @@ def bench_rollout(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
                 on_change=lambda r, d: decisions.append((time.time(), d, r.wave)),
             )
         finally:
-            client.close()
+            client.stop()
             commits.close()
         total_s = time.time() - started
         broker_usage = proc_usage(broker_pid)

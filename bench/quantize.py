@@ -1,7 +1,8 @@
 """fp32 vs int8: size, latency and accuracy for the digits MLP and the 224x224 conv net.
 
 Prints one JSON document. Ratios are int8 / fp32 measured in the same run, with the two
-models' runs interleaved (sdk.build.evaluate), so machine load affects both alike. Targets
+models' runs interleaved (sdk.build.evaluate, through the agent's own runtime layer, with
+nearest-rank percentiles as on a device), so machine load affects both alike. Targets
 (issue 5): conv int8 p50 latency <= 0.45x fp32 and size <= 0.30x; digits accuracy drop
 <= 0.5 points.
 
@@ -13,16 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import runpy
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from sdk.build.datasets import load_dataset
-from sdk.build.evaluate import EvaluationReport, _cpu_model, evaluate
-from sdk.build.quantize import quantize
+from sdk.build import EvaluationReport, evaluate, load_dataset, quantize
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TARGETS = {"conv_p50_ratio": 0.45, "conv_size_ratio": 0.30, "digits_accuracy_drop_points": 0.5}
@@ -64,16 +63,20 @@ def _ratios(report: EvaluationReport) -> dict[str, Any]:
     }
 
 
-def _case(model: Path, calibration: Path, validation: Path, out: Path, runs: int) -> dict[str, Any]:
+def _case(
+    model: Path, calibration: Path, validation: Path, out: Path, runs: int
+) -> tuple[dict[str, Any], Mapping[str, Any]]:
+    """The case's figures, and the machine the evaluation ran on."""
     start = time.perf_counter()
     result = quantize(model, out, scheme="static", calibration=load_dataset(calibration))
     quantize_s = time.perf_counter() - start
     report = evaluate(model, result.path, load_dataset(validation), latency_runs=runs)
-    return {
+    figures = {
         **_ratios(report),
         "per_channel": result.details.get("per_channel"),
         "quantize_seconds": round(quantize_s, 2),
     }
+    return figures, report.environment
 
 
 def main() -> None:
@@ -85,7 +88,7 @@ def main() -> None:
         work = Path(tmp)
         digits = runpy.run_path(str(EXAMPLES / "digits" / "train.py"))["build"](work / "digits")
         conv = runpy.run_path(str(EXAMPLES / "conv" / "conv.py"))["build"](work / "conv")
-        results = {
+        cases = {
             "digits_onnx": _case(
                 digits["onnx"],
                 digits["calibration"],
@@ -108,6 +111,8 @@ def main() -> None:
                 args.runs_conv,
             ),
         }
+    results = {name: figures for name, (figures, _) in cases.items()}
+    environment = cases["conv_onnx_224"][1]
     c = results["conv_onnx_224"]
     drops = [results[k]["accuracy_drop_points"] for k in ("digits_onnx", "digits_tflite")]
     checks = {
@@ -123,9 +128,9 @@ def main() -> None:
                 "benchmark": "quantize",
                 "scheme": "static int8",
                 "machine": {
-                    "machine": platform.machine(),
-                    "processor": _cpu_model(),
-                    "cpus": os.cpu_count(),
+                    "machine": environment["machine"],
+                    "processor": environment["processor"],
+                    "cpus": environment["cpus"],
                     # int8 dot-product instructions. Without them AVX2 needs VPMADDUBSW +
                     # VPMADDWD + VPADDD per 32 int8 MACs against 4 FMAs for 32 fp32 MACs,
                     # so int8 convolution runs at best about 2x faster than fp32.

@@ -40,8 +40,10 @@ from paho.mqtt.properties import Properties
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.bundle.manifest import ModelSpec, TensorSpec
+from agent.messages.status import device_presence
 from agent.messages.topics import Topics
-from agent.plumbing.mqtt import MqttConfig, MqttTransport
+from agent.plumbing.broker import BrokerConfig
+from agent.plumbing.mqtt import MqttClient
 from agent.serve.codec import BINARY_CONTENT_TYPE, JSON_CONTENT_TYPE, encode_binary, encode_json
 from agent.serve.http import HttpServer, HttpServerConfig
 from agent.serve.mqtt import MqttInferenceServer, MqttServingConfig
@@ -241,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         # paths measure the kernel's 40 ms timer instead of the software.
         broker = Broker(directory / "broker", extra_config="set_tcp_nodelay true\n")
         broker.start()
-        transport = MqttTransport(MqttConfig(broker.host, broker.port, TOPICS.fleet, TOPICS.device))
+        transport = MqttClient(BrokerConfig(broker.url), presence=device_presence(TOPICS))
         server = MqttInferenceServer(model, transport, TOPICS, MqttServingConfig(queue_size=256))
         server.start()
         transport.start()

@@ -37,10 +37,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.bundle._verify import verify_bundle
+from agent.bundle import verify_bundle
 from agent.bundle.manifest import Manifest
 from agent.errors import EdgeshipError
-from agent.install._health import ChildGate, load_and_check
+from agent.install import ChildGate, load_and_check
 from agent.serve._slot import ModelSlot
 from agent.serve.runtimes import load_model
 from tests.support.bundles import NOW

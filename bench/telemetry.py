@@ -35,9 +35,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.bundle.manifest import DriftFeatureRef, DriftReference
+from agent.messages.status import device_presence
 from agent.messages.topics import Topics
-from agent.plumbing.mqtt import MqttConfig, MqttTransport
-from agent.telemetry import DriftMonitor, Metrics, Outbox, Reporter, ReporterConfig, SystemSampler
+from agent.plumbing.broker import BrokerConfig, BrokerUrl
+from agent.plumbing.mqtt import MqttClient
+from agent.telemetry import DriftMonitor, Metrics, Outbox, Reporter, SystemSampler, TelemetryConfig
 from tests.support.broker import Broker
 
 FEATURES = 64
@@ -144,7 +146,8 @@ def bench_paced(seconds: float, state: Path) -> dict[str, Any]:
         metrics = Metrics()
         drift = DriftMonitor(_reference(), classifier=True)
         outbox = Outbox(state / f"paced-{with_telemetry}.db")
-        transport = MqttTransport(MqttConfig("127.0.0.1", 1, "bench", "dev"))  # never connects
+        # Never started: messages stay in the outbox.
+        transport = MqttClient(BrokerConfig(BrokerUrl("127.0.0.1", 1, tls=False)))
         reporter = Reporter(
             Topics("bench", "dev"),
             outbox,
@@ -152,7 +155,7 @@ def bench_paced(seconds: float, state: Path) -> dict[str, Any]:
             metrics=metrics,
             drift=drift,
             system=SystemSampler(state),
-            config=ReporterConfig(interval_s=1.0),
+            config=TelemetryConfig(interval_s=1.0),
         )
         if with_telemetry:
             reporter.start()
@@ -241,9 +244,11 @@ def bench_delivery(count: int, state: Path) -> dict[str, Any]:
             outbox.append(
                 "edgeship/v1/bench/dev/telemetry", "telemetry", {"i": i, "pad": "x" * 400}
             )
-        transport = MqttTransport(MqttConfig(broker.host, broker.port, "bench", "dev"))
+        transport = MqttClient(
+            BrokerConfig(broker.url), presence=device_presence(Topics("bench", "dev"))
+        )
         reporter = Reporter(
-            Topics("bench", "dev"), outbox, transport, config=ReporterConfig(interval_s=3600)
+            Topics("bench", "dev"), outbox, transport, config=TelemetryConfig(interval_s=3600)
         )
         transport.start()
         if not transport.wait_connected(10):

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from agent.bundle._verify import Limits, verify_bundle, write_bundle
+from agent.bundle import Limits, verify_bundle, write_bundle
 from agent.bundle.manifest import (
     PAYLOAD_TYPE,
     Compatibility,

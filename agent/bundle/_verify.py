@@ -14,22 +14,19 @@ from __future__ import annotations
 
 import hashlib
 import os
-import platform
-import re
 import shutil
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import BinaryIO
 
 from agent.bundle import _tar
+from agent.bundle._compat import DeviceInfo, check_compatibility
 from agent.bundle.manifest import (
-    FORMAT_RUNTIMES,
     MANIFEST_PATH,
     PAYLOAD_TYPE,
     SIGNATURE_PATH,
-    Compatibility,
     Manifest,
     is_safe_member_path,
 )
@@ -38,7 +35,6 @@ from agent.errors import (
     BadSignatureError,
     BundleError,
     BundleTooLargeError,
-    CompatibilityError,
     DigestMismatchError,
     DuplicateMemberError,
     ExpiredError,
@@ -55,37 +51,30 @@ from agent.errors import (
 from agent.plumbing.files import write_new
 
 __all__ = [
-    "DeviceInfo",
+    "DEFAULT_MAX_BUNDLE_BYTES",
     "Limits",
     "VerifiedBundle",
-    "check_compatibility",
     "read_unverified",
     "verify_bundle",
-    "version_tuple",
-    "write_bundle",
 ]
+
+# The one default cap on a bundle's size, for `edgeship-agent install` and the daemon
+# alike (agent.toml: fetch.max_bundle_bytes): the download stops past it and
+# verification refuses a larger file.
+DEFAULT_MAX_BUNDLE_BYTES = 512 * 1024**2
 
 
 @dataclass(frozen=True)
 class Limits:
     """Caps applied before and while reading a bundle."""
 
-    max_bundle_bytes: int = 4 * 1024**3
+    max_bundle_bytes: int = DEFAULT_MAX_BUNDLE_BYTES
     max_manifest_bytes: int = 1024**2
     # The envelope repeats the manifest, base64-encoded (4/3 of its size), plus signatures.
     max_signature_bytes: int = max_manifest_bytes * 4 // 3 + 64 * 1024
     max_members: int = 256
-    clock_slack_seconds: float = 300.0
+    clock_slack_s: float = 300.0
     chunk_bytes: int = 1024**2
-
-
-@dataclass(frozen=True)
-class DeviceInfo:
-    """What only the device knows: the runtimes it has, its architecture and class."""
-
-    runtimes: Mapping[str, str] = field(default_factory=dict)  # runtime name -> version
-    arch: str = field(default_factory=platform.machine)
-    device_class: str | None = None
 
 
 @dataclass(frozen=True)
@@ -96,59 +85,6 @@ class VerifiedBundle:
     # sha256 of the signed manifest bytes: the bundle's identity (it covers every file).
     digest: str
     runtime: str | None  # the runtime chosen for the device, when one was given
-
-
-def version_tuple(version: str) -> tuple[int, ...]:
-    """Leading numeric components of a version string: ``"2.14.0rc1"`` -> ``(2, 14, 0)``."""
-    parts = []
-    for piece in version.split("."):
-        m = re.match(r"\d+", piece)
-        if not m:
-            break
-        parts.append(int(m.group()))
-        if m.end() != len(piece):
-            break
-    return tuple(parts)
-
-
-def check_compatibility(manifest: Manifest, device: DeviceInfo) -> str:
-    """The first runtime in the manifest's preference order that this device can use.
-
-    Raises:
-        CompatibilityError: wrong architecture or device class, or no usable runtime.
-    """
-    compat: Compatibility = manifest.compatibility
-    if compat.arch and device.arch not in compat.arch:
-        raise CompatibilityError(
-            f"bundle is built for {', '.join(compat.arch)}; this device is {device.arch}"
-        )
-    if compat.device_classes and device.device_class not in compat.device_classes:
-        raise CompatibilityError(
-            f"bundle targets device classes {', '.join(compat.device_classes)}; this device is"
-            f" {device.device_class or 'unclassified'}"
-        )
-    wanted = []
-    for req in compat.runtimes:
-        if req.name not in FORMAT_RUNTIMES[manifest.model.format]:
-            continue
-        wanted.append(
-            f"{req.name}{' >=' + req.min_version if req.min_version else ''}"
-            f"{' <' + req.max_version if req.max_version else ''}"
-        )
-        installed = device.runtimes.get(req.name)
-        if installed is None:
-            continue
-        have = version_tuple(installed)
-        if req.min_version and have < version_tuple(req.min_version):
-            continue
-        if req.max_version and have >= version_tuple(req.max_version):
-            continue
-        return req.name
-    present = ", ".join(f"{k} {v}" for k, v in sorted(device.runtimes.items())) or "none"
-    raise CompatibilityError(
-        f"no usable runtime: the bundle needs one of {'; '.join(wanted)}; installed: {present}."
-        " Install a matching runtime extra (edgeship[onnx], edgeship[litert], edgeship[tflite])"
-    )
 
 
 # Every bundle's first header starts with these bytes (name, mode, uid, gid; size follows).
@@ -385,7 +321,7 @@ def _verify(
         )
     if (
         manifest.expires is not None
-        and now - timedelta(seconds=limits.clock_slack_seconds) > manifest.expires
+        and now - timedelta(seconds=limits.clock_slack_s) > manifest.expires
     ):
         raise ExpiredError(
             f"bundle expired at {manifest.expires.isoformat()}; build and sign a fresh one"
@@ -495,41 +431,3 @@ def _make_read_only(root: Path) -> None:
         for name in dirnames:
             os.chmod(os.path.join(dirpath, name), 0o555)  # noqa: S103 - read-only, not secret
     os.chmod(root, 0o555)  # noqa: S103 - the store is read-only, not secret
-
-
-def write_bundle(
-    out: BinaryIO,
-    manifest_bytes: bytes,
-    envelope_bytes: bytes,
-    payload: Mapping[str, Path],
-    *,
-    chunk_bytes: int = 1024**2,
-) -> None:
-    """Write a bundle in the canonical encoding (the SDK signs; this only lays out bytes).
-
-    ``payload`` maps member paths to source files; members are written sorted by path,
-    which is the order of the manifest's file list.
-
-    Raises:
-        ValueError: a path is not a safe member path.
-    """
-    for path in payload:
-        if not is_safe_member_path(path):
-            raise ValueError(f"{path!r} is not a safe bundle member path")
-    out.write(_tar.encode_header(MANIFEST_PATH, len(manifest_bytes)))
-    out.write(manifest_bytes + b"\0" * _tar.padding(len(manifest_bytes)))
-    out.write(_tar.encode_header(SIGNATURE_PATH, len(envelope_bytes)))
-    out.write(envelope_bytes + b"\0" * _tar.padding(len(envelope_bytes)))
-    for path in sorted(payload):
-        src = payload[path]
-        size = src.stat().st_size
-        out.write(_tar.encode_header(path, size))
-        written = 0
-        with src.open("rb") as f:
-            while chunk := f.read(chunk_bytes):
-                out.write(chunk)
-                written += len(chunk)
-        if written != size:
-            raise ValueError(f"{src} changed size while being written")
-        out.write(b"\0" * _tar.padding(size))
-    out.write(_tar.END_OF_ARCHIVE)

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from agent.bundle.manifest import Encryption, Manifest, Recipient
+from agent.bundle.manifest import Encryption, Recipient
 from agent.errors import DecryptionError, KeyFileError, NotForThisDeviceError
 from agent.plumbing.files import write_new
 
@@ -44,7 +44,6 @@ __all__ = [
     "key_id",
     "load_public_key",
     "open_data_key",
-    "read_payload",
 ]
 
 _WRAP_INFO = b"edgeship/v1/wrap"
@@ -226,16 +225,3 @@ def decrypt_file(encryption: Encryption, data_key: bytes, path: str, ciphertext:
         raise DecryptionError(
             f"{path} does not decrypt with the bundle's data key; the bundle was built wrong"
         ) from None
-
-
-def read_payload(manifest: Manifest, model_dir: Path, path: str, key: DeviceKey | None) -> bytes:
-    """A payload file's plaintext, decrypted in memory when the bundle is encrypted.
-
-    Raises:
-        OSError: the file cannot be read.
-        NotForThisDeviceError, DecryptionError: as :func:`open_data_key`, :func:`decrypt_file`.
-    """
-    data = (Path(model_dir) / path).read_bytes()
-    if manifest.encryption is None:
-        return data
-    return decrypt_file(manifest.encryption, open_data_key(manifest.encryption, key), path, data)

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, Literal
 
-from agent.errors import MalformedManifestError, SchemaVersionError
+from agent.errors import MalformedManifestError
+from agent.plumbing.strict import load_json
 
 __all__ = [
     "DTYPES",
@@ -66,10 +66,12 @@ FORMAT_RUNTIMES: Mapping[str, tuple[str, ...]] = {
 }
 QUANT_SCHEMES = frozenset({"none", "dynamic", "static", "weight-only"})
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-_PATH_COMPONENT_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
-_VERSION_RE = re.compile(r"^\d+(\.\d+)*$")
+# Grammars of the manifest's string fields, always matched in full (re.fullmatch): a
+# pattern anchored with "$" would let a trailing newline through.
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+SHA256_RE = re.compile(r"[0-9a-f]{64}")
+VERSION_RE = re.compile(r"[0-9]+(\.[0-9]+)*")  # [0-9], not \d: no other scripts' digits
+_PATH_COMPONENT_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 MAX_MEMBER_PATH_BYTES = 100  # fits a plain ustar name field: no pax or GNU extensions
 
 
@@ -79,7 +81,7 @@ def is_safe_member_path(path: str) -> bool:
         return False
     if path in (MANIFEST_PATH, SIGNATURE_PATH):
         return False
-    return all(_PATH_COMPONENT_RE.match(part) for part in path.split("/"))
+    return all(_PATH_COMPONENT_RE.fullmatch(part) for part in path.split("/"))
 
 
 def format_time(t: datetime) -> str:
@@ -365,274 +367,14 @@ class Manifest:
             SchemaVersionError: the manifest's major schema version is newer than ours.
             MalformedManifestError: not UTF-8 JSON, or not following the schema.
         """
-        try:
-            text = data.decode("utf-8", errors="strict")
-        except UnicodeDecodeError as exc:
-            raise MalformedManifestError(f"manifest is not valid UTF-8: {exc}") from None
-        try:
-            doc = json.loads(
-                text, parse_constant=_reject_constant, object_pairs_hook=_no_duplicate_keys
-            )
-        # RecursionError: deeply nested arrays; read_unverified parses unsigned manifests.
-        except (ValueError, RecursionError) as exc:
-            raise MalformedManifestError(f"manifest is not valid JSON: {exc}") from None
-        return cls.from_json(doc)
+        return cls.from_json(load_json(data, what="manifest", error=MalformedManifestError))
 
     @classmethod
     def from_json(cls, doc: object) -> Manifest:
         """Check a decoded JSON document against schema v1. Raises: as :meth:`from_bytes`."""
-        root = _Obj(doc, "manifest", strict=True)
-        version = root.text("schema_version")
-        m = re.fullmatch(r"(\d+)\.(\d+)", version)
-        if not m:
-            raise MalformedManifestError(f"schema_version {version!r} is not MAJOR.MINOR")
-        major, minor = int(m.group(1)), int(m.group(2))
-        if major != SCHEMA_MAJOR:
-            raise SchemaVersionError(
-                f"manifest schema {version} is not readable by this agent (reads {SCHEMA_MAJOR}.x);"
-                " upgrade the agent, or rebuild the bundle with an SDK that writes schema"
-                f" {SCHEMA_MAJOR}.x"
-            )
-        strict = minor <= SCHEMA_MINOR
-        root = _Obj(doc, "manifest", strict=strict)
-        root.seen.add("schema_version")
-        manifest = cls(
-            schema_version=version,
-            name=root.name("name"),
-            version=root.text("version", max_len=64),
-            sequence=root.integer("sequence", minimum=0),
-            created=root.time("created"),
-            expires=root.opt(root.time, "expires"),
-            compatibility=_parse_compat(root.obj("compatibility")),
-            model=_parse_model(root.obj("model")),
-            quantization=_parse_quant(root.obj("quantization")),
-            health=_parse_health(root.obj("health")),
-            drift_reference=_parse_drift(root.opt(root.obj, "drift_reference")),
-            evaluation=root.opt(root.any_obj, "evaluation"),
-            model_card=_parse_card(root.obj("model_card")),
-            files=_parse_files(root.array("files")),
-            encryption=_parse_encryption(root.opt(root.obj, "encryption")),
-            extensions={k: v for k, v in cast(dict[str, Any], doc).items() if k not in root.seen},
-        )
-        root.done()
-        _check_consistency(manifest)
-        return manifest
+        from agent.bundle._manifest_read import read_manifest  # noqa: PLC0415 - a cycle
 
-
-# --- parsing helpers -------------------------------------------------------------------
-
-T = TypeVar("T")
-
-
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not allowed in a manifest")
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"duplicate key {key!r}")
-        out[key] = value
-    return out
-
-
-class _Obj:
-    """Typed access to one JSON object, remembering which keys were read."""
-
-    def __init__(self, value: object, where: str, *, strict: bool) -> None:
-        if not isinstance(value, dict):
-            raise MalformedManifestError(f"{where} must be an object")
-        self.value: dict[str, Any] = value
-        self.where = where
-        self.strict = strict
-        self.seen: set[str] = set()
-
-    def _get(self, key: str) -> Any:
-        self.seen.add(key)
-        if key not in self.value:
-            raise MalformedManifestError(f"{self.where}.{key} is missing")
-        return self.value[key]
-
-    def _bad(self, key: str, what: str) -> MalformedManifestError:
-        return MalformedManifestError(f"{self.where}.{key} must be {what}")
-
-    def has(self, key: str) -> bool:
-        return key in self.value
-
-    def opt(self, getter: Any, key: str, *args: Any, **kwargs: Any) -> Any:
-        """``getter(key)`` unless the key is absent or null."""
-        self.seen.add(key)
-        if self.value.get(key) is None:
-            return None
-        return getter(key, *args, **kwargs)
-
-    def text(self, key: str, *, max_len: int = 4096) -> str:
-        v = self._get(key)
-        if not isinstance(v, str) or len(v) > max_len:
-            raise self._bad(key, f"a string of at most {max_len} characters")
-        return v
-
-    def name(self, key: str) -> str:
-        v = self.text(key)
-        if not _NAME_RE.match(v):
-            raise self._bad(key, "1-128 characters of A-Z a-z 0-9 . _ - starting alphanumeric")
-        return v
-
-    def integer(self, key: str, *, minimum: int | None = None) -> int:
-        v = self._get(key)
-        if isinstance(v, bool) or not isinstance(v, int) or (minimum is not None and v < minimum):
-            raise self._bad(key, "an integer" + (f" >= {minimum}" if minimum is not None else ""))
-        return v
-
-    def number(self, key: str, *, minimum: float | None = None) -> float:
-        v = self._get(key)
-        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
-            raise self._bad(key, "a finite number")
-        if minimum is not None and v < minimum:
-            raise self._bad(key, f"a number >= {minimum}")
-        return float(v)
-
-    def time(self, key: str) -> datetime:
-        v = self.text(key, max_len=32)
-        try:
-            t = datetime.strptime(v, "%Y-%m-%dT%H:%M:%SZ")
-        except ValueError:
-            raise self._bad(key, "a UTC time like 2026-01-31T12:00:00Z") from None
-        return t.replace(tzinfo=UTC)
-
-    def sha256(self, key: str) -> str:
-        v = self.text(key)
-        if not _SHA256_RE.match(v):
-            raise self._bad(key, "64 lowercase hex digits")
-        return v
-
-    def path(self, key: str) -> str:
-        v = self.text(key)
-        if not is_safe_member_path(v):
-            raise self._bad(key, "a safe relative member path")
-        return v
-
-    def array(self, key: str, *, max_len: int = 10_000) -> list[Any]:
-        v = self._get(key)
-        if not isinstance(v, list) or len(v) > max_len:
-            raise self._bad(key, f"a list of at most {max_len} items")
-        return v
-
-    def texts(self, key: str) -> tuple[str, ...]:
-        items = self.array(key, max_len=256)
-        if not all(isinstance(i, str) and len(i) <= 4096 for i in items):
-            raise self._bad(key, "a list of strings")
-        return tuple(items)
-
-    def numbers(self, key: str, *, max_len: int = 256) -> tuple[float, ...]:
-        items = self.array(key, max_len=max_len)
-        if not all(
-            isinstance(i, int | float) and not isinstance(i, bool) and math.isfinite(i)
-            for i in items
-        ):
-            raise self._bad(key, "a list of finite numbers")
-        return tuple(float(i) for i in items)
-
-    def obj(self, key: str) -> _Obj:
-        return _Obj(self._get(key), f"{self.where}.{key}", strict=self.strict)
-
-    def any_obj(self, key: str) -> dict[str, Any]:
-        v = self._get(key)
-        if not isinstance(v, dict):
-            raise self._bad(key, "an object")
-        return v
-
-    def done(self) -> None:
-        """In strict mode, any key not read is an error."""
-        extra = sorted(set(self.value) - self.seen)
-        if extra and self.strict:
-            raise MalformedManifestError(
-                f"{self.where} has unknown field(s) {', '.join(extra)}; this schema version"
-                " does not define them"
-            )
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def _parse_encryption(o: _Obj | None) -> Encryption | None:
-    if o is None:
-        return None
-    scheme = o.text("scheme", max_len=64)
-    if scheme != ENCRYPTION_SCHEME:
-        raise MalformedManifestError(
-            f"{o.where}.scheme {scheme!r} is unknown; this agent decrypts {ENCRYPTION_SCHEME}"
-        )
-
-    def raw(item: _Obj, key: str, size: int) -> bytes:
-        text = item.text(key, max_len=128)
-        try:
-            data = base64.b64decode(text, validate=True)
-        except ValueError:
-            data = b""
-        if len(data) != size or _b64(data) != text:
-            raise MalformedManifestError(
-                f"{item.where}.{key} must be {size} bytes in canonical base64"
-            )
-        return data
-
-    recipients = []
-    for r in _items(o, "recipients", max_len=1024):
-        recipients.append(
-            Recipient(r.sha256("key_id"), raw(r, "ephemeral_public", 32), raw(r, "wrapped_key", 48))
-        )
-        r.done()
-    if not recipients:
-        raise MalformedManifestError(f"{o.where}.recipients must name at least one device key")
-    if len({r.key_id for r in recipients}) != len(recipients):
-        raise MalformedManifestError(f"{o.where}.recipients names a key id twice")
-    table = o.obj("nonces")
-    nonces = {}
-    for path in sorted(table.value):
-        if not is_safe_member_path(path):
-            raise MalformedManifestError(f"{table.where} names {path!r}, not a safe member path")
-        nonces[path] = raw(table, path, 12)
-    table.seen.update(table.value)
-    if len(set(nonces.values())) != len(nonces):
-        raise MalformedManifestError(f"{table.where} uses a nonce twice")
-    o.done()
-    return Encryption(recipients=tuple(recipients), nonces=nonces, scheme=scheme)
-
-
-def _items(parent: _Obj, key: str, *, max_len: int = 10_000) -> list[_Obj]:
-    return [
-        _Obj(item, f"{parent.where}.{key}[{i}]", strict=parent.strict)
-        for i, item in enumerate(parent.array(key, max_len=max_len))
-    ]
-
-
-def _parse_tensor(o: _Obj) -> TensorSpec:
-    dtype = o.text("dtype")
-    if dtype not in DTYPES:
-        raise MalformedManifestError(f"{o.where}.dtype {dtype!r} is not one of {sorted(DTYPES)}")
-    dims = o.array("shape", max_len=16)
-    shape: list[int | None] = []
-    for d in dims:
-        if d is None or (isinstance(d, int) and not isinstance(d, bool) and d >= 1):
-            shape.append(d)
-        else:
-            raise MalformedManifestError(f"{o.where}.shape dims must be positive integers or null")
-    quant = None
-    q = o.opt(o.obj, "quantization")
-    if q is not None:
-        quant = QuantParams(
-            scale=q.number("scale", minimum=0.0), zero_point=q.integer("zero_point")
-        )
-        if quant.scale == 0.0:
-            raise MalformedManifestError(f"{q.where}.scale must be > 0")
-        q.done()
-    spec = TensorSpec(
-        name=o.text("name", max_len=256), dtype=dtype, shape=tuple(shape), quantization=quant
-    )
-    o.done()
-    return spec
+        return read_manifest(doc)
 
 
 def _tensor_to_json(t: TensorSpec) -> dict[str, Any]:
@@ -643,122 +385,6 @@ def _tensor_to_json(t: TensorSpec) -> dict[str, Any]:
         else None
     )
     return out
-
-
-def _parse_model(o: _Obj) -> ModelSpec:
-    fmt = o.text("format")
-    if fmt not in FORMAT_RUNTIMES:
-        raise MalformedManifestError(f"{o.where}.format must be one of {sorted(FORMAT_RUNTIMES)}")
-    spec = ModelSpec(
-        format=cast(Literal["onnx", "tflite"], fmt),
-        file=o.path("file"),
-        inputs=tuple(_parse_tensor(t) for t in _items(o, "inputs", max_len=64)),
-        outputs=tuple(_parse_tensor(t) for t in _items(o, "outputs", max_len=64)),
-    )
-    o.done()
-    if not spec.inputs or not spec.outputs:
-        raise MalformedManifestError(f"{o.where} needs at least one input and one output")
-    return spec
-
-
-def _parse_version(o: _Obj, key: str) -> str | None:
-    v: str | None = o.opt(o.text, key, max_len=32)
-    if v is not None and not _VERSION_RE.match(v):
-        raise MalformedManifestError(f"{o.where}.{key} must look like 1.17 or 2.14.0")
-    return v
-
-
-def _parse_compat(o: _Obj) -> Compatibility:
-    runtimes = []
-    for r in _items(o, "runtimes", max_len=8):
-        name = r.text("name")
-        if name not in RUNTIMES:
-            raise MalformedManifestError(f"{r.where}.name must be one of {list(RUNTIMES)}")
-        runtimes.append(
-            RuntimeRequirement(
-                name, _parse_version(r, "min_version"), _parse_version(r, "max_version")
-            )
-        )
-        r.done()
-    compat = Compatibility(
-        runtimes=tuple(runtimes), arch=o.texts("arch"), device_classes=o.texts("device_classes")
-    )
-    o.done()
-    if not compat.runtimes:
-        raise MalformedManifestError(f"{o.where}.runtimes must name at least one runtime")
-    return compat
-
-
-def _parse_quant(o: _Obj) -> Quantization:
-    scheme = o.text("scheme")
-    if scheme not in QUANT_SCHEMES:
-        raise MalformedManifestError(f"{o.where}.scheme must be one of {sorted(QUANT_SCHEMES)}")
-    q = Quantization(
-        scheme=scheme,
-        calibration_sha256=o.opt(o.sha256, "calibration_sha256"),
-        details=o.any_obj("details"),
-    )
-    o.done()
-    return q
-
-
-def _parse_health(o: _Obj) -> Health:
-    tol = o.obj("tolerance")
-    tolerance = Tolerance(
-        atol=tol.number("atol", minimum=0.0), rtol=tol.number("rtol", minimum=0.0)
-    )
-    tol.done()
-    p = o.obj("probation")
-    probation = Probation(
-        requests=p.integer("requests", minimum=0),
-        seconds=p.number("seconds", minimum=0.0),
-        max_error_rate=p.number("max_error_rate", minimum=0.0),
-        max_p95_ms=p.opt(p.number, "max_p95_ms", minimum=0.0),
-    )
-    p.done()
-    health = Health(
-        golden_inputs=o.path("golden_inputs"),
-        expected_outputs=o.path("expected_outputs"),
-        tolerance=tolerance,
-        latency_budget_p95_ms=o.opt(o.number, "latency_budget_p95_ms", minimum=0.0),
-        probation=probation,
-    )
-    o.done()
-    return health
-
-
-def _parse_drift(o: _Obj | None) -> DriftReference | None:
-    if o is None:
-        return None
-    groups_obj = o.any_obj("groups")
-    groups: dict[str, int] = {}
-    for name, count in groups_obj.items():
-        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-            raise MalformedManifestError(f"{o.where}.groups.{name} must be a positive integer")
-        groups[name] = count
-    features = []
-    for f in _items(o, "features", max_len=4096):
-        ref = DriftFeatureRef(
-            input=f.text("input", max_len=256),
-            index=f.integer("index", minimum=0),
-            edges=f.numbers("edges", max_len=64),
-            fractions=f.numbers("fractions", max_len=65),
-            mean=f.number("mean"),
-            std=f.number("std", minimum=0.0),
-        )
-        f.done()
-        if len(ref.fractions) != len(ref.edges) + 1 or list(ref.edges) != sorted(ref.edges):
-            raise MalformedManifestError(
-                f"{f.where} needs ascending edges and one more fraction than edges"
-            )
-        if ref.input not in groups or ref.index >= groups[ref.input]:
-            raise MalformedManifestError(f"{f.where} names a feature outside drift groups")
-        features.append(ref)
-    drift = DriftReference(
-        sample_count=o.integer("sample_count", minimum=0), groups=groups, features=tuple(features)
-    )
-    o.done()
-    return drift
 
 
 def _drift_to_json(d: DriftReference | None) -> dict[str, Any] | None:
@@ -781,60 +407,5 @@ def _drift_to_json(d: DriftReference | None) -> dict[str, Any] | None:
     }
 
 
-def _parse_card(o: _Obj) -> ModelCard:
-    card = ModelCard(
-        description=o.text("description"),
-        intended_use=o.text("intended_use"),
-        data_sources=o.texts("data_sources"),
-        limitations=o.text("limitations"),
-        retraining_triggers=o.texts("retraining_triggers"),
-        owners=o.texts("owners"),
-        license=o.text("license", max_len=256),
-    )
-    o.done()
-    return card
-
-
-def _parse_files(items: list[Any]) -> tuple[FileEntry, ...]:
-    entries = []
-    for i, item in enumerate(items):
-        o = _Obj(item, f"manifest.files[{i}]", strict=True)
-        entries.append(
-            FileEntry(
-                path=o.path("path"), size=o.integer("size", minimum=0), sha256=o.sha256("sha256")
-            )
-        )
-        o.done()
-    paths = [e.path for e in entries]
-    if paths != sorted(paths) or len(set(paths)) != len(paths):
-        raise MalformedManifestError("manifest.files must be sorted by path without duplicates")
-    return tuple(entries)
-
-
-def _check_consistency(m: Manifest) -> None:
-    listed = {f.path for f in m.files}
-    for role, path in (
-        ("model.file", m.model.file),
-        ("health.golden_inputs", m.health.golden_inputs),
-        ("health.expected_outputs", m.health.expected_outputs),
-    ):
-        if path not in listed:
-            raise MalformedManifestError(f"manifest {role} {path!r} is not listed in files")
-    # A file path may not also be a directory of another path.
-    for path in listed:
-        parts = path.split("/")
-        for i in range(1, len(parts)):
-            if "/".join(parts[:i]) in listed:
-                raise MalformedManifestError(f"manifest files: {path!r} is inside another file")
-    usable = {r.name for r in m.compatibility.runtimes}
-    if not usable & set(FORMAT_RUNTIMES[m.model.format]):
-        raise MalformedManifestError(
-            f"compatibility.runtimes {sorted(usable)} cannot run a {m.model.format} model"
-        )
-    if m.expires is not None and m.expires <= m.created:
-        raise MalformedManifestError("manifest expires must be after created")
-    if m.encryption is not None and set(m.encryption.nonces) != listed:
-        raise MalformedManifestError(
-            "manifest encryption.nonces must name exactly the files listed: every payload file"
-            " of an encrypted bundle is encrypted"
-        )
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")

@@ -19,11 +19,8 @@ import json
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from pathlib import Path
+from typing import Literal
 
 from agent.errors import (
     BadSignatureError,
@@ -32,6 +29,7 @@ from agent.errors import (
     ThresholdError,
     UntrustedSignerError,
 )
+from agent.plumbing.strict import Doc, load_json
 
 __all__ = [
     "Envelope",
@@ -44,6 +42,12 @@ __all__ = [
 
 KeyType = Literal["ed25519", "ecdsa-p256"]
 MAX_SIGNATURES = 16  # more than any sane policy; bounds work done on hostile envelopes
+
+# The DER SubjectPublicKeyInfo of every Ed25519 key: this prefix and the 32 key bytes.
+# Reading it needs no cryptography library, so an agent that only loads its trust policy
+# (and verifies nothing until a bundle arrives) does not import one.
+_ED25519_SPKI_PREFIX = bytes.fromhex("302a300506032b6570032100")
+_PEM_BEGIN, _PEM_END = b"-----BEGIN PUBLIC KEY-----", b"-----END PUBLIC KEY-----"
 
 
 def pae(payload_type: str, payload: bytes) -> bytes:
@@ -66,6 +70,11 @@ class PublicKey:
     @classmethod
     def from_pem(cls, pem: bytes) -> PublicKey:
         """Load a PEM public key. Raises: KeyFileError if it is not Ed25519 or ECDSA P-256."""
+        der = _pem_der(pem)
+        if der is not None and len(der) == 44 and der.startswith(_ED25519_SPKI_PREFIX):
+            return cls(keytype="ed25519", spki_der=der)  # already the canonical encoding
+        from cryptography.hazmat.primitives import serialization  # noqa: PLC0415 - lazy
+
         try:
             key = serialization.load_pem_public_key(pem)
         except ValueError as exc:
@@ -75,6 +84,9 @@ class PublicKey:
     @classmethod
     def from_key(cls, key: object) -> PublicKey:
         """Wrap a ``cryptography`` public key. Raises: KeyFileError for other key types."""
+        from cryptography.hazmat.primitives import serialization  # noqa: PLC0415 - lazy
+        from cryptography.hazmat.primitives.asymmetric import ec, ed25519  # noqa: PLC0415
+
         keytype: KeyType
         if isinstance(key, ed25519.Ed25519PublicKey):
             keytype = "ed25519"
@@ -88,6 +100,8 @@ class PublicKey:
         return cls(keytype=keytype, spki_der=der)
 
     def to_pem(self) -> bytes:
+        from cryptography.hazmat.primitives import serialization  # noqa: PLC0415 - lazy
+
         key = serialization.load_der_public_key(self.spki_der)
         return key.public_bytes(
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -95,13 +109,30 @@ class PublicKey:
 
     def verify(self, signature: bytes, message: bytes) -> None:
         """Raises: InvalidSignature (from ``cryptography``) if the signature does not verify."""
+        from cryptography.hazmat.primitives import hashes, serialization  # noqa: PLC0415 - lazy
+        from cryptography.hazmat.primitives.asymmetric import ec, ed25519  # noqa: PLC0415
+
         key = serialization.load_der_public_key(self.spki_der)
         if isinstance(key, ed25519.Ed25519PublicKey):
             key.verify(signature, message)
         elif isinstance(key, ec.EllipticCurvePublicKey):
             key.verify(signature, message, ec.ECDSA(hashes.SHA256()))
         else:  # pragma: no cover - from_key admits only the two types above
+            from cryptography.exceptions import InvalidSignature  # noqa: PLC0415
+
             raise InvalidSignature
+
+
+def _pem_der(pem: bytes) -> bytes | None:
+    """The DER inside one ``PUBLIC KEY`` PEM block, or None for anything less plain."""
+    text = pem.strip()
+    if not (text.startswith(_PEM_BEGIN) and text.endswith(_PEM_END)):
+        return None
+    body = b"".join(text[len(_PEM_BEGIN) : -len(_PEM_END)].split())
+    try:
+        return base64.b64decode(body, validate=True)
+    except (binascii.Error, ValueError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -130,37 +161,26 @@ class Envelope:
     @classmethod
     def from_bytes(cls, data: bytes) -> Envelope:
         """Parse a DSSE envelope. Raises: BadSignatureError if it is malformed."""
-        try:
-            doc = json.loads(data.decode("utf-8"))
-        # ValueError: also integer literals over Python's digit limit; RecursionError: deep
-        # nesting. Both are reachable with hostile bytes before any signature is checked.
-        except (ValueError, RecursionError) as exc:
-            raise BadSignatureError(f"manifest.sig is not a JSON DSSE envelope: {exc}") from None
-        if not isinstance(doc, dict) or set(doc) - {"payload", "payloadType", "signatures"}:
-            raise BadSignatureError("manifest.sig is not a DSSE envelope")
-        payload_type, payload_b64, sigs = (
-            doc.get("payloadType"),
-            doc.get("payload"),
-            doc.get("signatures"),
-        )
-        if not isinstance(payload_type, str) or not isinstance(payload_b64, str):
-            raise BadSignatureError("DSSE envelope needs string payload and payloadType")
-        if not isinstance(sigs, list) or not sigs:
+        parsed = load_json(data, what="manifest.sig (a DSSE envelope)", error=BadSignatureError)
+        doc = Doc(parsed, "manifest.sig", error=BadSignatureError)
+        # Its size was capped before parsing (Limits.max_signature_bytes).
+        payload_type = doc.text("payloadType", max_len=256)
+        payload = _b64(doc.text("payload", max_len=len(data)))
+        sigs = doc.array("signatures", max_len=MAX_SIGNATURES)
+        if not sigs:
             raise BadSignatureError("DSSE envelope carries no signatures")
-        if len(sigs) > MAX_SIGNATURES:
-            raise BadSignatureError(f"DSSE envelope carries more than {MAX_SIGNATURES} signatures")
         signatures = []
-        for s in sigs:
-            if (
-                not isinstance(s, dict)
-                or not isinstance(s.get("keyid"), str)
-                or not isinstance(s.get("sig"), str)
-            ):
-                raise BadSignatureError("each DSSE signature needs string keyid and sig")
-            signatures.append(Signature(keyid=s["keyid"], sig=_b64(s["sig"])))
-        return cls(
-            payload_type=payload_type, payload=_b64(payload_b64), signatures=tuple(signatures)
-        )
+        for s in doc.items("signatures", max_len=MAX_SIGNATURES):
+            s.strict = False  # DSSE leaves room for more fields per signature
+            signatures.append(
+                Signature(keyid=s.text("keyid", max_len=256), sig=_b64(s.text("sig", max_len=1024)))
+            )
+        doc.done()
+        return cls(payload_type=payload_type, payload=payload, signatures=tuple(signatures))
+
+
+def _policy_error(message: str) -> ConfigError:
+    return ConfigError(f"trust policy: {message}")
 
 
 def _b64(text: str) -> bytes:
@@ -195,34 +215,50 @@ class TrustPolicy:
         """Parse a trust policy file.
 
         The file holds ``threshold = K`` and one ``[[keys]]`` table per key with
-        ``public_key`` (PEM text), and optionally ``keyid`` (checked) and ``name``.
+        ``public_key`` (PEM text), and optionally ``keyid`` (checked against the key),
+        ``keytype`` (checked too) and ``name``. Nothing else.
 
         Raises:
             ConfigError: the file is not valid TOML or not a valid policy.
         """
         try:
-            doc: dict[str, Any] = tomllib.loads(data.decode("utf-8"))
+            parsed = tomllib.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"trust policy is not valid TOML: {exc}") from None
-        threshold = doc.get("threshold", 1)
-        entries = doc.get("keys")
-        if isinstance(threshold, bool) or not isinstance(threshold, int):
-            raise ConfigError("trust policy threshold must be an integer")
-        if not isinstance(entries, list) or not entries:
+        doc = Doc(parsed, "", error=_policy_error)
+        threshold = doc.integer("threshold", 1)
+        if not doc.has("keys") or not doc.array("keys"):
             raise ConfigError("trust policy needs at least one [[keys]] entry")
         keys: dict[str, PublicKey] = {}
-        for i, entry in enumerate(entries):
-            if not isinstance(entry, dict) or not isinstance(entry.get("public_key"), str):
-                raise ConfigError(f"trust policy keys[{i}] needs a public_key (PEM text)")
-            key = PublicKey.from_pem(entry["public_key"].encode("ascii", errors="replace"))
-            claimed = entry.get("keyid")
-            if claimed is not None and claimed != key.keyid:
-                raise ConfigError(
-                    f"trust policy keys[{i}]: keyid {claimed} does not match its public key"
-                    f" ({key.keyid})"
-                )
+        for entry in doc.items("keys", max_len=256):
+            key = PublicKey.from_pem(
+                entry.text("public_key", max_len=16384).encode("ascii", "replace")
+            )
+            for field, actual in (("keyid", key.keyid), ("keytype", key.keytype)):
+                claimed = entry.opt(entry.text, field, max_len=128)
+                if claimed is not None and claimed != actual:
+                    raise ConfigError(
+                        f"trust policy {entry.path(field)} {claimed} does not match its public"
+                        f" key ({actual})"
+                    )
+            entry.opt(entry.text, "name", max_len=256)
+            entry.done()
             keys[key.keyid] = key
+        doc.done()
         return cls(keys=keys, threshold=threshold)
+
+    @classmethod
+    def load(cls, path: Path) -> TrustPolicy:
+        """Read a trust policy file (TOML, see :meth:`from_toml`).
+
+        Raises:
+            ConfigError: unreadable or invalid.
+        """
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read trust policy {path}: {exc.strerror}") from None
+        return cls.from_toml(data)
 
     def to_toml(self, names: Mapping[str, str] | None = None) -> bytes:
         lines = [f"threshold = {self.threshold}", ""]
@@ -252,6 +288,8 @@ def verify_envelope(envelope: Envelope, policy: TrustPolicy, payload_type: str) 
         UntrustedSignerError: no signature claims a key the policy trusts.
         ThresholdError: fewer distinct trusted keys signed than the threshold.
     """
+    from cryptography.exceptions import InvalidSignature  # noqa: PLC0415 - when verifying
+
     if envelope.payload_type != payload_type:
         raise BadSignatureError(
             f"envelope payloadType is {envelope.payload_type!r}, expected {payload_type!r}"

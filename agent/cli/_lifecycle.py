@@ -14,17 +14,17 @@ import re
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agent.bundle.crypto import DeviceKey
-from agent.bundle.signing import TrustPolicy
-from agent.errors import ConfigError, StateError
-from agent.install._fetch import UrlFetcher
+from agent.bundle import DEFAULT_MAX_BUNDLE_BYTES
+from agent.errors import ConfigError
+from agent.install._status import status_document, version_info
 from agent.install._store import AgentState, Store
-from agent.install._updater import InstallResult, Updater, UpdaterConfig
-from agent.plumbing.tls import TlsConfig
 
-__all__ = ["register", "status_document"]
+if TYPE_CHECKING:
+    from agent.install._updater import InstallResult, Updater
+
+__all__ = ["register"]
 
 _SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 
@@ -43,6 +43,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             "--decryption-key",
             type=Path,
             help="the device key (edgeship-agent keygen) that opens encrypted bundles",
+        )
+        p.add_argument(
+            "--max-bundle-bytes",
+            type=int,
+            default=DEFAULT_MAX_BUNDLE_BYTES,
+            help="refuse larger bundles, as fetch.max_bundle_bytes (default: %(default)s)",
         )
 
     p = sub.add_parser("install", help="install a bundle from a path or http(s) URL")
@@ -91,14 +97,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=_recover)
 
 
-def _policy(path: Path) -> TrustPolicy:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read trust policy {path}: {exc.strerror}") from None
-    return TrustPolicy.from_toml(data)
-
-
 def _print_result(result: InstallResult | None, updater: Updater, as_json: bool) -> None:
     state = updater.status()
     if as_json:
@@ -128,6 +126,8 @@ def _print_result(result: InstallResult | None, updater: Updater, as_json: bool)
 
 
 def _keygen(args: argparse.Namespace) -> int:
+    from agent.bundle.crypto import DeviceKey  # noqa: PLC0415 - what the command uses, when run
+
     key = DeviceKey.generate()
     try:
         key.save(args.out)
@@ -142,24 +142,34 @@ def _keygen(args: argparse.Namespace) -> int:
     return 0
 
 
-def _config(args: argparse.Namespace) -> UpdaterConfig:
-    return UpdaterConfig(decryption_key=args.decryption_key)
+def _updater(args: argparse.Namespace) -> Updater:
+    """The updater ``install`` and ``resume`` run, with the TLS files and caps given."""
+    # What the command uses, imported when it runs: `edgeship-agent run` stays light.
+    from agent.bundle.signing import TrustPolicy  # noqa: PLC0415
+    from agent.install._config import FetchConfig, UpdaterConfig  # noqa: PLC0415
+    from agent.install._fetch import UrlFetcher  # noqa: PLC0415
+    from agent.install._updater import Updater  # noqa: PLC0415
+    from agent.plumbing.tls import TlsConfig  # noqa: PLC0415
 
-
-def _fetcher(args: argparse.Namespace) -> UrlFetcher:
     if args.key_file is not None and args.cert_file is None:
         raise ConfigError("--key-file needs --cert-file")
     given = args.ca_file is not None or args.cert_file is not None
     tls = TlsConfig(args.ca_file, args.cert_file, args.key_file) if given else None
-    return UrlFetcher.from_tls(tls, setting="the --ca-file / --cert-file / --key-file")
+    return Updater(
+        args.state_dir,
+        TrustPolicy.load(args.trust),
+        fetcher=UrlFetcher.from_tls(tls, setting="the --ca-file / --cert-file / --key-file"),
+        config=UpdaterConfig(
+            fetch=FetchConfig(max_bundle_bytes=args.max_bundle_bytes),
+            decryption_key=args.decryption_key,
+        ),
+    )
 
 
 def _install(args: argparse.Namespace) -> int:
     if args.sha256 is not None and not _SHA256_RE.match(args.sha256):
         raise ConfigError("--sha256 must be 64 hex digits")
-    updater = Updater(
-        args.state_dir, _policy(args.trust), fetcher=_fetcher(args), config=_config(args)
-    )
+    updater = _updater(args)
     state = updater.status()
     if state.pending is not None and state.pending.phase == "probation":
         updater.resume()  # a one-shot install left in probation by a crash: roll it back
@@ -171,9 +181,7 @@ def _install(args: argparse.Namespace) -> int:
 
 
 def _resume(args: argparse.Namespace) -> int:
-    updater = Updater(
-        args.state_dir, _policy(args.trust), fetcher=_fetcher(args), config=_config(args)
-    )
+    updater = _updater(args)
     result = updater.resume()
     if result is not None and result.outcome == "probation":
         updater.commit()
@@ -182,6 +190,8 @@ def _resume(args: argparse.Namespace) -> int:
 
 
 def _rollback(args: argparse.Namespace) -> int:
+    from agent.install._updater import Updater  # noqa: PLC0415 - when run
+
     state = Updater(args.state_dir, None).rollback(args.reason)
     print(f"rolled back: current is now {_describe(Store(args.state_dir), state.current)}")
     return 0
@@ -200,54 +210,11 @@ def _when(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _version_info(store: Store, digest: str | None) -> dict[str, Any] | None:
-    if digest is None:
-        return None
-    info: dict[str, Any] = {"digest": digest}
-    try:
-        m = store.manifest(digest)
-    except StateError:
-        info["missing"] = True
-        return info
-    info.update({"name": m.name, "version": m.version, "sequence": m.sequence})
-    return info
-
-
-def status_document(store: Store, state: AgentState) -> dict[str, Any]:
-    """The state as a JSON-ready document, with name/version/sequence of stored versions."""
-    pending = state.pending
-    failure = state.last_failure
-    return {
-        "current": _version_info(store, state.current),
-        "previous": _version_info(store, state.previous),
-        "pending": None
-        if pending is None
-        else {
-            "phase": pending.phase,
-            "source": pending.source,
-            "digest": pending.digest,
-            "sequence": pending.sequence,
-            "started": _when(pending.started),
-        },
-        "floor": state.floor,
-        "attempts": dict(state.attempts),
-        "last_failure": None
-        if failure is None
-        else {
-            "outcome": failure.outcome,
-            "phase": failure.phase,
-            "digest": failure.digest,
-            "reason": failure.reason,
-            "time": _when(failure.time),
-        },
-    }
-
-
 def _describe(store: Store, digest: str | None) -> str:
-    info = _version_info(store, digest)
+    info = version_info(store, digest)
     if info is None:
         return "-"
-    if info.get("missing"):
+    if info["name"] is None:
         return f"{digest} (missing from the store)"
     return f"{info['name']} {info['version']} (sequence {info['sequence']}, {digest})"
 

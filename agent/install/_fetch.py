@@ -20,31 +20,21 @@ import re
 import shutil
 import ssl
 import urllib.parse
-from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from agent.errors import ConfigError, DownloadError
+from agent.install._config import FetchConfig
+from agent.install._store import partial_path
 from agent.plumbing.tls import TlsConfig
 
-__all__ = ["FetchLimits", "Fetcher", "UrlFetcher", "file_sha256", "partial_path"]
-
-
-@dataclass(frozen=True)
-class FetchLimits:
-    max_bundle_bytes: int = 4 * 1024**3
-    connect_timeout_seconds: float = 10.0
-    read_timeout_seconds: float = 30.0
-    max_resumes: int = 5  # interruptions survived within one fetch
-    min_free_bytes: int = 32 * 1024**2  # left free on the disk once the bundle is written
-    chunk_bytes: int = 256 * 1024
-    max_redirects: int = 5
+__all__ = ["Fetcher", "UrlFetcher", "file_sha256"]
 
 
 class Fetcher(Protocol):
     """Puts the bytes at ``source`` into the file ``dest`` (complete, or not at all)."""
 
-    def fetch(self, source: str, dest: Path, *, sha256: str | None, limits: FetchLimits) -> str:
+    def fetch(self, source: str, dest: Path, *, sha256: str | None, config: FetchConfig) -> str:
         """Fetch ``source`` to ``dest`` and return the file's sha256 (hex).
 
         Raises:
@@ -52,11 +42,6 @@ class Fetcher(Protocol):
                 match ``sha256``.
         """
         ...
-
-
-def partial_path(dest: Path) -> Path:
-    """Where a fetch to ``dest`` keeps its bytes until complete."""
-    return dest.with_name(dest.name + ".partial")
 
 
 def file_sha256(path: Path, chunk_bytes: int = 1024**2) -> str:
@@ -93,7 +78,7 @@ class UrlFetcher:
         except OSError as exc:  # ssl.SSLError is an OSError
             raise ConfigError(f"{setting} TLS files are unusable: {exc}") from None
 
-    def fetch(self, source: str, dest: Path, *, sha256: str | None, limits: FetchLimits) -> str:
+    def fetch(self, source: str, dest: Path, *, sha256: str | None, config: FetchConfig) -> str:
         """Fetch ``source`` to ``dest``; see :class:`Fetcher`.
 
         Raises:
@@ -102,10 +87,10 @@ class UrlFetcher:
         partial = partial_path(dest)
         scheme = urllib.parse.urlsplit(source).scheme.lower()
         if scheme in ("http", "https"):
-            self._fetch_http(source, partial, limits)
+            self._fetch_http(source, partial, config)
         elif scheme in ("", "file"):
             path = urllib.parse.unquote(urllib.parse.urlsplit(source).path) if scheme else source
-            _fetch_file(Path(path), partial, limits)
+            _fetch_file(Path(path), partial, config)
         else:
             raise DownloadError(f"cannot fetch {source!r}: use a local path or an http(s) URL")
         actual = file_sha256(partial)
@@ -118,21 +103,21 @@ class UrlFetcher:
         os.replace(partial, dest)
         return actual
 
-    def _fetch_http(self, url: str, partial: Path, limits: FetchLimits) -> None:
+    def _fetch_http(self, url: str, partial: Path, config: FetchConfig) -> None:
         last = ""
-        for _ in range(limits.max_resumes + 1):
+        for _ in range(config.max_resumes + 1):
             try:
-                self._http_once(url, partial, limits)
+                self._http_once(url, partial, config)
             except _Interrupted as exc:
                 last = str(exc)
                 continue
             return
         raise DownloadError(
-            f"downloading {url} was interrupted {limits.max_resumes + 1} times (last: {last});"
+            f"downloading {url} was interrupted {config.max_resumes + 1} times (last: {last});"
             " check the network and retry: the partial file is kept and the download resumes"
         )
 
-    def _connect(self, url: str, limits: FetchLimits) -> tuple[http.client.HTTPConnection, str]:
+    def _connect(self, url: str, config: FetchConfig) -> tuple[http.client.HTTPConnection, str]:
         parts = urllib.parse.urlsplit(url)
         if not parts.hostname:
             raise DownloadError(f"URL {url!r} has no host")
@@ -141,12 +126,12 @@ class UrlFetcher:
             conn = http.client.HTTPSConnection(
                 parts.hostname,
                 parts.port,
-                timeout=limits.connect_timeout_seconds,
+                timeout=config.connect_timeout_s,
                 context=self.ssl_context or ssl.create_default_context(),
             )
         else:
             conn = http.client.HTTPConnection(
-                parts.hostname, parts.port, timeout=limits.connect_timeout_seconds
+                parts.hostname, parts.port, timeout=config.connect_timeout_s
             )
         try:
             conn.connect()
@@ -160,16 +145,16 @@ class UrlFetcher:
             raise _Interrupted(f"cannot connect to {parts.netloc}: {exc}") from None
         # Connecting may take long on a bad link; once connected, each read has its own limit.
         if conn.sock is not None:
-            conn.sock.settimeout(limits.read_timeout_seconds)
+            conn.sock.settimeout(config.read_timeout_s)
         target = parts.path or "/"
         if parts.query:
             target += "?" + parts.query
         return conn, target
 
-    def _http_once(self, url: str, partial: Path, limits: FetchLimits) -> None:
+    def _http_once(self, url: str, partial: Path, config: FetchConfig) -> None:
         offset = partial.stat().st_size if partial.exists() else 0
-        for _ in range(limits.max_redirects + 1):
-            conn, target = self._connect(url, limits)
+        for _ in range(config.max_redirects + 1):
+            conn, target = self._connect(url, config)
             try:
                 headers = {"User-Agent": "edgeship-agent", "Accept-Encoding": "identity"}
                 if offset:
@@ -192,11 +177,11 @@ class UrlFetcher:
                         raise DownloadError(f"{url} redirects without a Location")
                     url = urllib.parse.urljoin(url, location)
                     continue
-                _receive(url, resp, partial, offset, limits)
+                _receive(url, resp, partial, offset, config)
                 return
             finally:
                 conn.close()
-        raise DownloadError(f"{url}: more than {limits.max_redirects} redirects")
+        raise DownloadError(f"{url}: more than {config.max_redirects} redirects")
 
 
 def _transient_tls(exc: ssl.SSLError) -> bool:
@@ -233,7 +218,7 @@ def _receive(
     resp: http.client.HTTPResponse,
     partial: Path,
     offset: int,
-    limits: FetchLimits,
+    config: FetchConfig,
 ) -> None:
     if resp.status == 416 and offset:
         # Our partial file may already be complete; otherwise it is stale: start over.
@@ -256,29 +241,29 @@ def _receive(
 
     length_header = resp.getheader("Content-Length")
     remaining = int(length_header) if length_header and length_header.isdigit() else None
-    if remaining is not None and offset + remaining > limits.max_bundle_bytes:
+    if remaining is not None and offset + remaining > config.max_bundle_bytes:
         partial.unlink(missing_ok=True)
         raise DownloadError(
-            f"{url} is {offset + remaining} bytes; max_bundle_bytes is {limits.max_bundle_bytes}"
+            f"{url} is {offset + remaining} bytes; max_bundle_bytes is {config.max_bundle_bytes}"
         )
-    _check_free_space(partial.parent, remaining or 0, limits)
+    _check_free_space(partial.parent, remaining or 0, config)
     mode = "ab" if offset else "wb"
     received = 0
     with _open_partial(partial, mode) as out:
         while True:
             try:
-                chunk = resp.read(limits.chunk_bytes)
+                chunk = resp.read(config.chunk_bytes)
             except (OSError, http.client.HTTPException) as exc:
                 _flush(out, partial)
                 raise _Interrupted(f"read failed after {offset + received} bytes: {exc}") from None
             if not chunk:
                 break
             received += len(chunk)
-            if offset + received > limits.max_bundle_bytes:
+            if offset + received > config.max_bundle_bytes:
                 out.close()
                 partial.unlink(missing_ok=True)
                 raise DownloadError(
-                    f"{url} is larger than max_bundle_bytes ({limits.max_bundle_bytes})"
+                    f"{url} is larger than max_bundle_bytes ({config.max_bundle_bytes})"
                 )
             _write(out, chunk, partial)
         _flush(out, partial)
@@ -286,23 +271,23 @@ def _receive(
         raise _Interrupted(f"connection closed after {offset + received} bytes")
 
 
-def _fetch_file(source: Path, partial: Path, limits: FetchLimits) -> None:
+def _fetch_file(source: Path, partial: Path, config: FetchConfig) -> None:
     try:
         src = source.open("rb")
     except OSError as exc:
         raise DownloadError(f"cannot read {source}: {exc.strerror}") from None
     with src:
         size = os.fstat(src.fileno()).st_size
-        if size > limits.max_bundle_bytes:
+        if size > config.max_bundle_bytes:
             raise DownloadError(
-                f"{source} is {size} bytes; max_bundle_bytes is {limits.max_bundle_bytes}"
+                f"{source} is {size} bytes; max_bundle_bytes is {config.max_bundle_bytes}"
             )
-        _check_free_space(partial.parent, size, limits)
+        _check_free_space(partial.parent, size, config)
         copied = 0
         with _open_partial(partial, "wb") as out:
-            while chunk := src.read(limits.chunk_bytes):
+            while chunk := src.read(config.chunk_bytes):
                 copied += len(chunk)
-                if copied > limits.max_bundle_bytes:  # the file grew while we read it
+                if copied > config.max_bundle_bytes:  # the file grew while we read it
                     out.close()
                     partial.unlink(missing_ok=True)
                     raise DownloadError(f"{source} grew beyond max_bundle_bytes while copying")
@@ -317,12 +302,12 @@ def _open_partial(partial: Path, mode: str) -> BinaryIO:
         raise DownloadError(f"cannot write {partial}: {exc.strerror}") from None
 
 
-def _check_free_space(directory: Path, needed: int, limits: FetchLimits) -> None:
+def _check_free_space(directory: Path, needed: int, config: FetchConfig) -> None:
     free = shutil.disk_usage(directory).free
-    if free < needed + limits.min_free_bytes:
+    if free < needed + config.min_free_bytes:
         raise DownloadError(
             f"not enough disk space in {directory}: {free} bytes free, the bundle needs"
-            f" {needed} plus {limits.min_free_bytes} kept free; free some space"
+            f" {needed} plus {config.min_free_bytes} kept free; free some space"
         )
 
 

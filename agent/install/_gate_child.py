@@ -1,4 +1,4 @@
-"""The health gate's child process (see :func:`agent.install._health.check_in_child`).
+"""The health gate's child process (see :func:`agent.install._gate.check_in_child`).
 
 It reads one JSON request on stdin, lowers its own CPU priority before it imports numpy
 or a runtime (whose threads inherit it), loads the candidate the way the agent will,
@@ -15,10 +15,8 @@ import threading
 import time
 from typing import Any
 
-from agent.install._priority import lower_this_thread
-
-# A test hook: makes the child misbehave ("crash", "hang" asleep, "spin" on a CPU).
-FAULT_ENV = "EDGESHIP_TEST_GATE_FAULT"
+from agent.install._sched import lower_this_thread
+from agent.install.faults import gate_fault
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -39,14 +37,15 @@ def main() -> None:
     request = json.loads(sys.stdin.readline())
     lower_this_thread(request["priority"])  # before any thread exists: all inherit it
     _exit_with_parent(request["parent"])
-    fault = os.environ.get(FAULT_ENV)
+    fault = gate_fault()  # a test seam (agent.install.faults); None in real use
 
     from pathlib import Path  # noqa: PLC0415 - imported at the lowered priority
 
     from agent.bundle.crypto import DeviceKey  # noqa: PLC0415
     from agent.bundle.manifest import Manifest  # noqa: PLC0415
     from agent.errors import EdgeshipError, HealthCheckError  # noqa: PLC0415
-    from agent.install._health import check_health, model_clocks  # noqa: PLC0415
+    from agent.install._health import check_health  # noqa: PLC0415
+    from agent.install._sched import model_clocks  # noqa: PLC0415
     from agent.serve.runtimes import RuntimeOptions, load_model  # noqa: PLC0415
 
     try:

@@ -9,7 +9,7 @@ Layout of a state directory::
     staging/              downloads and extractions in progress, and versions being deleted
 
 A version only ever appears under ``store/`` by an atomic rename of a directory that
-:func:`agent.bundle._verify.verify_bundle` has completely verified and extracted, so whatever is
+:func:`agent.bundle.verify_bundle` has completely verified and extracted, so whatever is
 in ``store/`` is whole. Deletion goes the other way: rename into ``staging/`` first, then
 remove, so a crash never leaves a half-deleted version in ``store/``.
 """
@@ -42,6 +42,7 @@ __all__ = [
     "Pending",
     "Phase",
     "Store",
+    "partial_path",
 ]
 
 STATE_FORMAT = 1
@@ -251,6 +252,11 @@ def _parse_state(doc: object) -> AgentState:
     )
 
 
+def partial_path(dest: Path) -> Path:
+    """Where a fetch to ``dest`` keeps its bytes until complete (kept across restarts)."""
+    return dest.with_name(dest.name + ".partial")
+
+
 def _make_writable(root: Path) -> None:
     # Versions are read-only (0o555 / 0o444); a non-root agent must restore write
     # permission on a directory before it can move or delete it.
@@ -370,6 +376,26 @@ class Store:
             yield
         finally:
             os.close(fd)
+
+    def claim(self) -> int:
+        """Take the directory for one long-running agent until the returned fd is closed.
+
+        Separate from :meth:`lock`, which serialises each state change: the daemon holds
+        this for its whole life, and one-shot commands may still change the state.
+
+        Raises:
+            StateError: another agent runs on this state directory.
+        """
+        self.init()
+        fd = os.open(self.root / "agent.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise StateError(
+                f"another edgeship agent is running on {self.root}; stop it first"
+            ) from None
+        return fd
 
     # --- versions --------------------------------------------------------------------
 

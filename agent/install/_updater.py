@@ -13,75 +13,46 @@ gate runs again (counted against the loop budget). :meth:`Updater.resume` contin
 interrupted install or, from probation, rolls back: ``current`` only ever names a
 committed, verified version, so after any crash the agent serves one.
 
-The decisions themselves (:func:`check_acceptance`, :func:`resume_action`,
-:func:`commit_state`, :func:`rollback_state`) are pure functions of the state; the
-:class:`Updater` around them does the I/O.
-
-A test-only hook makes crash tests possible without timing games: when the environment
-variable ``EDGESHIP_CRASH_AT`` names a crash point (see :data:`CRASH_POINTS`), the
-process SIGKILLs itself right there.
+The decisions themselves are pure functions of the state
+(:mod:`agent.install._decisions`); the :class:`Updater` around them does the I/O. Crash
+tests stop the process at named points through the one fault seam,
+:mod:`agent.install.faults`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
-import signal
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from agent.bundle._verify import DeviceInfo, Limits, check_compatibility, verify_bundle
-from agent.bundle.crypto import DeviceKey, open_data_key
+from agent.bundle import DeviceInfo, Limits, check_compatibility, verify_bundle
 from agent.bundle.manifest import Manifest
 from agent.bundle.signing import TrustPolicy
-from agent.errors import (
-    BundleError,
-    ConfigError,
-    DownloadError,
-    EdgeshipError,
-    RollbackError,
-    StateError,
+from agent.errors import BundleError, ConfigError, DownloadError, EdgeshipError, StateError
+from agent.install import faults
+from agent.install._config import UpdaterConfig
+from agent.install._decisions import (
+    check_acceptance,
+    commit_state,
+    resume_action,
+    rollback_state,
 )
-from agent.install._fetch import Fetcher, FetchLimits, UrlFetcher, partial_path
-from agent.install._health import ChildGate, GatePriority, HealthReport, load_and_check
-from agent.install._store import AgentState, Failure, Pending, Phase, Store
+from agent.install._gate import ChildGate, load_and_check
+from agent.install._health import HealthReport
+from agent.install._store import AgentState, Failure, Pending, Phase, Store, partial_path
 from agent.serve._slot import ModelSlot, ProbationMonitor, ProbationVerdict, ServingModel
-from agent.serve.runtimes import RuntimeOptions, installed_runtimes, load_model
+from agent.serve.runtimes import installed_runtimes, load_model
 
-__all__ = [
-    "CRASH_ENV",
-    "CRASH_POINTS",
-    "EventSink",
-    "InstallResult",
-    "ModelLoader",
-    "Updater",
-    "UpdaterConfig",
-    "check_acceptance",
-    "commit_state",
-    "resume_action",
-    "rollback_state",
-]
+if TYPE_CHECKING:
+    from agent.bundle.crypto import DeviceKey
+    from agent.install._fetch import Fetcher
 
-CRASH_ENV = "EDGESHIP_CRASH_AT"
-# Where the test hook can kill the agent: after each phase is persisted, and between the
-# side effects inside a step.
-CRASH_POINTS = (
-    "downloading",
-    "downloaded",
-    "verifying",
-    "extracted",
-    "adopted",
-    "staged",
-    "health-check",
-    "probation",
-    "committed",
-    "collected",
-)
+__all__ = ["EventSink", "InstallResult", "ModelLoader", "Updater"]
 
 
 class EventSink(Protocol):
@@ -94,25 +65,6 @@ ModelLoader = Callable[[Manifest, Path, str], ServingModel]
 
 
 @dataclass(frozen=True)
-class UpdaterConfig:
-    max_attempts: int = 3  # loop budget: health-check attempts (incl. crashes) per digest
-    fetch: FetchLimits = field(default_factory=FetchLimits)
-    bundle: Limits = field(default_factory=Limits)  # incl. clock_slack_seconds for expiry
-    health_runs: int = 20  # latency samples taken by the health gate
-    # Where the gate runs: a child process (nothing of it shares the serving process's
-    # interpreter lock, and a candidate that crashes its runtime only fails the gate) or a
-    # thread of this process. A custom ``loader`` cannot be repeated in a child process,
-    # so an Updater given one always uses a thread.
-    health_gate: Literal["process", "thread"] = "process"
-    # CPU priority of the gate and of loading the candidate here (see load_and_check).
-    health_gate_priority: GatePriority = "idle"
-    health_gate_timeout_s: float = 300.0  # a child gate that takes longer fails
-    runtime_options: RuntimeOptions = field(default_factory=RuntimeOptions)
-    # The device's X25519 private key (PEM): opens bundles encrypted for this device.
-    decryption_key: Path | None = None
-
-
-@dataclass(frozen=True)
 class InstallResult:
     digest: str
     name: str
@@ -120,105 +72,6 @@ class InstallResult:
     sequence: int
     outcome: Literal["probation", "already-current"]
     health: HealthReport | None = None
-
-
-# --- pure decisions ------------------------------------------------------------------
-
-
-def check_acceptance(state: AgentState, *, sequence: int, digest: str, max_attempts: int) -> None:
-    """May a verified bundle with this sequence and digest be installed? Pure.
-
-    Raises:
-        RollbackError: the sequence is below the floor, or equal to it with other content
-            (only the version that set the floor may be installed again at that sequence).
-        StateError: the digest used up its loop budget.
-    """
-    if state.floor is not None:
-        if sequence < state.floor:
-            raise RollbackError(
-                f"bundle sequence {sequence} is below this device's floor {state.floor}; to"
-                " return to older content, publish it again with a higher sequence"
-            )
-        if sequence == state.floor and digest != state.floor_digest:
-            raise RollbackError(
-                f"sequence {sequence} was already committed with other content; a new version"
-                " needs a higher sequence"
-            )
-    if state.attempts_for(digest) >= max_attempts:
-        raise StateError(
-            f"version {digest[:12]} failed {state.attempts_for(digest)} install attempts (the"
-            f" loop budget is {max_attempts}); it will not be tried again: publish a fixed"
-            " bundle"
-        )
-
-
-ResumeAction = Literal["nothing", "fetch", "verify", "health-check", "roll-back"]
-
-
-def resume_action(state: AgentState) -> ResumeAction:
-    """What to do on start with the persisted state. Pure.
-
-    An install continues from its last persisted phase; a candidate in probation is rolled
-    back, because a restart in probation may well be the candidate's fault.
-    """
-    if state.pending is None:
-        return "nothing"
-    return {
-        "downloading": "fetch",
-        "verifying": "verify",
-        "staged": "health-check",
-        "health-check": "health-check",
-        "probation": "roll-back",
-    }[state.pending.phase]  # type: ignore[return-value]
-
-
-def commit_state(state: AgentState) -> AgentState:
-    """The state after the candidate in probation is committed. Pure.
-
-    Raises:
-        StateError: nothing is in probation.
-    """
-    p = state.pending
-    if p is None or p.phase != "probation" or p.digest is None or p.sequence is None:
-        raise StateError("no version is in probation; nothing to commit")
-    floor, floor_digest = state.floor, state.floor_digest
-    if floor is None or p.sequence > floor:
-        floor, floor_digest = p.sequence, p.digest
-    attempts = {k: v for k, v in state.attempts.items() if k != p.digest}
-    previous = state.current if state.current != p.digest else state.previous
-    return replace(
-        state,
-        current=p.digest,
-        previous=previous,
-        pending=None,
-        floor=floor,
-        floor_digest=floor_digest,
-        attempts=attempts,
-    )
-
-
-def rollback_state(state: AgentState, reason: str, now: float) -> AgentState:
-    """The state after rolling back. Pure.
-
-    From probation: the candidate is dropped and ``current`` keeps serving. Otherwise an
-    unfinished install is abandoned and ``current`` goes back to ``previous``.
-
-    Raises:
-        StateError: there is nothing to roll back to.
-    """
-    p = state.pending
-    if p is not None and p.phase == "probation":
-        failure = Failure("rolled-back", reason, now, digest=p.digest, phase="probation")
-        return replace(state, pending=None, last_failure=failure)
-    if state.previous is None:
-        raise StateError("there is no previous version to roll back to")
-    failure = Failure("rolled-back", reason, now, digest=state.current)
-    return replace(state, current=state.previous, previous=None, pending=None, last_failure=failure)
-
-
-def _crash_point(name: str) -> None:
-    if os.environ.get(CRASH_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _default_device() -> DeviceInfo:
@@ -247,19 +100,32 @@ class Updater:
         self.store = Store(state_dir)
         self.policy = policy
         self.config = config or UpdaterConfig()
-        self._device = device
-        self.fetcher: Fetcher = fetcher or UrlFetcher()
-        self.key = (
-            None
-            if self.config.decryption_key is None
-            else DeviceKey.load(self.config.decryption_key)
+        self._limits = Limits(
+            max_bundle_bytes=self.config.fetch.max_bundle_bytes,
+            clock_slack_s=self.config.update.clock_slack_s,
         )
+        self._device = device
+        self._fetcher = fetcher
+        self.key: DeviceKey | None = None
+        if self.config.decryption_key is not None:
+            from agent.bundle.crypto import DeviceKey  # noqa: PLC0415 - with a device key only
+
+            self.key = DeviceKey.load(self.config.decryption_key)
         self._custom_loader = loader is not None
         self.loader: ModelLoader = loader or self._default_loader
         self.slot = slot
         self._events = events
         self._wall_clock = wall_clock or (lambda: datetime.now(UTC))
         self._lock = threading.RLock()  # one state change at a time within this process
+
+    @property
+    def fetcher(self) -> Fetcher:
+        """The transport for bundle sources; by default HTTP(S) with ``fetch.tls``."""
+        if self._fetcher is None:
+            from agent.install._fetch import UrlFetcher  # noqa: PLC0415 - HTTP and TLS when used
+
+            self._fetcher = UrlFetcher.from_tls(self.config.fetch.tls, setting="fetch")
+        return self._fetcher
 
     @property
     def device(self) -> DeviceInfo:
@@ -413,14 +279,14 @@ class Updater:
         dest = self._bundle_path(p)
         if not dest.exists():  # a crash after the download completed: use what we have
             try:
-                self.fetcher.fetch(p.source, dest, sha256=p.sha256, limits=self.config.fetch)
+                self.fetcher.fetch(p.source, dest, sha256=p.sha256, config=self.config.fetch)
             except DownloadError as exc:
                 # Keep the install pending: the partial file stays and the next try resumes.
                 failure = Failure("failed", str(exc), time.time(), phase="downloading")
                 self._save(replace(state, last_failure=failure), crash_point=None)
                 self._emit("download-failed", source=p.source, reason=str(exc))
                 raise
-        _crash_point("downloaded")
+        faults.crash_point("downloaded")
         self._emit("downloaded", source=p.source)
         return self._save(replace(state, pending=replace(p, phase="verifying")))
 
@@ -437,7 +303,7 @@ class Updater:
                     f,
                     self.policy,
                     now=self._wall_clock(),
-                    limits=self.config.bundle,
+                    limits=self._limits,
                     min_sequence=state.floor,
                     device=self.device,
                     extract_to=extract,
@@ -446,11 +312,13 @@ class Updater:
                 state,
                 sequence=verified.manifest.sequence,
                 digest=verified.digest,
-                max_attempts=self.config.max_attempts,
+                max_attempts=self.config.update.max_attempts,
             )
             if verified.manifest.encryption is not None:
                 # An encrypted bundle this device cannot open fails here, before it is
                 # staged or counted against the loop budget.
+                from agent.bundle.crypto import open_data_key  # noqa: PLC0415 - when encrypted
+
                 open_data_key(verified.manifest.encryption, self.key)
         except (BundleError, StateError) as exc:
             self.store.remove_tree(extract)
@@ -469,9 +337,9 @@ class Updater:
             return new, InstallResult(
                 verified.digest, m.name, m.version, m.sequence, "already-current"
             )
-        _crash_point("extracted")
+        faults.crash_point("extracted")
         self.store.adopt(extract, verified.digest)
-        _crash_point("adopted")
+        faults.crash_point("adopted")
         staged = replace(p, phase="staged", digest=verified.digest, sequence=m.sequence)
         new = self._save(replace(state, pending=staged))
         # The bundle file is no longer needed: its verified content is in the store.
@@ -490,7 +358,7 @@ class Updater:
                 state,
                 sequence=p.sequence or 0,
                 digest=digest,
-                max_attempts=self.config.max_attempts,
+                max_attempts=self.config.update.max_attempts,
             )
         except EdgeshipError as exc:
             self._fail(state, str(exc))
@@ -501,37 +369,11 @@ class Updater:
             replace(state.with_attempt(digest), pending=replace(p, phase="health-check"))
         )
         manifest = self.store.manifest(digest)
-        model_dir = self.store.version_dir(digest)
-        started = time.monotonic()
         try:
-            runtime = check_compatibility(manifest, self.device)
-            child = None
-            if self.config.health_gate == "process" and not self._custom_loader:
-                child = ChildGate(
-                    runtime,
-                    self.config.runtime_options,
-                    self.config.health_gate_timeout_s,
-                    self.config.decryption_key,
-                )
-            model, report = load_and_check(
-                lambda: self._load(manifest, model_dir, runtime),
-                manifest,
-                model_dir,
-                runs=self.config.health_runs,
-                priority=self.config.health_gate_priority,
-                child=child,
-                key=self.key,
-            )
+            model, report = self._gate(manifest, digest)
         except EdgeshipError as exc:
             self._fail(state, str(exc))
             raise
-        self._emit(
-            "health-check-passed",
-            digest=digest,
-            p95_ms=report.p95_ms,
-            gate="process" if child is not None else "thread",
-            seconds=round(time.monotonic() - started, 3),  # the gate and the load, together
-        )
         self._save(replace(state, pending=replace(p, phase="probation")))
         if self.slot is not None:
             monitor = ProbationMonitor(manifest.health.probation)
@@ -545,11 +387,47 @@ class Updater:
 
     # --- helpers ---------------------------------------------------------------------
 
+    def _gate(self, manifest: Manifest, digest: str) -> tuple[ServingModel, HealthReport]:
+        """Load the candidate and run the health gate on it (in a child process by default).
+
+        Raises:
+            EdgeshipError: incompatible, does not load, or fails the gate.
+        """
+        update = self.config.update
+        model_dir = self.store.version_dir(digest)
+        started = time.monotonic()
+        runtime = check_compatibility(manifest, self.device)
+        child = None
+        if update.health_gate == "process" and not self._custom_loader:
+            child = ChildGate(
+                runtime,
+                self.config.runtime,
+                update.health_gate_timeout_s,
+                self.config.decryption_key,
+            )
+        model, report = load_and_check(
+            lambda: self._load(manifest, model_dir, runtime),
+            manifest,
+            model_dir,
+            runs=update.health_runs,
+            priority=update.health_gate_priority,
+            child=child,
+            key=self.key,
+        )
+        self._emit(
+            "health-check-passed",
+            digest=digest,
+            p95_ms=report.p95_ms,
+            gate="process" if child is not None else "thread",
+            seconds=round(time.monotonic() - started, 3),  # the gate and the load, together
+        )
+        return model, report
+
     def _load(self, manifest: Manifest, model_dir: Path, runtime: str) -> ServingModel:
         return self.loader(manifest, model_dir, runtime)
 
     def _default_loader(self, manifest: Manifest, model_dir: Path, runtime: str) -> ServingModel:
-        return load_model(manifest, model_dir, runtime, self.config.runtime_options, key=self.key)
+        return load_model(manifest, model_dir, runtime, self.config.runtime, key=self.key)
 
     def _serve(self, digest: str | None) -> None:
         if self.slot is None:
@@ -595,14 +473,14 @@ class Updater:
             bundle = self._bundle_path(state.pending)
             keep_staging = frozenset({bundle, partial_path(bundle)})
         self.store.collect_garbage(state.keep(), keep_staging)
-        _crash_point("collected")
+        faults.crash_point("collected")
 
     def _save(self, state: AgentState, *, crash_point: str | None = "phase") -> AgentState:
         self.store.save(state)
         if crash_point == "phase" and state.pending is not None:
-            _crash_point(state.pending.phase)
+            faults.crash_point(state.pending.phase)
         elif crash_point not in (None, "phase"):
-            _crash_point(crash_point)
+            faults.crash_point(crash_point)
         return state
 
     def _emit(self, kind: str, **fields: Any) -> None:

@@ -15,17 +15,17 @@ signature, checked by the updater, is the trust; these checks only keep nonsense
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
+
+from agent.bundle.manifest import SHA256_RE
+from agent.plumbing.strict import Doc, load_json
 
 __all__ = ["DESIRED_VERSION", "BundleRef", "Desired", "parse_desired"]
 
 DESIRED_VERSION = 1
-_HEX = frozenset("0123456789abcdef")
-
-
-def _is_digest(value: object) -> bool:
-    return isinstance(value, str) and len(value) == 64 and set(value) <= _HEX
+_URL_RE = re.compile(r"https?://[!-~]+")  # printable ASCII, no spaces
 
 
 @dataclass(frozen=True)
@@ -112,37 +112,26 @@ def parse_desired(payload: bytes, *, fleet: str, device: str) -> Desired | None:
     """
     if not payload:
         return None
-    try:
-        doc = json.loads(payload)
-    except (ValueError, RecursionError) as exc:
-        raise ValueError(f"desired state is not JSON: {exc}") from None
-    if not isinstance(doc, dict) or doc.get("v") != DESIRED_VERSION:
-        raise ValueError(f"desired state must be an object with v={DESIRED_VERSION}")
+    doc = Doc(
+        load_json(payload, what="desired state", error=ValueError), "desired", error=ValueError
+    )
+    if doc.raw("v") != DESIRED_VERSION:
+        raise doc.bad("v", str(DESIRED_VERSION))
     for key, ours in (("fleet", fleet), ("device", device)):
-        if key in doc and doc[key] != ours:
-            raise ValueError(f"desired state is for {key} {doc[key]!r}, not {ours!r}")
-    bundle = doc.get("bundle")
-    if not isinstance(bundle, dict):
-        raise ValueError("desired state has no bundle object")  # noqa: TRY004 - one error type for any bad message
-    url = bundle.get("url")
-    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-        raise ValueError("desired bundle.url must be an http:// or https:// URL")
-    for key in ("sha256", "digest"):
-        if not _is_digest(bundle.get(key)):
-            raise ValueError(f"desired bundle.{key} must be 64 lowercase hex digits")
-    sequence = bundle.get("sequence")
-    if isinstance(sequence, bool) or not isinstance(sequence, int) or sequence < 0:
-        raise ValueError("desired bundle.sequence must be an integer >= 0")
-    name, version = bundle.get("name"), bundle.get("version")
-    if not isinstance(name, str) or not isinstance(version, str):
-        raise ValueError(  # noqa: TRY004 - one error type for any bad message
-            "desired bundle.name and bundle.version must be strings"
-        )
-    rollout = doc.get("rollout")
-    if rollout is not None and not isinstance(rollout, str):
-        raise ValueError("desired rollout must be a string or null")
-    ts = doc.get("ts")
-    if ts is not None and (isinstance(ts, bool) or not isinstance(ts, int | float)):
-        raise ValueError("desired ts must be a number")
-    ref = BundleRef(url, bundle["sha256"], bundle["digest"], sequence, name, version)
-    return Desired(ref, rollout, None if ts is None else float(ts))
+        theirs = doc.opt(doc.text, key, max_len=128)
+        if theirs is not None and theirs != ours:
+            raise ValueError(f"desired state is for {key} {theirs!r}, not {ours!r}")
+    b = doc.obj("bundle")
+    ref = BundleRef(
+        url=b.text("url", max_len=2048, pattern=_URL_RE, what="an http:// or https:// URL"),
+        sha256=b.text("sha256", max_len=64, pattern=SHA256_RE, what="64 lowercase hex digits"),
+        digest=b.text("digest", max_len=64, pattern=SHA256_RE, what="64 lowercase hex digits"),
+        sequence=b.integer("sequence", minimum=0),
+        name=b.text("name", max_len=128),
+        version=b.text("version", max_len=64),
+    )
+    b.done()
+    rollout = doc.opt(doc.text, "rollout", max_len=256)
+    ts = doc.opt(doc.number, "ts")
+    doc.done()
+    return Desired(ref, rollout, ts)

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["PREFIX", "SCHEMA_VERSION", "Topics", "check_id", "encode_json"]
+__all__ = ["PREFIX", "SCHEMA_VERSION", "Topics", "check_id", "encode_json", "header"]
 
 PREFIX = "edgeship/v1"
 # The "v" field of every JSON payload on these topics (see docs/mqtt.md).
@@ -84,3 +84,8 @@ def encode_json(body: Mapping[str, Any]) -> bytes:
         TypeError: a value JSON cannot represent.
     """
     return json.dumps(body, separators=(",", ":"), sort_keys=True, allow_nan=False).encode()
+
+
+def header(topics: Topics, ts: float) -> dict[str, Any]:
+    """The fields every payload of a device starts with (docs/mqtt.md, "Payloads")."""
+    return {"v": SCHEMA_VERSION, "fleet": topics.fleet, "device": topics.device, "ts": round(ts, 3)}

@@ -1,10 +1,17 @@
-"""TLS client settings shared by the broker connection and bundle downloads."""
+"""TLS client settings shared by the broker connection and bundle downloads.
+
+:mod:`ssl` (several MiB resident, with OpenSSL) is imported only when a context is made:
+an agent whose configuration uses no TLS never loads it.
+"""
 
 from __future__ import annotations
 
-import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import ssl
 
 __all__ = ["TlsConfig"]
 
@@ -19,6 +26,8 @@ class TlsConfig:
 
     def context(self) -> ssl.SSLContext:
         """Raises: OSError or ssl.SSLError when a file is missing or invalid."""
+        import ssl  # noqa: PLC0415 - see the module docstring
+
         ctx = ssl.create_default_context(cafile=None if self.ca_file is None else str(self.ca_file))
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         if self.cert_file is not None:

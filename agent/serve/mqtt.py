@@ -38,7 +38,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.errors import EdgeshipError, InputValidationError, OverloadedError, StateError
+from agent.errors import EdgeshipError, InputValidationError, error_code
 from agent.messages.topics import PREFIX, Topics
 from agent.plumbing.transport import Message, Transport
 from agent.serve._cache import Predictor, predict_versioned
@@ -65,6 +65,7 @@ class MqttServingConfig:
     """Settings of MQTT inference; units in the names.
 
     Attributes:
+        enabled: serve inference over MQTT (needs a broker).
         queue_size: requests waiting for a worker; beyond it they get ``overloaded``.
         workers: threads running predictions. One suits most devices: the runtime
             itself may use several cores per call.
@@ -76,6 +77,7 @@ class MqttServingConfig:
         limits: bounds on the decoded tensors.
     """
 
+    enabled: bool = False
     queue_size: int = 64
     workers: int = 1
     max_request_bytes: int = 4 * 1024 * 1024
@@ -236,16 +238,11 @@ class MqttInferenceServer:
             return
         try:
             version, outputs = predict_versioned(self.predictor, request.tensors)
-        except InputValidationError as exc:
-            self._reply_error(route, "invalid-input", str(exc))
-            return
-        except (OverloadedError, StateError) as exc:
-            code = "overloaded" if isinstance(exc, OverloadedError) else "unavailable"
-            self._reply_error(route, code, str(exc))
-            return
         except EdgeshipError as exc:
-            log.warning("prediction failed: %s", exc)
-            self._reply_error(route, "inference-failed", str(exc))
+            code = error_code(exc)
+            if code == "inference-failed":
+                log.warning("prediction failed: %s", exc)
+            self._reply_error(route, code, str(exc))
             return
         meta: dict[str, Any] = {} if version is None else {"model": version}
         if route.correlation_id is not None:

@@ -23,16 +23,19 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from agent.messages.topics import SCHEMA_VERSION, Topics
+from agent.messages.topics import Topics, header
 from agent.plumbing.transport import Transport
 from agent.telemetry._drift import DriftMonitor
 from agent.telemetry._metrics import Metrics
-from agent.telemetry._outbox import Outbox
+from agent.telemetry._observe import OutputKind
 from agent.telemetry._system import SystemSampler
 
-__all__ = ["EVENT_KINDS", "Reporter", "ReporterConfig"]
+if TYPE_CHECKING:
+    from agent.telemetry._outbox import Outbox  # sqlite3: imported with a broker only
+
+__all__ = ["EVENT_KINDS", "Reporter", "TelemetryConfig"]
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +60,19 @@ _EXPIRE_EVERY_S = 30.0
 
 
 @dataclass(frozen=True)
-class ReporterConfig:
+class TelemetryConfig:
+    """``[telemetry]``: metrics, drift and system numbers, through the durable outbox."""
+
     interval_s: float = 10.0
+    outbox_max_bytes: int = 16 * 1024**2
     # Telemetry older than this is dropped (counted as expired) and carries the remaining
     # lifetime as MQTT 5 message expiry. Lifecycle events never expire.
-    telemetry_ttl_s: float | None = 24 * 3600.0
-    max_inflight: int = 100
-    batch: int = 50
+    ttl_s: float | None = 24 * 3600.0
+    # How model outputs are summarised: "auto" treats a (batch, k >= 2) float output as
+    # class scores (top-score histogram), anything else as plain values.
+    output_kind: OutputKind = "auto"
+    max_inflight: int = 100  # not in agent.toml
+    batch: int = 50  # not in agent.toml
 
 
 class Reporter:
@@ -82,7 +91,7 @@ class Reporter:
         metrics: Metrics | None = None,
         drift: DriftMonitor | None = None,
         system: SystemSampler | None = None,
-        config: ReporterConfig | None = None,
+        config: TelemetryConfig | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.topics = topics
@@ -91,7 +100,7 @@ class Reporter:
         self.metrics = metrics if metrics is not None else Metrics()
         self.drift = drift
         self.system = system
-        self.config = config if config is not None else ReporterConfig()
+        self.config = config if config is not None else TelemetryConfig()
         self._clock = clock
         self._cond = threading.Condition()
         self._acked: list[int] = []
@@ -165,9 +174,7 @@ class Reporter:
         }
         stats = self.outbox.stats()
         body["outbox"] = {"rows": stats.rows, "bytes": stats.stored_bytes, "refused": self._refused}
-        seq = self.outbox.append(
-            self.topics.telemetry, "telemetry", body, ttl_s=self.config.telemetry_ttl_s
-        )
+        seq = self.outbox.append(self.topics.telemetry, "telemetry", body, ttl_s=self.config.ttl_s)
         self._wake()
         return seq
 
@@ -309,9 +316,4 @@ class Reporter:
             self._cond.notify()
 
     def _header(self) -> dict[str, Any]:
-        return {
-            "v": SCHEMA_VERSION,
-            "fleet": self.topics.fleet,
-            "device": self.topics.device,
-            "ts": round(self._clock(), 3),
-        }
+        return header(self.topics, self._clock())

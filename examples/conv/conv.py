@@ -23,9 +23,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 from rich.console import Console
 
+from sdk.build import evaluate, quantize
 from sdk.build.datasets import load_dataset
-from sdk.build.evaluate import evaluate
-from sdk.build.quantize import quantize
 
 ONNX_OPSET = 17
 ONNX_IR_VERSION = 8

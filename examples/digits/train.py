@@ -38,7 +38,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier
 
-from sdk.build.evaluate import open_model
+from sdk.build.model_io import open_model
 from sdk.build.tflite_writer import write_mlp_tflite
 
 ONNX_OPSET = 17  # onnxruntime rejects onnx 1.23's default opset 28 / IR 14
@@ -94,7 +94,8 @@ def build(out: Path) -> dict[str, Path]:
     ort_probs = ort.InferenceSession(str(paths["onnx"]), providers=["CPUExecutionProvider"]).run(
         ["probabilities"], {"x": x_val}
     )[0]
-    tfl_probs = open_model(paths["tflite"]).run({"x": x_val})[0]
+    with open_model(paths["tflite"]) as litert:
+        tfl_probs = litert.predict({"x": x_val})["probabilities"]
     for name, probs in (("onnxruntime", ort_probs), ("litert", tfl_probs)):
         if np.abs(probs - sk).max() > 1e-4:
             raise SystemExit(f"{name} disagrees with scikit-learn: the export is broken")

@@ -15,8 +15,8 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.bundle.drift import MAX_DRIFT_FEATURES, default_groups, summarise
-from agent.errors import ConfigError
 from agent.bundle.manifest import DriftFeatureRef, DriftReference
+from agent.errors import ConfigError
 from sdk.build.datasets import Dataset
 
 __all__ = ["DEFAULT_BINS", "MAX_TOTAL_FEATURES", "drift_reference"]

@@ -6,7 +6,6 @@ public key (SubjectPublicKeyInfo PEM) sits beside them as ``<name>.pub``.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -14,8 +13,9 @@ from typing import Literal
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from agent.errors import KeyFileError
 from agent.bundle.signing import Envelope, PublicKey, Signature, pae
+from agent.errors import KeyFileError
+from agent.plumbing.files import write_new
 
 __all__ = ["SigningKey", "generate_key", "load_signing_key", "sign_envelope"]
 
@@ -64,14 +64,14 @@ def generate_key(path: Path, passphrase: bytes, keytype: KeyType = "ed25519") ->
     for p in (path, pub_path):
         if p.exists():
             raise KeyFileError(f"{p} already exists; move it away or choose another name")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except OSError as exc:
-        raise KeyFileError(f"cannot create {path}: {exc.strerror}") from None
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-    pub_path.write_bytes(key.public.to_pem())
+    for p, data, mode in ((path, pem, 0o600), (pub_path, key.public.to_pem(), 0o644)):
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            write_new(p, data, mode=mode)
+        except FileExistsError:
+            raise KeyFileError(f"{p} already exists; move it away or choose another name") from None
+        except OSError as exc:
+            raise KeyFileError(f"cannot create {p}: {exc.strerror}") from None
     return key
 
 

@@ -1,16 +1,34 @@
-"""Read a model's I/O signature from the model file itself (ONNX or .tflite)."""
+"""Model files: their format and I/O signature, read from the file itself (ONNX or .tflite),
+and loading them through the agent's own runtime layer.
+
+Everything the build measures (evaluation, golden outputs, the choice of a quantization
+recipe) runs a model through :func:`open_model`: an :class:`agent.serve.runtimes.Model`,
+with the device's input validation and its int8 quantize / dequantize, so what the build
+measures is what a device computes.
+"""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import numpy.typing as npt
 
-from agent.errors import ConfigError
-from agent.bundle.manifest import QuantParams, TensorSpec
+from agent.bundle.manifest import FORMAT_RUNTIMES, ModelSpec, QuantParams, TensorSpec
+from agent.errors import ConfigError, HealthCheckError
+from agent.serve.runtimes import Model, RuntimeOptions, load_model_file
+from sdk.build.datasets import Dataset
 
-__all__ = ["ModelFormat", "detect_format", "read_signature"]
+__all__ = [
+    "ModelFormat",
+    "detect_format",
+    "model_spec",
+    "open_model",
+    "read_signature",
+    "run_dataset",
+]
 
 ModelFormat = Literal["onnx", "tflite"]
 
@@ -106,3 +124,65 @@ def _tflite_signature(path: Path) -> tuple[tuple[TensorSpec, ...], tuple[TensorS
     inputs = tuple(spec(d) for d in interpreter.get_input_details())
     outputs = tuple(spec(d) for d in interpreter.get_output_details())
     return inputs, outputs
+
+
+def model_spec(path: Path) -> ModelSpec:
+    """The model section a manifest would hold for the file ``path`` (named by its file name).
+
+    Raises:
+        ConfigError: the file cannot be parsed as a model.
+    """
+    fmt, inputs, outputs = read_signature(path)
+    return ModelSpec(format=fmt, file=path.name, inputs=inputs, outputs=outputs)
+
+
+def open_model(
+    path: Path | str,
+    *,
+    runtime: str | None = None,
+    threads: int = 1,
+    reference_kernels: bool = False,
+) -> Model:
+    """Load a .onnx or .tflite file as a device runs it; close it when done.
+
+    Args:
+        path: the model file.
+        runtime: default ``onnxruntime`` for ONNX, ``litert`` for TFLite.
+        threads: intra-op threads; 0 is the agent's default (one thread for small models,
+            the runtime's default otherwise: :class:`agent.serve.runtimes.RuntimeOptions`).
+        reference_kernels: run the runtime's reference kernels, a second implementation of
+            the same arithmetic (see :class:`~agent.serve.runtimes.RuntimeOptions`).
+
+    Raises:
+        ConfigError: not a model file, or the runtime cannot load it.
+        RuntimeUnavailableError: the runtime is not installed.
+    """
+    p = Path(path)
+    spec = model_spec(p)
+    options = RuntimeOptions(intra_op_threads=threads or None, reference_kernels=reference_kernels)
+    try:
+        return load_model_file(spec, p, runtime or FORMAT_RUNTIMES[spec.format][0], options)
+    except HealthCheckError as exc:  # for a file on the build machine, not a device's check
+        raise ConfigError(str(exc)) from exc
+
+
+def run_dataset(model: Model, data: Dataset, batch_size: int = 64) -> list[npt.NDArray[Any]]:
+    """``model``'s outputs on every sample of ``data``, in the model's output order.
+
+    Batches hold at most ``batch_size`` samples and stay within the model's input policy;
+    a model exported for a batch of 1 runs sample by sample.
+
+    Raises:
+        ConfigError: ``data`` is empty or lacks one of the model's inputs.
+        InputValidationError: the samples do not fit the model's inputs.
+        InferenceError: the runtime failed.
+    """
+    if len(data) == 0:
+        raise ConfigError(f"data set {data.source} is empty")
+    bound = data.bind([s.name for s in model.spec.inputs])
+    per_sample = sum(math.prod(a.shape[1:]) for a in bound.inputs.values())
+    if any(s.shape[:1] == (1,) for s in model.spec.inputs):
+        batch_size = 1
+    batch_size = max(1, min(batch_size, model.policy.max_elements // max(per_sample, 1)))
+    parts = [model.predict(batch) for batch in bound.batches(batch_size)]
+    return [np.concatenate([p[o.name] for p in parts]) for o in model.spec.outputs]

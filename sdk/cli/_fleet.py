@@ -20,14 +20,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
 
 from agent.bundle.signing import TrustPolicy
 from agent.errors import ConfigError, StateError
 from agent.messages.topics import check_id
+from agent.plumbing.broker import BrokerConfig, BrokerUrl
+from agent.plumbing.mqtt import MqttClient
 from agent.plumbing.tls import TlsConfig
-from sdk.fleet._client import FleetClient
+from agent.plumbing.transport import Transport
+from sdk.cli._output import emit
 from sdk.fleet._rollout_run import RolloutFiles, revert, run_rollout
 from sdk.fleet.collect import Collector
 from sdk.fleet.groups import discover_devices, load_groups, parse_where, select_devices
@@ -45,13 +47,6 @@ CommandFn = Callable[[str, Any, str], argparse.ArgumentParser]
 _DEFAULT_BROKER = os.environ.get("EDGESHIP_BROKER", "mqtt://127.0.0.1:1883")
 _DEFAULT_DB = "edgeship-fleet.sqlite"
 _DEFAULT_ROLLOUTS = Path(".edgeship/rollouts")
-
-
-def _print(args: argparse.Namespace, doc: Any, text: Table | str) -> None:
-    if args.json:
-        print(json.dumps(doc, indent=2, sort_keys=True))
-    else:
-        Console().print(text)
 
 
 @contextmanager
@@ -73,22 +68,43 @@ def _until_signal() -> Iterator[threading.Event]:
             signal.signal(s, h)
 
 
+def _broker(args: argparse.Namespace) -> BrokerConfig:
+    """The connection settings of ``--broker`` and the options around it.
+
+    Raises:
+        ConfigError: the URL breaks the broker URL rule, or options do not fit together.
+    """
+    url = BrokerUrl.parse(args.broker, setting="--broker")
+    tls = None
+    if args.ca_file or args.cert or args.key:
+        if not url.tls:
+            raise ConfigError("--ca-file, --cert and --key need an mqtts:// --broker URL")
+        if args.key and not args.cert:
+            raise ConfigError("--key needs --cert (the client certificate it belongs to)")
+        tls = TlsConfig(ca_file=args.ca_file, cert_file=args.cert, key_file=args.key)
+    if args.password_file is not None and args.username is None:
+        raise ConfigError("--password-file needs --username")
+    return BrokerConfig(url, tls=tls, username=args.username, password_file=args.password_file)
+
+
 def _client(
     args: argparse.Namespace,
-    client_id: str = "",
-    session_expiry_s: int = 0,
     *,
-    connect: bool = True,
-) -> FleetClient:
-    tls = None
-    if args.ca_file or args.cert:
-        tls = TlsConfig(ca_file=args.ca_file, cert_file=args.cert, key_file=args.key)
-    client = FleetClient(
-        args.broker, client_id=client_id, tls=tls, session_expiry_s=session_expiry_s
+    client_id: str | None = None,
+    session_expiry_s: int = 0,
+    tcp_nodelay: bool = True,
+) -> MqttClient:
+    """A fleet-side client, not connected yet: ``with`` it (or :meth:`MqttClient.connect`).
+
+    Raises:
+        ConfigError: as :func:`_broker`, or the TLS or password file is unusable.
+    """
+    return MqttClient(
+        _broker(args),
+        client_id=client_id,
+        session_expiry_s=session_expiry_s,
+        tcp_nodelay=tcp_nodelay,
     )
-    if connect:
-        client.connect()
-    return client
 
 
 def _mqtt_options(p: argparse.ArgumentParser, *, fleet_required: bool = True) -> None:
@@ -100,7 +116,11 @@ def _mqtt_options(p: argparse.ArgumentParser, *, fleet_required: bool = True) ->
     )
     if fleet_required:
         p.add_argument("--fleet", required=True, help="fleet id (a topic level)")
-    p.add_argument("--ca-file", type=Path, help="CA certificate of the broker (TLS)")
+    p.add_argument("--username", help="user name at the broker (never in the URL)")
+    p.add_argument(
+        "--password-file", type=Path, help="file holding the broker password (needs --username)"
+    )
+    p.add_argument("--ca-file", type=Path, help="CA certificate of the broker (mqtts)")
     p.add_argument("--cert", type=Path, help="client certificate (mutual TLS)")
     p.add_argument("--key", type=Path, help="client key (mutual TLS)")
 
@@ -123,10 +143,10 @@ def _selection_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _select(args: argparse.Namespace, client: FleetClient) -> list[str]:
+def _select(args: argparse.Namespace, transport: Transport) -> list[str]:
     groups = load_groups(args.groups) if args.group is not None else None
     where = parse_where(args.where)
-    known = discover_devices(client, args.fleet) if where else None
+    known = discover_devices(transport, args.fleet) if where else None
     return select_devices(
         devices=args.device, group=args.group, groups=groups, where=where, known=known
     )
@@ -169,14 +189,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_publish(args: argparse.Namespace) -> int:
     ref = _bundle(args)
-    client = _client(args)
-    try:
+    with _client(args) as client:
         devices = _select(args, client)
         publish_desired(client, args.fleet, devices, ref)
-    finally:
-        client.close()
     doc = {"bundle": ref.to_json(), "fleet": args.fleet, "devices": devices}
-    _print(
+    emit(
         args,
         doc,
         f"published {ref.name} {ref.version} (sequence {ref.sequence}) to"
@@ -189,24 +206,27 @@ def cmd_publish(args: argparse.Namespace) -> int:
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
-    store = open_store(args.db)
     client_id = args.client_id or f"edgeship-collector-{uuid.uuid4().hex[:8]}"
-    client = _client(args, client_id=client_id, session_expiry_s=args.session_expiry, connect=False)
+    # Mostly receiving: let the kernel coalesce the PUBACKs (see MqttClient).
+    client = _client(
+        args, client_id=client_id, session_expiry_s=args.session_expiry, tcp_nodelay=False
+    )
+    store = open_store(args.db)
     collector = Collector(client, store, fleet=args.fleet, share_group=args.group)
     # Subscribe before connecting: a persistent session's queue arrives right after the
     # CONNACK, and a message with no handler yet would be acknowledged and lost.
     collector.start()
-    client.connect()
-    if not args.json:
-        print(f"collecting {args.fleet} from {args.broker} into {args.db}", flush=True)
     try:
+        client.connect()
+        if not args.json:
+            print(f"collecting {args.fleet} from {client.config.url} into {args.db}", flush=True)
         with _until_signal() as stop:
             stop.wait(args.duration)
     finally:
-        client.close()
+        client.stop()
         collector.stop()
         store.close()
-    _print(args, collector.stats.to_json(), json.dumps(collector.stats.to_json()))
+    emit(args, collector.stats.to_json(), json.dumps(collector.stats.to_json()))
     return 0
 
 
@@ -247,7 +267,7 @@ def cmd_fleet(args: argparse.Namespace) -> int:
             _fmt(r.error_rate, ".2%"),
             drift,
         )
-    _print(args, [r.to_json() for r in rows], table)
+    emit(args, [r.to_json() for r in rows], table)
     return 0
 
 
@@ -263,7 +283,7 @@ def _fleet_report(args: argparse.Namespace) -> int:
         args.out.write_text(page, encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"cannot write {args.out}: {e.strerror}") from None
-    _print(args, {"out": str(args.out), "bytes": len(page)}, f"wrote {args.out}")
+    emit(args, {"out": str(args.out), "bytes": len(page)}, f"wrote {args.out}")
     return 0
 
 
@@ -290,8 +310,6 @@ def _rollout_table(r: Rollout) -> Table:
 
 
 def _drive(args: argparse.Namespace, files: RolloutFiles, rollout: Rollout) -> int:
-    client = _client(args)
-
     def on_change(r: Rollout, d: Decision) -> None:
         if not args.json:
             extra = f": {', '.join(d.devices)}" if d.devices else ""
@@ -299,14 +317,11 @@ def _drive(args: argparse.Namespace, files: RolloutFiles, rollout: Rollout) -> i
                 f"[{r.id}] {d.action}{extra}" + (f" ({d.reason})" if d.reason else ""), flush=True
             )
 
-    try:
-        with _until_signal() as stop:
-            result = run_rollout(
-                client, files, rollout, poll_s=args.poll, on_change=on_change, stop=stop
-            )
-    finally:
-        client.close()
-    _print(args, result.to_json(), _rollout_table(result))
+    with _client(args) as client, _until_signal() as stop:
+        result = run_rollout(
+            client, files, rollout, poll_s=args.poll, on_change=on_change, stop=stop
+        )
+    emit(args, result.to_json(), _rollout_table(result))
     return {"completed": 0, "running": 0, "halted": 2, "aborted": 3}[result.status]
 
 
@@ -318,7 +333,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
             raise ConfigError(f"usage: edgeship rollout {action} ID")
         rollout = files.load(rest[0])
         if action == "status":
-            _print(args, rollout.to_json(), _rollout_table(rollout))
+            emit(args, rollout.to_json(), _rollout_table(rollout))
             return 0
         if action == "resume":
             if rollout.status != "running":
@@ -327,12 +342,9 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         aborted = replace(rollout, status="aborted", reason="aborted by user")
         files.save(aborted)
         if args.revert_on_halt:
-            client = _client(args)
-            try:
+            with _client(args) as client:
                 revert(client, aborted)
-            finally:
-                client.close()
-        _print(args, aborted.to_json(), _rollout_table(aborted))
+        emit(args, aborted.to_json(), _rollout_table(aborted))
         return 0
     if rest:
         raise ConfigError("usage: edgeship rollout BUNDLE --url URL --group NAME ...")
@@ -349,11 +361,8 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     )
     rollout_id = args.id or f"{ref.name}-{ref.version}-{uuid.uuid4().hex[:6]}"
     check_id("rollout", rollout_id)
-    client = _client(args)
-    try:
+    with _client(args) as client:
         devices = _select(args, client)
-    finally:
-        client.close()
     rollout = Rollout(
         id=rollout_id,
         fleet=args.fleet,
@@ -373,6 +382,12 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 
 def register(command: CommandFn) -> None:
     """Add the fleet commands; ``command(name, func, help)`` makes one subcommand parser."""
+    _register_serve_publish(command)
+    _register_collect_fleet(command)
+    _register_rollout(command)
+
+
+def _register_serve_publish(command: CommandFn) -> None:
     p = command("serve", cmd_serve, "serve a folder of bundles over HTTP (Range support)")
     p.add_argument("dir", type=Path)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
@@ -385,6 +400,8 @@ def register(command: CommandFn) -> None:
     _mqtt_options(p)
     _selection_options(p)
 
+
+def _register_collect_fleet(command: CommandFn) -> None:
     p = command("collect", cmd_collect, "store fleet telemetry, events and state in a database")
     _mqtt_options(p, fleet_required=False)
     p.add_argument("--fleet", default="+", help="fleet id (default: every fleet)")
@@ -416,6 +433,8 @@ def register(command: CommandFn) -> None:
     p.add_argument("--fleet", help="only this fleet")
     p.add_argument("--window", type=float, default=900.0, help="error-rate window in seconds")
 
+
+def _register_rollout(command: CommandFn) -> None:
     p = command(
         "rollout",
         cmd_rollout,

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import fcntl
 import json
-import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -23,16 +21,12 @@ from typing import Any
 
 from agent.errors import ConfigError, StateError
 from agent.messages.topics import PREFIX, Topics
-from agent.plumbing.transport import Message
-from sdk.fleet._client import FleetClient
+from agent.plumbing.files import atomic_write
+from agent.plumbing.transport import Message, Transport, publish_many
 from sdk.fleet.publish import desired_payload
 from sdk.fleet.rollout import Decision, DeviceProgress, DeviceView, Rollout, step
 
-__all__ = ["PUBLISH_WINDOW", "FleetWatcher", "RolloutFiles", "revert", "run_rollout"]
-
-# Unacknowledged desired-state publishes allowed at once while a wave is published (see
-# FleetClient.publish_many for why not more).
-PUBLISH_WINDOW = 20
+__all__ = ["FleetWatcher", "RolloutFiles", "revert", "run_rollout"]
 
 
 class RolloutFiles:
@@ -73,27 +67,11 @@ class RolloutFiles:
                 fcntl.flock(lock, fcntl.LOCK_EX)
                 if unless_aborted and target.exists() and self.load(rollout.id).status == "aborted":
                     return False
-                self._write(target, rollout)
+                payload = json.dumps(rollout.to_json(), indent=2, sort_keys=True).encode()
+                atomic_write(target, payload)
         except OSError as e:
             raise ConfigError(f"cannot write rollout record {target}: {e.strerror}") from None
         return True
-
-    def _write(self, target: Path, rollout: Rollout) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{rollout.id}.")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(json.dumps(rollout.to_json(), indent=2, sort_keys=True).encode())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
     def list(self) -> list[str]:
         if not self.directory.is_dir():
@@ -104,7 +82,7 @@ class RolloutFiles:
 class FleetWatcher:
     """The latest ``state`` and ``desired`` of each device of a fleet, and its events."""
 
-    def __init__(self, client: FleetClient, fleet: str) -> None:
+    def __init__(self, transport: Transport, fleet: str) -> None:
         self._lock = threading.Lock()
         self.states: dict[str, dict[str, Any]] = {}
         self.desired: dict[str, bytes] = {}
@@ -112,9 +90,9 @@ class FleetWatcher:
         self.failures: dict[tuple[str, str], str] = {}
         self._last = time.monotonic()
         base = f"{PREFIX}/{fleet}/+"
-        client.subscribe(f"{base}/state", self._on_state)
-        client.subscribe(f"{base}/desired", self._on_desired)
-        client.subscribe(f"{base}/events", self._on_event)
+        transport.subscribe(f"{base}/state", self._on_state)
+        transport.subscribe(f"{base}/desired", self._on_desired)
+        transport.subscribe(f"{base}/events", self._on_event)
 
     def settle(self, quiet_s: float = 0.5, max_wait_s: float = 5.0) -> None:
         """Wait until the retained messages stopped arriving."""
@@ -196,7 +174,7 @@ class FleetWatcher:
         return None if payload is None else payload.decode("utf-8", "replace")
 
 
-def revert(client: FleetClient, rollout: Rollout, devices: list[str] | None = None) -> list[str]:
+def revert(transport: Transport, rollout: Rollout, devices: list[str] | None = None) -> list[str]:
     """Publish each touched device's desired state from before the rollout (or clear it).
 
     Raises:
@@ -209,7 +187,7 @@ def revert(client: FleetClient, rollout: Rollout, devices: list[str] | None = No
         previous = rollout.progress[device].previous
         payload = b"" if previous is None else previous.encode()
         messages.append((Topics(rollout.fleet, device).desired, payload))
-    client.publish_many(messages, retain=True, window=PUBLISH_WINDOW)
+    publish_many(transport, messages, retain=True)
     return reverted
 
 
@@ -230,7 +208,7 @@ def _start_wave(
 
 
 def run_rollout(
-    client: FleetClient,
+    transport: Transport,
     files: RolloutFiles,
     rollout: Rollout,
     *,
@@ -248,7 +226,7 @@ def run_rollout(
     """
     if rollout.status != "running":
         raise StateError(f"rollout {rollout.id} is {rollout.status}; only a running one can run")
-    watcher = FleetWatcher(client, rollout.fleet)
+    watcher = FleetWatcher(transport, rollout.fleet)
     watcher.settle()
 
     def aborted() -> Rollout:
@@ -267,9 +245,9 @@ def run_rollout(
         if rollout != before and not files.save(rollout, unless_aborted=True):
             return aborted()
         # Pipelined, but every publish is acknowledged before the wave counts as published.
-        client.publish_many(messages, retain=True, window=PUBLISH_WINDOW)
+        publish_many(transport, messages, retain=True)
         if decision.action == "halt" and rollout.plan.revert_on_halt:
-            revert(client, rollout)
+            revert(transport, rollout)
         if decision.action != "wait" and on_change is not None:
             on_change(rollout, decision)
         if rollout.status != "running":

@@ -25,22 +25,13 @@ from typing import Any
 
 from agent.errors import ConfigError
 from agent.messages.topics import PREFIX, SCHEMA_VERSION
-from agent.plumbing.transport import Message
-from sdk.fleet._client import FleetClient
-from sdk.fleet.store import (
-    EventRecord,
-    Record,
-    StateRecord,
-    StatusRecord,
-    Store,
-    TelemetryRecord,
-)
+from agent.plumbing.transport import Message, Transport
+from sdk.fleet.records import EventRecord, Record, StateRecord, StatusRecord, TelemetryRecord
+from sdk.fleet.store import Store
 
 __all__ = ["CollectStats", "Collector", "parse_message"]
 
 log = logging.getLogger(__name__)
-
-_LEAVES = ("status", "state", "events", "telemetry")
 
 
 def _num(value: object) -> float | None:
@@ -59,6 +50,87 @@ def _dict(value: object) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
+def _status(fleet: str, device: str, ts: float, doc: dict[str, Any], raw: str) -> Record:
+    attributes = doc.get("attributes")
+    return StatusRecord(
+        fleet,
+        device,
+        ts,
+        str(doc.get("status")),
+        attributes if isinstance(attributes, dict) else None,
+        raw,
+    )
+
+
+def _state(fleet: str, device: str, ts: float, doc: dict[str, Any], raw: str) -> Record:
+    current = _dict(doc.get("current"))
+    return StateRecord(
+        fleet,
+        device,
+        ts,
+        _str(current.get("digest")),
+        _str(current.get("name")),
+        _str(current.get("version")),
+        raw,
+    )
+
+
+def _seq(doc: dict[str, Any]) -> int:
+    seq = _int(doc.get("seq"))
+    if seq is None or seq < 1:
+        raise ValueError("telemetry and events need a positive integer seq")
+    return seq
+
+
+def _event(fleet: str, device: str, ts: float, doc: dict[str, Any], raw: str) -> Record:
+    return EventRecord(
+        fleet,
+        device,
+        _seq(doc),
+        ts,
+        str(doc.get("event")),
+        _str(doc.get("digest")),
+        _str(doc.get("reason")),
+        raw,
+    )
+
+
+def _telemetry(fleet: str, device: str, ts: float, doc: dict[str, Any], raw: str) -> Record:
+    metrics = _dict(doc.get("metrics"))
+    latency = _dict(metrics.get("latency_ms"))
+    model = _dict(metrics.get("model"))
+    drift = _dict(doc.get("drift"))
+    psis = [
+        p for i in drift.get("inputs") or [] if (p := _num(_dict(i).get("psi_max"))) is not None
+    ]
+    return TelemetryRecord(
+        fleet=fleet,
+        device=device,
+        seq=_seq(doc),
+        ts=ts,
+        model_name=_str(model.get("name")),
+        model_version=_str(model.get("version")),
+        model_sequence=_int(model.get("sequence")),
+        requests=_int(metrics.get("requests")),
+        error_count=_int(metrics.get("error_count")),
+        p50_ms=_num(latency.get("p50")),
+        p95_ms=_num(latency.get("p95")),
+        p99_ms=_num(latency.get("p99")),
+        drift_band=_str(drift.get("band")),
+        psi_max=max(psis) if psis else None,
+        raw=raw,
+    )
+
+
+# The record each leaf's payload becomes: (fleet, device, ts, document, raw JSON) -> record.
+_RECORDS: dict[str, Callable[[str, str, float, dict[str, Any], str], Record]] = {
+    "status": _status,
+    "state": _state,
+    "events": _event,
+    "telemetry": _telemetry,
+}
+
+
 def parse_message(topic: str, payload: bytes) -> Record | None:
     """The record a message on a v1 topic stands for; None for an empty (cleared) retained one.
 
@@ -67,7 +139,7 @@ def parse_message(topic: str, payload: bytes) -> Record | None:
             sender fields that disagree with the topic, or a missing ``seq`` / ``ts``.
     """
     parts = topic.split("/")
-    if len(parts) != 5 or "/".join(parts[:2]) != PREFIX or parts[4] not in _LEAVES:
+    if len(parts) != 5 or "/".join(parts[:2]) != PREFIX or parts[4] not in _RECORDS:
         raise ValueError(f"not an edgeship v1 device topic: {topic}")
     fleet, device, leaf = parts[2], parts[3], parts[4]
     if not payload:
@@ -82,66 +154,7 @@ def parse_message(topic: str, payload: bytes) -> Record | None:
     ts = _num(doc.get("ts"))
     if ts is None:
         raise ValueError("payload has no numeric ts")
-    raw = payload.decode("utf-8")
-    if leaf == "status":
-        attrs = doc.get("attributes")
-        return StatusRecord(
-            fleet,
-            device,
-            ts,
-            str(doc.get("status")),
-            attrs if isinstance(attrs, dict) else None,
-            raw,
-        )
-    if leaf == "state":
-        current = _dict(doc.get("current"))
-        return StateRecord(
-            fleet,
-            device,
-            ts,
-            _str(current.get("digest")),
-            _str(current.get("name")),
-            _str(current.get("version")),
-            raw,
-        )
-    seq = _int(doc.get("seq"))
-    if seq is None or seq < 1:
-        raise ValueError("telemetry and events need a positive integer seq")
-    if leaf == "events":
-        return EventRecord(
-            fleet,
-            device,
-            seq,
-            ts,
-            str(doc.get("event")),
-            _str(doc.get("digest")),
-            _str(doc.get("reason")),
-            raw,
-        )
-    metrics = _dict(doc.get("metrics"))
-    latency = _dict(metrics.get("latency_ms"))
-    model = _dict(metrics.get("model"))
-    drift = _dict(doc.get("drift"))
-    psis = [
-        p for i in drift.get("inputs") or [] if (p := _num(_dict(i).get("psi_max"))) is not None
-    ]
-    return TelemetryRecord(
-        fleet=fleet,
-        device=device,
-        seq=seq,
-        ts=ts,
-        model_name=_str(model.get("name")),
-        model_version=_str(model.get("version")),
-        model_sequence=_int(model.get("sequence")),
-        requests=_int(metrics.get("requests")),
-        error_count=_int(metrics.get("error_count")),
-        p50_ms=_num(latency.get("p50")),
-        p95_ms=_num(latency.get("p95")),
-        p99_ms=_num(latency.get("p99")),
-        drift_band=_str(drift.get("band")),
-        psi_max=max(psis) if psis else None,
-        raw=raw,
-    )
+    return _RECORDS[leaf](fleet, device, ts, doc, payload.decode("utf-8"))
 
 
 @dataclass
@@ -178,7 +191,7 @@ class Collector:
 
     def __init__(
         self,
-        client: FleetClient,
+        transport: Transport,
         store: Store,
         *,
         fleet: str = "+",
@@ -187,7 +200,7 @@ class Collector:
         batch_wait_s: float = 0.02,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.client = client
+        self.transport = transport
         self.store = store
         self.fleet = fleet
         self.share_group = share_group
@@ -212,7 +225,7 @@ class Collector:
         self._writer = threading.Thread(target=self._write_loop, name="edgeship-collect")
         self._writer.start()
         for topic_filter in self.topic_filters():
-            self.client.subscribe(topic_filter, self._queue.put)
+            self.transport.subscribe(topic_filter, self._queue.put)
 
     def stop(self) -> None:
         """Write what was received so far, then stop the writer."""

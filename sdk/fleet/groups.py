@@ -22,8 +22,7 @@ from typing import Any
 
 from agent.errors import ConfigError
 from agent.messages.topics import PREFIX, check_id
-from agent.plumbing.transport import Message
-from sdk.fleet._client import FleetClient
+from agent.plumbing.transport import Message, Transport
 
 __all__ = ["discover_devices", "load_groups", "matches", "parse_where", "select_devices"]
 
@@ -75,15 +74,12 @@ def matches(attributes: Mapping[str, Any], where: Mapping[str, str]) -> bool:
 
 
 def discover_devices(
-    client: FleetClient, fleet: str, *, quiet_s: float = 0.5, max_wait_s: float = 5.0
+    transport: Transport, fleet: str, *, quiet_s: float = 0.5, max_wait_s: float = 5.0
 ) -> dict[str, dict[str, Any]]:
     """The retained ``status`` of every device of ``fleet`` the broker knows.
 
     Retained messages arrive right after subscribing; this returns once none arrived for
     ``quiet_s`` (or after ``max_wait_s``).
-
-    Raises:
-        BrokerError: the subscription could not be made (not connected).
     """
     found: dict[str, dict[str, Any]] = {}
     last = [time.monotonic()]
@@ -100,7 +96,7 @@ def discover_devices(
                 found[device] = doc
                 last[0] = time.monotonic()
 
-    client.subscribe(f"{PREFIX}/{fleet}/+/status", on_status)
+    transport.subscribe(f"{PREFIX}/{fleet}/+/status", on_status)
     deadline = time.monotonic() + max_wait_s
     while time.monotonic() < deadline:
         with lock:

@@ -13,13 +13,13 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from agent.bundle._verify import read_unverified, verify_bundle
+from agent.bundle import read_unverified, verify_bundle
 from agent.bundle.manifest import Manifest
 from agent.bundle.signing import TrustPolicy
 from agent.errors import ConfigError, ManifestMismatchError
 from agent.messages.desired import BundleRef, Desired
 from agent.messages.topics import Topics
-from sdk.fleet._client import FleetClient
+from agent.plumbing.transport import Transport, publish_many
 
 __all__ = ["BundleRef", "bundle_ref", "clear_desired", "desired_payload", "publish_desired"]
 
@@ -82,7 +82,7 @@ def desired_payload(
 
 
 def publish_desired(
-    client: FleetClient,
+    transport: Transport,
     fleet: str,
     devices: Iterable[str],
     ref: BundleRef,
@@ -104,14 +104,15 @@ def publish_desired(
         )
         for device in done
     ]
-    client.publish_many(messages, retain=True)
+    publish_many(transport, messages, retain=True)
     return done
 
 
-def clear_desired(client: FleetClient, fleet: str, devices: Iterable[str]) -> None:
+def clear_desired(transport: Transport, fleet: str, devices: Iterable[str]) -> None:
     """Remove the retained desired state (an empty retained payload).
 
     Raises:
         BrokerError: a publish was not acknowledged.
     """
-    client.publish_many([(Topics(fleet, device).desired, b"") for device in devices], retain=True)
+    messages = [(Topics(fleet, device).desired, b"") for device in devices]
+    publish_many(transport, messages, retain=True)

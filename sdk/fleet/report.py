@@ -14,6 +14,7 @@ import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 from sdk.fleet.status import fleet_status
 from sdk.fleet.store import Store
@@ -21,6 +22,7 @@ from sdk.fleet.store import Store
 __all__ = ["line_chart", "render_report"]
 
 Series = Mapping[str, Sequence[tuple[float, float]]]
+Points = list[tuple[float, float]]
 
 _W, _H, _PAD = 800, 240, 44
 _LEGEND = 180  # room on the right for series names
@@ -80,13 +82,10 @@ def _bucket(ts: float, size_s: float) -> float:
     return ts - ts % size_s
 
 
-def render_report(store: Store, *, bucket_s: float = 60.0, now: float | None = None) -> str:
-    """The whole report as an HTML string."""
-    now = time.time() if now is None else now
-    rows = store.query(
-        "SELECT ts, model_name, model_version, requests, error_count, p50_ms, p95_ms, p99_ms,"
-        " raw FROM telemetry ORDER BY ts"
-    )
+def _telemetry_series(
+    rows: list[dict[str, Any]], bucket_s: float
+) -> tuple[dict[str, Points], dict[str, Points], dict[str, Points]]:
+    """Latency percentiles and error rate per model version, and PSI per input feature."""
     lat: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
     req: dict[str, dict[float, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
     psi: dict[str, dict[float, float]] = defaultdict(dict)
@@ -112,19 +111,22 @@ def render_report(store: Store, *, bucket_s: float = 60.0, now: float | None = N
                     psi[key][b] = max(psi[key].get(b, 0.0), float(value))
     latency = {k: [(b, sum(v) / len(v)) for b, v in s.items()] for k, s in lat.items()}
     errors = {k: [(b, e / n) for b, (n, e) in s.items() if n] for k, s in req.items()}
-    drift_series = {k: list(s.items()) for k, s in psi.items()}
-    events = store.query(
-        "SELECT ts, event, digest FROM events WHERE event IN ('committed', 'rolled-back',"
-        " 'failed') AND digest IS NOT NULL ORDER BY ts"
-    )
-    progress: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    return latency, errors, {k: list(s.items()) for k, s in psi.items()}
+
+
+def _progress(events: list[dict[str, Any]]) -> dict[str, Points]:
+    """Devices that committed or failed each bundle digest, cumulative over time."""
+    progress: dict[str, Points] = defaultdict(list)
     totals: dict[str, int] = defaultdict(int)
     for e in events:
         key = f"{str(e['digest'])[:12]} {'committed' if e['event'] == 'committed' else 'failed'}"
         totals[key] += 1
         progress[key].append((float(e["ts"]), float(totals[key])))
-    devices = fleet_status(store, now=now)
-    table_rows = "".join(
+    return progress
+
+
+def _device_rows(store: Store, now: float) -> str:
+    return "".join(
         "<tr>"
         + "".join(
             f"<td>{html.escape(str(v))}</td>"
@@ -139,13 +141,27 @@ def render_report(store: Store, *, bucket_s: float = 60.0, now: float | None = N
             )
         )
         + "</tr>"
-        for d in devices
+        for d in fleet_status(store, now=now)
+    )
+
+
+def render_report(store: Store, *, bucket_s: float = 60.0, now: float | None = None) -> str:
+    """The whole report as an HTML string."""
+    now = time.time() if now is None else now
+    rows = store.query(
+        "SELECT ts, model_name, model_version, requests, error_count, p50_ms, p95_ms, p99_ms,"
+        " raw FROM telemetry ORDER BY ts"
+    )
+    latency, errors, drift = _telemetry_series(rows, bucket_s)
+    events = store.query(
+        "SELECT ts, event, digest FROM events WHERE event IN ('committed', 'rolled-back',"
+        " 'failed') AND digest IS NOT NULL ORDER BY ts"
     )
     charts = [
         line_chart("Latency percentiles per version (mean over devices)", latency, unit=" ms"),
         line_chart("Error rate per version", errors),
-        line_chart("Drift: PSI per input feature (max over devices)", drift_series),
-        line_chart("Rollout progress: devices per bundle digest (cumulative)", progress),
+        line_chart("Drift: PSI per input feature (max over devices)", drift),
+        line_chart("Rollout progress: devices per bundle digest (cumulative)", _progress(events)),
     ]
     generated = datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds")
     return f"""<!DOCTYPE html>
@@ -160,7 +176,7 @@ table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding
 <p>Generated {generated} from {len(rows)} telemetry messages and {len(events)} outcome events.</p>
 <h2>Devices</h2>
 <table id="devices"><tr><th>fleet</th><th>device</th><th>status</th><th>model</th>
-<th>p95 ms</th><th>errors</th><th>drift</th></tr>{table_rows}</table>
+<th>p95 ms</th><th>errors</th><th>drift</th></tr>{_device_rows(store, now)}</table>
 <h2>Charts</h2>
 {"".join(charts)}
 </body></html>

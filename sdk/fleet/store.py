@@ -1,108 +1,32 @@
 """Where the collector keeps the fleet's messages: one interface, SQLite or PostgreSQL.
 
-Tables (the same in both; JSON kept as text so the SQL stays portable):
-
-* ``devices``: one row per device — latest status (online/offline, attributes), latest
-  reported state and its current bundle, when anything was last heard from it, and the
-  highest ``seq`` stored (for gap detection).
-* ``events`` and ``telemetry``: one row per message, key fields as columns, the whole
-  payload in ``raw``. ``UNIQUE (fleet, device, seq)`` drops at-least-once duplicates.
-* ``gaps``: ranges of ``seq`` not (yet) received. A late message — another collector of
-  the shared subscription may have been slower — shrinks or removes its gap.
-
-Every batch is one transaction that locks each device's row first (``BEGIN IMMEDIATE``
-in SQLite; ``SELECT ... FOR UPDATE`` in PostgreSQL, in (fleet, device) order so two
-collectors cannot deadlock), so several collectors can write to the same database.
+What is stored is in :mod:`sdk.fleet.records`; the tables and the batch-writing SQL in
+:mod:`sdk.fleet._sql`. Every batch is one
+transaction that locks each device's row first (``BEGIN IMMEDIATE`` in SQLite;
+``SELECT ... FOR UPDATE`` in PostgreSQL, in (fleet, device) order so two collectors
+cannot deadlock), so several collectors can write to the same database.
 """
 
 from __future__ import annotations
 
-import json
 import random
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol, TypeAlias
+from typing import Any, Protocol
 
 from agent.errors import ConfigError
+from sdk.fleet._sql import SCHEMA, Cursor, SqlStore
+from sdk.fleet.records import Record, WriteResult
 
-__all__ = [
-    "EventRecord",
-    "PostgresStore",
-    "Record",
-    "SqliteStore",
-    "StateRecord",
-    "StatusRecord",
-    "Store",
-    "TelemetryRecord",
-    "WriteResult",
-    "open_store",
-]
+__all__ = ["PostgresStore", "SqliteStore", "Store", "open_store"]
 
 
-@dataclass(frozen=True)
-class StatusRecord:
-    fleet: str
-    device: str
-    ts: float
-    status: str
-    attributes: dict[str, Any] | None
-    raw: str
-
-
-@dataclass(frozen=True)
-class StateRecord:
-    fleet: str
-    device: str
-    ts: float
-    current_digest: str | None
-    current_name: str | None
-    current_version: str | None
-    raw: str
-
-
-@dataclass(frozen=True)
-class EventRecord:
-    fleet: str
-    device: str
-    seq: int
-    ts: float
-    event: str
-    digest: str | None
-    reason: str | None
-    raw: str
-
-
-@dataclass(frozen=True)
-class TelemetryRecord:
-    fleet: str
-    device: str
-    seq: int
-    ts: float
-    model_name: str | None
-    model_version: str | None
-    model_sequence: int | None
-    requests: int | None
-    error_count: int | None
-    p50_ms: float | None
-    p95_ms: float | None
-    p99_ms: float | None
-    drift_band: str | None
-    psi_max: float | None
-    raw: str
-
-
-Record = StatusRecord | StateRecord | EventRecord | TelemetryRecord
-
-
-@dataclass
-class WriteResult:
-    stored: int = 0
-    duplicates: int = 0
-    gaps: list[tuple[str, str, int, int]] = field(default_factory=list)  # new missing ranges
+# Key of the advisory lock that serialises creating the tables (any constant will do;
+# this one is "edgeship" in ASCII, truncated to fit a bigint).
+_SCHEMA_LOCK = 0x65646765736869
 
 
 class Store(Protocol):
@@ -119,281 +43,7 @@ class Store(Protocol):
     def close(self) -> None: ...
 
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS devices (
-  fleet TEXT NOT NULL, device TEXT NOT NULL,
-  status TEXT, status_ts DOUBLE PRECISION, attributes TEXT,
-  state TEXT, state_ts DOUBLE PRECISION,
-  current_digest TEXT, current_name TEXT, current_version TEXT,
-  last_seen DOUBLE PRECISION, max_seq BIGINT NOT NULL DEFAULT 0,
-  PRIMARY KEY (fleet, device));
-CREATE TABLE IF NOT EXISTS events (
-  fleet TEXT NOT NULL, device TEXT NOT NULL, seq BIGINT NOT NULL,
-  ts DOUBLE PRECISION NOT NULL, received_at DOUBLE PRECISION NOT NULL,
-  event TEXT NOT NULL, digest TEXT, reason TEXT, raw TEXT NOT NULL,
-  UNIQUE (fleet, device, seq));
-CREATE TABLE IF NOT EXISTS telemetry (
-  fleet TEXT NOT NULL, device TEXT NOT NULL, seq BIGINT NOT NULL,
-  ts DOUBLE PRECISION NOT NULL, received_at DOUBLE PRECISION NOT NULL,
-  model_name TEXT, model_version TEXT, model_sequence BIGINT,
-  requests BIGINT, error_count BIGINT,
-  p50_ms DOUBLE PRECISION, p95_ms DOUBLE PRECISION, p99_ms DOUBLE PRECISION,
-  drift_band TEXT, psi_max DOUBLE PRECISION, raw TEXT NOT NULL,
-  UNIQUE (fleet, device, seq));
-CREATE TABLE IF NOT EXISTS gaps (
-  fleet TEXT NOT NULL, device TEXT NOT NULL,
-  first_seq BIGINT NOT NULL, last_seq BIGINT NOT NULL, detected_at DOUBLE PRECISION NOT NULL,
-  PRIMARY KEY (fleet, device, first_seq));
-CREATE INDEX IF NOT EXISTS telemetry_ts ON telemetry (ts);
-CREATE INDEX IF NOT EXISTS events_digest ON events (digest)
-"""
-
-
-_Row: TypeAlias = tuple[Any, ...]
-
-
-# Key of the advisory lock that serialises creating the tables (any constant will do;
-# this one is "edgeship" in ASCII, truncated to fit a bigint).
-_SCHEMA_LOCK = 0x65646765736869
-
-
-class _Cursor(Protocol):
-    @property
-    def rowcount(self) -> int: ...
-
-    def execute(self, sql: Any, params: Sequence[Any] = ...) -> Any: ...
-
-    def executemany(self, sql: Any, params_seq: Iterable[Sequence[Any]]) -> Any: ...
-
-    def fetchone(self) -> Any: ...
-
-    def fetchall(self) -> list[Any]: ...
-
-
-_EVENT_COLUMNS = ("fleet", "device", "seq", "ts", "received_at", "event", "digest", "reason", "raw")
-_TELEMETRY_COLUMNS = (
-    "fleet", "device", "seq", "ts", "received_at", "model_name", "model_version",
-    "model_sequence", "requests", "error_count", "p50_ms", "p95_ms", "p99_ms", "drift_band",
-    "psi_max", "raw",
-)  # fmt: skip
-# Rows per multi-row statement: 16 columns x 500 stays far below both databases' limits on
-# bound parameters (SQLite 32,766, PostgreSQL 65,535).
-_CHUNK = 500
-# Latest value wins by the sender's clock; a birth keeps the attributes of the last one
-# when a death (which has none) follows.
-_STATUS_SQL = (
-    "UPDATE devices SET status = ?, status_ts = ?, attributes = COALESCE(?, attributes)"
-    " WHERE fleet = ? AND device = ? AND (status_ts IS NULL OR status_ts <= ?)"
-)
-_STATE_SQL = (
-    "UPDATE devices SET state = ?, state_ts = ?, current_digest = ?, current_name = ?,"
-    " current_version = ?"
-    " WHERE fleet = ? AND device = ? AND (state_ts IS NULL OR state_ts <= ?)"
-)
-_GAP_SQL = (
-    "INSERT INTO gaps (fleet, device, first_seq, last_seq, detected_at) VALUES (?, ?, ?, ?, ?)"
-)
-_DEVICE_SQL = (
-    "UPDATE devices SET max_seq = ?,"
-    " last_seen = CASE WHEN last_seen IS NULL OR last_seen < ? THEN ? ELSE last_seen END"
-    " WHERE fleet = ? AND device = ?"
-)
-
-
-def _chunks(rows: Sequence[_Row]) -> Iterator[Sequence[_Row]]:
-    for i in range(0, len(rows), _CHUNK):
-        yield rows[i : i + _CHUNK]
-
-
-def _values(n_rows: int, n_columns: int) -> str:
-    row = "(" + ", ".join("?" * n_columns) + ")"
-    return ", ".join([row] * n_rows)
-
-
-def _status_row(r: StatusRecord) -> _Row:
-    attributes = None if r.attributes is None else json.dumps(r.attributes, sort_keys=True)
-    return (r.status, r.ts, attributes, r.fleet, r.device, r.ts)
-
-
-def _state_row(r: StateRecord) -> _Row:
-    return (
-        r.raw, r.ts, r.current_digest, r.current_name, r.current_version, r.fleet, r.device, r.ts,
-    )  # fmt: skip
-
-
-def _event_row(r: EventRecord, at: float) -> _Row:
-    return (r.fleet, r.device, r.seq, r.ts, at, r.event, r.digest, r.reason, r.raw)
-
-
-def _telemetry_row(r: TelemetryRecord, at: float) -> _Row:
-    return (
-        r.fleet, r.device, r.seq, r.ts, at, r.model_name, r.model_version, r.model_sequence,
-        r.requests, r.error_count, r.p50_ms, r.p95_ms, r.p99_ms, r.drift_band, r.psi_max, r.raw,
-    )  # fmt: skip
-
-
-def _split(first: int, last: int, filled: Sequence[int]) -> list[tuple[int, int]]:
-    """What is left of the gap ``first..last`` once the sorted seqs ``filled`` arrived."""
-    left = []
-    lo = first
-    for seq in filled:
-        if first <= seq <= last:
-            if lo <= seq - 1:
-                left.append((lo, seq - 1))
-            lo = max(lo, seq + 1)
-    if lo <= last:
-        left.append((lo, last))
-    return left
-
-
-class _SqlStore:
-    """The logic both databases share; subclasses say how to connect and lock.
-
-    A batch costs a fixed handful of statements, whatever its size: one multi-row upsert
-    that creates and locks the batch's device rows and returns their highest ``seq``, one
-    multi-row ``INSERT ... ON CONFLICT DO NOTHING RETURNING`` per table (what comes back was
-    stored, the rest were duplicates), ``executemany`` for statuses, states, new gaps and
-    the devices' ``max_seq`` / ``last_seen``, and a look at the gaps only for a device with
-    a late message (one at or below its ``max_seq``).
-    """
-
-    def _sql(self, sql: str) -> str:
-        return sql
-
-    def _transaction(self) -> AbstractContextManager[_Cursor]:
-        raise NotImplementedError
-
-    def write(self, records: Sequence[Record], received_at: float) -> WriteResult:
-        """Store a batch in one transaction. Raises: ConfigError when the database fails."""
-        statuses: list[StatusRecord] = []
-        states: list[StateRecord] = []
-        events: list[EventRecord] = []
-        telemetry: list[TelemetryRecord] = []
-        for rec in records:
-            if isinstance(rec, TelemetryRecord):
-                telemetry.append(rec)
-            elif isinstance(rec, EventRecord):
-                events.append(rec)
-            elif isinstance(rec, StatusRecord):
-                statuses.append(rec)
-            else:
-                states.append(rec)
-        # Sorted: device rows are always locked in the same order (no deadlock between
-        # collectors), and each device's latest status / state is applied last.
-        keys = sorted({(r.fleet, r.device) for r in records})
-        statuses.sort(key=lambda r: (r.fleet, r.device, r.ts))
-        states.sort(key=lambda r: (r.fleet, r.device, r.ts))
-        events.sort(key=lambda r: (r.fleet, r.device, r.seq))
-        telemetry.sort(key=lambda r: (r.fleet, r.device, r.seq))
-        result = WriteResult()
-        if not keys:
-            return result
-        with self._transaction() as cur:
-            highest = self._lock_devices(cur, keys)
-            if statuses:
-                cur.executemany(self._sql(_STATUS_SQL), [_status_row(r) for r in statuses])
-            if states:
-                cur.executemany(self._sql(_STATE_SQL), [_state_row(r) for r in states])
-            stored: dict[tuple[str, str], list[int]] = {}
-            event_rows = [_event_row(r, received_at) for r in events]
-            telemetry_rows = [_telemetry_row(r, received_at) for r in telemetry]
-            for table, columns, rows in (
-                ("events", _EVENT_COLUMNS, event_rows),
-                ("telemetry", _TELEMETRY_COLUMNS, telemetry_rows),
-            ):
-                for fleet, device, seq in self._insert_new(cur, table, columns, rows):
-                    stored.setdefault((str(fleet), str(device)), []).append(int(seq))
-            n_stored = sum(len(seqs) for seqs in stored.values())
-            result.stored = len(statuses) + len(states) + n_stored
-            result.duplicates = len(events) + len(telemetry) - n_stored
-            new_gaps: list[tuple[str, str, int, int, float]] = []
-            for key in sorted(stored):
-                seqs = sorted(stored[key])
-                before = highest[key]
-                if seqs[0] <= before:  # late messages: they fill (parts of) recorded gaps
-                    self._heal_gaps(cur, key, [s for s in seqs if s <= before])
-                top = before
-                for seq in seqs:
-                    if seq > top + 1:
-                        new_gaps.append((key[0], key[1], top + 1, seq - 1, received_at))
-                    top = max(top, seq)
-                highest[key] = top
-            if new_gaps:
-                cur.executemany(self._sql(_GAP_SQL), new_gaps)
-                result.gaps.extend((f, d, lo, hi) for f, d, lo, hi, _ in new_gaps)
-            cur.executemany(
-                self._sql(_DEVICE_SQL),
-                [(highest[k], received_at, received_at, k[0], k[1]) for k in keys],
-            )
-        return result
-
-    def _lock_devices(
-        self, cur: _Cursor, keys: list[tuple[str, str]]
-    ) -> dict[tuple[str, str], int]:
-        """Create the devices' rows if new, lock them (in ``keys`` order), return ``max_seq``.
-
-        The no-op ``DO UPDATE`` is what locks an existing row in PostgreSQL (and makes
-        ``RETURNING`` report it); SQLite's ``BEGIN IMMEDIATE`` already holds the file lock.
-        """
-        highest: dict[tuple[str, str], int] = {}
-        for chunk in _chunks(keys):
-            cur.execute(
-                self._sql(
-                    f"INSERT INTO devices (fleet, device) VALUES {_values(len(chunk), 2)}"  # noqa: S608 - placeholders only
-                    " ON CONFLICT (fleet, device) DO UPDATE SET max_seq = devices.max_seq"
-                    " RETURNING fleet, device, max_seq"
-                ),
-                [v for key in chunk for v in key],
-            )
-            for fleet, device, max_seq in cur.fetchall():
-                highest[(str(fleet), str(device))] = int(max_seq)
-        return highest
-
-    def _insert_new(
-        self, cur: _Cursor, table: str, columns: Sequence[str], rows: Sequence[_Row]
-    ) -> list[tuple[Any, ...]]:
-        """Insert ``rows`` but those whose (fleet, device, seq) is there; the stored keys."""
-        stored: list[tuple[Any, ...]] = []
-        for chunk in _chunks(rows):
-            cur.execute(
-                self._sql(
-                    f"INSERT INTO {table} ({', '.join(columns)})"  # noqa: S608 - constant names
-                    f" VALUES {_values(len(chunk), len(columns))}"
-                    " ON CONFLICT DO NOTHING RETURNING fleet, device, seq"
-                ),
-                [v for row in chunk for v in row],
-            )
-            stored.extend(tuple(row) for row in cur.fetchall())
-        return stored
-
-    def _heal_gaps(self, cur: _Cursor, key: tuple[str, str], late: list[int]) -> None:
-        """Shrink, split or remove the device's recorded gaps that the ``late`` seqs fall in."""
-        cur.execute(
-            self._sql(
-                "SELECT first_seq, last_seq, detected_at FROM gaps WHERE fleet = ? AND device = ?"
-                " AND first_seq <= ? AND last_seq >= ?"
-            ),
-            (key[0], key[1], late[-1], late[0]),
-        )
-        deleted: list[_Row] = []
-        remnants: list[_Row] = []
-        for row in cur.fetchall():
-            first, last, detected = int(row[0]), int(row[1]), float(row[2])
-            inside = [s for s in late if first <= s <= last]
-            if not inside:
-                continue
-            deleted.append((key[0], key[1], first))
-            remnants.extend((*key, lo, hi, detected) for lo, hi in _split(first, last, inside))
-        if deleted:
-            cur.executemany(
-                self._sql("DELETE FROM gaps WHERE fleet = ? AND device = ? AND first_seq = ?"),
-                deleted,
-            )
-        if remnants:
-            cur.executemany(self._sql(_GAP_SQL), remnants)
-
-
-class SqliteStore(_SqlStore):
+class SqliteStore(SqlStore):
     """SQLite in WAL mode: readers never block the collector; one writer at a time.
 
     Raises (constructor): ConfigError when the file cannot be opened or created.
@@ -425,14 +75,14 @@ class SqliteStore(_SqlStore):
             # NORMAL in WAL: a power cut may lose the last commits but never corrupts the
             # file; fsync per batch would cap ingest at the disk's flush rate.
             db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(_SCHEMA)
+            db.executescript(SCHEMA)
         except BaseException:
             db.close()
             raise
         return db
 
     @contextmanager
-    def _transaction(self) -> Iterator[_Cursor]:
+    def _transaction(self) -> Iterator[Cursor]:
         cur = self._db.cursor()
         try:
             cur.execute("BEGIN IMMEDIATE")
@@ -458,7 +108,7 @@ class SqliteStore(_SqlStore):
         self._db.close()
 
 
-class PostgresStore(_SqlStore):
+class PostgresStore(SqlStore):
     """PostgreSQL through psycopg 3 (``pip install 'edgeship[fleet-postgres]'``).
 
     Raises (constructor): ConfigError when psycopg is missing or the server refuses.
@@ -499,7 +149,7 @@ class PostgresStore(_SqlStore):
                 with self._db.transaction(), self._db.cursor() as cur:
                     cur.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
                     # One statement per execute: psycopg's extended protocol refuses several.
-                    for statement in _SCHEMA.split(";"):
+                    for statement in SCHEMA.split(";"):
                         cur.execute(statement)
                 return  # noqa: TRY300 - the loop retries only the failures
             except (errors.UniqueViolation, errors.DuplicateTable, errors.DuplicateObject):
@@ -511,7 +161,7 @@ class PostgresStore(_SqlStore):
         return sql.replace("?", "%s")
 
     @contextmanager
-    def _transaction(self) -> Iterator[_Cursor]:
+    def _transaction(self) -> Iterator[Cursor]:
         try:
             with self._db.transaction(), self._db.cursor() as cur:
                 yield cur

@@ -25,7 +25,7 @@ def test_minimal_config_has_safe_defaults() -> None:
     assert c.trust_policy == Path("/etc/edgeship/trust.toml")
     assert c.broker is None
     assert c.http.enabled is False
-    assert c.mqtt_serving_enabled is False
+    assert c.mqtt_serving.enabled is False
     assert c.cache.enabled is False
     assert (c.logging.level, c.logging.format) == ("info", "json")
     assert c.attributes == {}
@@ -34,14 +34,19 @@ def test_minimal_config_has_safe_defaults() -> None:
 def test_the_shipped_example_parses(tmp_path: Path) -> None:
     c = load_config(ROOT / "examples" / "agent.toml")
     assert c.broker is not None
-    assert (c.broker.host, c.broker.port, c.broker.tls) == ("broker.example.com", 8883, True)
-    assert c.broker.cert_file == Path("/etc/edgeship/device.crt")
+    assert (c.broker.url.host, c.broker.url.port, c.broker.url.tls) == (
+        "broker.example.com",
+        8883,
+        True,
+    )
+    assert c.broker.tls is not None
+    assert c.broker.tls.cert_file == Path("/etc/edgeship/device.crt")
     assert c.attributes == {"hardware": "rpi4", "site": "warehouse-3"}
 
 
 GOOD: list[tuple[str, str, object]] = [
-    ('[broker]\nurl = "mqtt://10.0.0.5"', "broker.port", 1883),
-    ('[broker]\nurl = "mqtts://b.example"', "broker.port", 8883),
+    ('[broker]\nurl = "mqtt://10.0.0.5"', "broker.url.port", 1883),
+    ('[broker]\nurl = "mqtts://b.example"', "broker.url.port", 8883),
     ('[broker]\nurl = "mqtt://b:1999"\nprotocol = "3.1.1"', "broker.protocol", "3.1.1"),
     ('[broker]\nurl = "mqtt://b"\nkeepalive_s = 60', "broker.keepalive_s", 60),
     ("[runtime]\nthreads = 2", "runtime.intra_op_threads", 2),
@@ -153,7 +158,7 @@ def test_missing_password_file_is_a_config_error(tmp_path: Path) -> None:
     c = _parse("[broker]\nurl = 'mqtt://b'\nusername = 'u'\npassword_file = 'nope'\n", tmp_path)
     assert c.broker is not None
     with pytest.raises(ConfigError, match="password_file"):
-        c.broker.mqtt_config("f", "d", {})
+        c.broker.password()
 
 
 def test_fetch_tls_files_are_resolved_and_checked() -> None:

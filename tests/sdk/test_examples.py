@@ -10,9 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from sdk.build.datasets import load_dataset
-from sdk.build.evaluate import Gates, evaluate, open_model
-from sdk.build.quantize import quantize
+from sdk.build import Gates, evaluate, load_dataset, open_model, quantize
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -56,14 +54,16 @@ def test_digits_onnx_and_tflite_exports_compute_the_same_probabilities(
     digits: dict[str, Path],
 ) -> None:
     x = load_dataset(digits["validation"]).inputs["x"]
-    onnx_probs = open_model(digits["onnx"]).run({"x": x})
-    tflite_probs = open_model(digits["tflite"]).run({"x": x})
-    # skl2onnx puts the label output first; the probabilities follow.
-    np.testing.assert_allclose(onnx_probs[1], tflite_probs[0], atol=1e-5)
+    with open_model(digits["onnx"]) as onnx_model, open_model(digits["tflite"]) as tflite_model:
+        # skl2onnx adds a label output before the probabilities.
+        assert [o.name for o in onnx_model.spec.outputs] == ["label", "probabilities"]
+        onnx_probs = onnx_model.predict({"x": x})["probabilities"]
+        tflite_probs = tflite_model.predict({"x": x})["probabilities"]
+    np.testing.assert_allclose(onnx_probs, tflite_probs, atol=1e-5)
 
 
 def test_conv_example_model_takes_one_224_image(tmp_path: Path) -> None:
     make_model = _function("conv/conv.py", "make_model")
-    runner = open_model(make_model(tmp_path / "conv.onnx"))
-    (logits,) = runner.run({"x": np.zeros((1, 3, 224, 224), np.float32)})
+    with open_model(make_model(tmp_path / "conv.onnx")) as model:
+        logits = model.predict({"x": np.zeros((1, 3, 224, 224), np.float32)})["logits"]
     assert logits.shape == (1, 1000)

@@ -3,8 +3,9 @@
 The root conftest registers this module as a plugin, so every test can ask for the
 fixtures by name.
 
-``broker`` is a plain TCP broker. ``broker_factory(tls=..., acl=...)`` makes brokers
-with TLS / mutual TLS and ACL files; ``pki`` is a CA, a server certificate for
+``broker`` is a plain TCP broker. ``broker_factory(tls=..., acl=..., users=...)`` makes
+brokers with TLS / mutual TLS, ACL files, and user names with passwords (no anonymous
+clients then); ``pki`` is a CA, a server certificate for
 127.0.0.1/localhost, client certificates and a foreign CA's client certificate, all
 generated in tmp. ``Broker.stop()`` / ``Broker.start()`` restart on the same port for
 outage tests. Persistence is on, so messages the broker acknowledged survive a
@@ -38,6 +39,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+
+from agent.plumbing.broker import BrokerUrl
 
 __all__ = [
     "MOSQUITTO",
@@ -234,6 +237,7 @@ class Broker:
         pki: Pki | None = None,
         acl: str | None = None,
         extra_config: str = "",
+        users: dict[str, str] | None = None,
     ) -> None:
         if tls != "none" and pki is None:
             raise ValueError("TLS needs a pki")
@@ -249,7 +253,7 @@ class Broker:
         self._process: subprocess.Popen[bytes] | None = None
         lines = [
             f"listener {self.port} {self.host}",
-            "allow_anonymous true",
+            f"allow_anonymous {'false' if users else 'true'}",
             # The default (1000) silently drops QoS 1 messages to a slow or absent
             # persistent subscriber, which would look like loss in the outage tests.
             "max_queued_messages 1000000",
@@ -261,6 +265,8 @@ class Broker:
             "log_type notice",
             "log_type subscribe",
         ]
+        if users:
+            lines.append(f"password_file {_password_file(directory / 'passwords', users)}")
         if os.geteuid() == 0:
             # As root mosquitto drops to user "mosquitto", which cannot write tmp_path.
             lines.append("user root")
@@ -278,6 +284,11 @@ class Broker:
             self.acl_file.write_text(acl)
             lines.append(f"acl_file {self.acl_file}")
         self.config_file.write_text("\n".join(lines) + "\n" + extra_config)
+
+    @property
+    def url(self) -> BrokerUrl:
+        """Where clients connect: ``mqtt://``, or ``mqtts://`` with TLS (``str()`` for the CLI)."""
+        return BrokerUrl(self.host, self.port, self.tls != "none")
 
     @property
     def running(self) -> bool:
@@ -328,6 +339,17 @@ class Broker:
 
     def __repr__(self) -> str:
         return f"Broker({self.host}:{self.port}, tls={self.tls}, running={self.running})"
+
+
+def _password_file(path: Path, users: dict[str, str]) -> Path:
+    """A mosquitto password file (hashed with ``mosquitto_passwd``) for ``users``."""
+    tool = shutil.which("mosquitto_passwd") or str(
+        Path(mosquitto_path()).parent / "mosquitto_passwd"
+    )
+    path.touch(mode=0o600)
+    for user, password in users.items():
+        subprocess.run([tool, "-b", str(path), user, password], check=True, capture_output=True)
+    return path
 
 
 # --- a test subscriber -------------------------------------------------------------------

@@ -31,8 +31,7 @@ from typing import Any, BinaryIO, Literal
 
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
-from agent.bundle import _tar
-from agent.bundle._verify import write_bundle
+from agent.bundle import _tar, write_bundle
 from agent.bundle.manifest import (
     MANIFEST_PATH,
     PAYLOAD_TYPE,
@@ -186,7 +185,7 @@ class BundleParts:
         return head + [(p, _read(self.payload[p])) for p in sorted(self.payload)]
 
     def to_bytes(self) -> bytes:
-        """The canonical bundle, written by :func:`agent.bundle._verify.write_bundle`."""
+        """The canonical bundle, written by :func:`agent.bundle.write_bundle`."""
         out = io.BytesIO()
         self.write(out)
         return out.getvalue()

@@ -1,6 +1,6 @@
 """A simulated device that speaks the MQTT protocol of the agent, without a model.
 
-It connects with the agent's own transport (birth with attributes, last will), follows
+It connects with the agent's own MQTT client (birth with attributes, last will), follows
 its retained ``desired`` topic and answers like the updater would: events
 ``install-started`` -> ``activated`` -> ``committed`` (or ``rolled-back`` for digests it
 is told to fail, or nothing for ``silent`` devices), and a retained ``state`` after each
@@ -15,8 +15,10 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from agent.messages.status import device_presence
 from agent.messages.topics import Topics, encode_json
-from agent.plumbing.mqtt import MqttConfig, MqttTransport
+from agent.plumbing.broker import BrokerConfig, BrokerUrl
+from agent.plumbing.mqtt import MqttClient
 from agent.plumbing.transport import Message
 
 __all__ = ["FakeDevice", "start_devices"]
@@ -47,16 +49,11 @@ class FakeDevice:
         self.probation: dict[str, Any] | None = None
         self.desired_seen: list[dict[str, Any] | None] = []
         self._lock = threading.Lock()
-        self.transport = MqttTransport(
-            MqttConfig(
-                host=host,
-                port=port,
-                fleet=fleet,
-                device=device,
-                attributes=attributes or {},
-                backoff_initial_s=0.1,
-                backoff_max_s=0.5,
-            )
+        self.transport = MqttClient(
+            BrokerConfig(
+                BrokerUrl(host, port, tls=False), backoff_initial_s=0.1, backoff_max_s=0.5
+            ),
+            presence=device_presence(self.topics, attributes),
         )
         self.transport.subscribe(self.topics.desired, self._on_desired)
 

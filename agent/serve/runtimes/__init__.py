@@ -7,16 +7,20 @@ so the agent starts (and ``installed_runtimes`` answers) without any of them.
     model = load_model(manifest, model_dir, "onnxruntime")
     outputs = model.predict({"x": batch})
 
-:func:`agent.bundle._verify.check_compatibility` picks the runtime from the manifest and
+:func:`load_model_file` loads a model file that has no manifest yet (the SDK measures
+candidates with it, exactly as a device will run them).
+
+:func:`agent.bundle.check_compatibility` picks the runtime from the manifest and
 :func:`installed_runtimes`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from agent.bundle.crypto import DeviceKey, read_payload
-from agent.bundle.manifest import FORMAT_RUNTIMES, Manifest
+from agent.bundle.manifest import FORMAT_RUNTIMES, Manifest, ModelSpec
+from agent.bundle.payload import read_payload
 from agent.errors import ConfigError, HealthCheckError, RuntimeUnavailableError
 from agent.serve._model import Backend, Model
 from agent.serve._validation import InputPolicy
@@ -28,6 +32,9 @@ from agent.serve.runtimes._base import (
     threads_for,
 )
 
+if TYPE_CHECKING:
+    from agent.bundle.crypto import DeviceKey
+
 __all__ = [
     "RUNTIME_EXTRAS",
     "SMALL_MODEL_ELEMENTS",
@@ -36,6 +43,7 @@ __all__ = [
     "RuntimeOptions",
     "installed_runtimes",
     "load_model",
+    "load_model_file",
 ]
 
 
@@ -72,7 +80,54 @@ def load_model(
         ConfigError: an encrypted bundle with ``options.load_from_memory`` off.
     """
     spec = manifest.model
+    path = Path(model_dir) / spec.file
+    if manifest.encryption is None:
+        return load_model_file(spec, path, runtime, options, policy=policy)
     options = options or RuntimeOptions()
+    _check_runtime(spec, runtime)
+    if not options.load_from_memory:
+        raise ConfigError(
+            "an encrypted model is decrypted in memory; set runtime.load_from_memory = true"
+        )
+    try:
+        source = read_payload(manifest, model_dir, spec.file, key)
+    except OSError as exc:
+        raise HealthCheckError(f"cannot read the model file {path}: {exc}") from exc
+    return _open(spec, source, runtime, options, policy)
+
+
+def load_model_file(
+    spec: ModelSpec,
+    path: Path,
+    runtime: str,
+    options: RuntimeOptions | None = None,
+    *,
+    policy: InputPolicy | None = None,
+) -> Model:
+    """Load the plain model file ``path``, which ``spec`` describes, into ``runtime``.
+
+    What :func:`load_model` does for a bundle, for a model that has no manifest yet: the
+    SDK measures a candidate (reading ``spec`` from the file itself) exactly as a device
+    will run it, with the same checks, validation and quantized I/O.
+
+    Raises:
+        RuntimeUnavailableError: the runtime is unknown, cannot run this model format, or
+            is not installed.
+        HealthCheckError: the file is missing or does not load, or differs from ``spec``.
+        MalformedManifestError: ``spec`` quantizes a non-integer tensor.
+    """
+    options = options or RuntimeOptions()
+    _check_runtime(spec, runtime)
+    try:
+        source: bytes | Path = path.read_bytes() if options.load_from_memory else path
+    except OSError as exc:
+        raise HealthCheckError(f"cannot read the model file {path}: {exc}") from exc
+    if not options.load_from_memory and not path.is_file():
+        raise HealthCheckError(f"the model file {path} does not exist")
+    return _open(spec, source, runtime, options, policy)
+
+
+def _check_runtime(spec: ModelSpec, runtime: str) -> None:
     if runtime not in RUNTIME_EXTRAS:
         raise RuntimeUnavailableError(
             f"unknown runtime {runtime!r}; choose one of {', '.join(RUNTIME_EXTRAS)}"
@@ -82,19 +137,15 @@ def load_model(
             f"{runtime} cannot run a {spec.format} model; use"
             f" {' or '.join(FORMAT_RUNTIMES[spec.format])}"
         )
-    path = Path(model_dir) / spec.file
-    if manifest.encryption is not None and not options.load_from_memory:
-        raise ConfigError(
-            "an encrypted model is decrypted in memory; set runtime.load_from_memory = true"
-        )
-    try:
-        source: bytes | Path = (
-            read_payload(manifest, model_dir, spec.file, key) if options.load_from_memory else path
-        )
-    except OSError as exc:
-        raise HealthCheckError(f"cannot read the model file {path}: {exc}") from exc
-    if not options.load_from_memory and not path.is_file():
-        raise HealthCheckError(f"the model file {path} does not exist")
+
+
+def _open(
+    spec: ModelSpec,
+    source: bytes | Path,
+    runtime: str,
+    options: RuntimeOptions,
+    policy: InputPolicy | None,
+) -> Model:
     threads = threads_for(spec, options)
     backend: Backend
     if runtime == "onnxruntime":

@@ -61,6 +61,14 @@ class RuntimeOptions:
         allow_spinning: onnxruntime only: idle pool threads busy-wait for the next
             operator. Saves microseconds per call with several threads, but keeps cores
             busy; off by default on devices.
+        reference_kernels: run each operator's reference implementation instead of the
+            optimised kernels: TFLite's ``BUILTIN_REF`` op resolver (no XNNPACK), and
+            onnxruntime without graph optimizations (a QDQ model runs as separate
+            quantize, float and dequantize ops instead of fused integer kernels). Much
+            slower, and not an ``agent.toml`` setting: it exists for the SDK, which runs a
+            model once more this way, as a second implementation of the same arithmetic
+            standing in for a device's kernels, to measure how far outputs may differ
+            before it sets the health check's tolerance.
     """
 
     intra_op_threads: int | None = None
@@ -68,6 +76,7 @@ class RuntimeOptions:
     load_from_memory: bool = True
     cpu_mem_arena: bool = True
     allow_spinning: bool = False
+    reference_kernels: bool = False
 
     def __post_init__(self) -> None:
         for name in ("intra_op_threads", "inter_op_threads"):

@@ -66,6 +66,8 @@ class OnnxRuntimeBackend:
         so.add_session_config_entry(
             "session.intra_op.allow_spinning", "1" if options.allow_spinning else "0"
         )
+        if options.reference_kernels:
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         load_errors: tuple[type[BaseException], ...] = (*self.errors, OSError)
         try:
             session = ort.InferenceSession(

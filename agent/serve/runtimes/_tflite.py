@@ -54,16 +54,15 @@ class TfliteBackend:
         """
         self.runtime = runtime
         module = import_runtime(runtime, _MODULES[runtime])
-        del options  # nothing beyond threads and the source applies to TFLite
+        kwargs: dict[str, Any] = (
+            {"model_content": source} if isinstance(source, bytes) else {"model_path": str(source)}
+        )
+        if options.reference_kernels:
+            kwargs["experimental_op_resolver_type"] = module.OpResolverType.BUILTIN_REF
         load_errors: tuple[type[BaseException], ...] = (*self.errors, OSError)
         try:
             interp = module.Interpreter(
-                **(
-                    {"model_content": source}
-                    if isinstance(source, bytes)
-                    else {"model_path": str(source)}
-                ),
-                num_threads=threads if threads is not None else cpu_count(),
+                **kwargs, num_threads=threads if threads is not None else cpu_count()
             )
             interp.allocate_tensors()
         except load_errors as exc:

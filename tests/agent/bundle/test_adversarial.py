@@ -19,8 +19,7 @@ from typing import Any
 
 import pytest
 
-from agent.bundle import _tar
-from agent.bundle._verify import DeviceInfo, Limits, verify_bundle
+from agent.bundle import DeviceInfo, Limits, _tar, verify_bundle
 from agent.bundle.manifest import (
     MANIFEST_PATH,
     PAYLOAD_TYPE,

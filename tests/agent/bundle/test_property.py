@@ -9,7 +9,7 @@ import io
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.bundle._verify import DeviceInfo, read_unverified, verify_bundle
+from agent.bundle import DeviceInfo, read_unverified, verify_bundle
 from agent.errors import BundleError
 from tests.support.bundles import NOW, BundleParts, make_key, make_manifest, make_policy
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
+import sys
 from dataclasses import replace
 from typing import Literal
 
@@ -225,3 +227,41 @@ def test_the_same_key_listed_twice_counts_once() -> None:
 def test_empty_policy_is_refused() -> None:
     with pytest.raises(ConfigError):
         TrustPolicy(keys={})
+
+
+def test_a_misspelled_policy_field_is_refused_not_ignored() -> None:
+    with pytest.raises(ConfigError, match="unknown field"):
+        TrustPolicy.from_toml(_policy_toml(_entry(PEM_A)) + b"\ntreshold = 2\n")
+
+
+def test_a_policy_keytype_that_does_not_match_its_key_is_refused() -> None:
+    with pytest.raises(ConfigError, match="keytype ecdsa-p256 does not match"):
+        TrustPolicy.from_toml(_policy_toml(_entry(PEM_A, 'keytype = "ecdsa-p256"\n')))
+
+
+def test_a_policy_written_by_to_toml_reads_back() -> None:
+    policy = TrustPolicy.of([make_key("a").public, make_key("b", "ecdsa-p256").public], 2)
+    assert TrustPolicy.from_toml(policy.to_toml({make_key("a").public.keyid: "release"})) == policy
+
+
+@pytest.mark.parametrize("keytype", ["ed25519", "ecdsa-p256"])
+def test_reading_a_pem_key_without_the_crypto_library_gives_the_same_key(
+    keytype: Literal["ed25519", "ecdsa-p256"],
+) -> None:
+    key = make_key("pem", keytype).public
+    der = serialization.load_pem_public_key(key.to_pem()).public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    assert PublicKey.from_pem(key.to_pem()) == key
+    assert key.spki_der == der
+
+
+def test_an_ed25519_trust_policy_loads_without_importing_cryptography() -> None:
+    code = (
+        "import sys\n"
+        "from agent.bundle.signing import TrustPolicy\n"
+        f"TrustPolicy.from_toml({TrustPolicy.of([make_key('a').public]).to_toml()!r})\n"
+        "print('cryptography' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.bundle._verify import (
+from agent.bundle import (
     DeviceInfo,
     Limits,
     check_compatibility,

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from agent.install._store import Store
-from agent.install._updater import CRASH_ENV, CRASH_POINTS, Updater
+from agent.install._updater import Updater
+from agent.install.faults import CRASH_ENV, CRASH_POINTS
 from tests.support.lifecycle import POLICY, LifecycleBundle, make_model_bundle
 
 pytestmark = pytest.mark.integration

@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 
 from agent.errors import DownloadError
-from agent.install._fetch import FetchLimits, UrlFetcher, partial_path
+from agent.install import FetchConfig
+from agent.install._fetch import UrlFetcher
+from agent.install._store import partial_path
 from agent.plumbing.tls import TlsConfig
 from agent.serve.http import ServerTls
 from tests.agent.install.test_store import tiny_tmpfs
@@ -25,9 +27,7 @@ from tests.support.broker import Pki
 
 CONTENT = os.urandom(300_000)
 SHA = hashlib.sha256(CONTENT).hexdigest()
-FAST = FetchLimits(
-    connect_timeout_seconds=2.0, read_timeout_seconds=2.0, min_free_bytes=0, chunk_bytes=16384
-)
+FAST = FetchConfig(connect_timeout_s=2.0, read_timeout_s=2.0, min_free_bytes=0, chunk_bytes=16384)
 
 
 @dataclass
@@ -151,7 +151,7 @@ def test_fetch_copies_a_local_path(tmp_path: Path) -> None:
     src = tmp_path / "b.bundle"
     src.write_bytes(CONTENT)
     dest = tmp_path / "out"
-    assert UrlFetcher().fetch(str(src), dest, sha256=SHA, limits=FAST) == SHA
+    assert UrlFetcher().fetch(str(src), dest, sha256=SHA, config=FAST) == SHA
     assert dest.read_bytes() == CONTENT
     assert not partial_path(dest).exists()
 
@@ -160,30 +160,30 @@ def test_fetch_reads_a_file_url(tmp_path: Path) -> None:
     src = tmp_path / "b bundle"
     src.write_bytes(CONTENT)
     dest = tmp_path / "out"
-    UrlFetcher().fetch(src.as_uri(), dest, sha256=None, limits=FAST)
+    UrlFetcher().fetch(src.as_uri(), dest, sha256=None, config=FAST)
     assert dest.read_bytes() == CONTENT
 
 
 def test_fetch_of_a_missing_local_file_is_a_download_error(tmp_path: Path) -> None:
     with pytest.raises(DownloadError, match="cannot read"):
-        UrlFetcher().fetch(str(tmp_path / "nope"), tmp_path / "out", sha256=None, limits=FAST)
+        UrlFetcher().fetch(str(tmp_path / "nope"), tmp_path / "out", sha256=None, config=FAST)
 
 
 def test_fetch_refuses_an_unknown_scheme(tmp_path: Path) -> None:
     with pytest.raises(DownloadError, match="local path or an http"):
-        UrlFetcher().fetch("ftp://x/b", tmp_path / "out", sha256=None, limits=FAST)
+        UrlFetcher().fetch("ftp://x/b", tmp_path / "out", sha256=None, config=FAST)
 
 
 def test_fetch_downloads_over_http(server: BundleServer, tmp_path: Path) -> None:
     dest = tmp_path / "out"
-    assert UrlFetcher().fetch(server.url(), dest, sha256=SHA, limits=FAST) == SHA
+    assert UrlFetcher().fetch(server.url(), dest, sha256=SHA, config=FAST) == SHA
     assert dest.read_bytes() == CONTENT
     assert server.behaviour.seen_ranges == [None]
 
 
 def test_fetch_follows_a_redirect(server: BundleServer, tmp_path: Path) -> None:
     server.behaviour.redirect_to = "/real"
-    UrlFetcher().fetch(server.url(), tmp_path / "out", sha256=SHA, limits=FAST)
+    UrlFetcher().fetch(server.url(), tmp_path / "out", sha256=SHA, config=FAST)
     assert (tmp_path / "out").read_bytes() == CONTENT
 
 
@@ -192,7 +192,7 @@ def test_interrupted_download_resumes_with_range_requests(
 ) -> None:
     server.behaviour.cuts = 2
     dest = tmp_path / "out"
-    UrlFetcher().fetch(server.url(), dest, sha256=SHA, limits=FAST)
+    UrlFetcher().fetch(server.url(), dest, sha256=SHA, config=FAST)
     assert dest.read_bytes() == CONTENT
     assert server.behaviour.seen_ranges == [None, "bytes=100000-", "bytes=200000-"]
 
@@ -200,7 +200,7 @@ def test_interrupted_download_resumes_with_range_requests(
 def test_partial_file_from_an_earlier_run_is_resumed(server: BundleServer, tmp_path: Path) -> None:
     dest = tmp_path / "out"
     partial_path(dest).write_bytes(CONTENT[:1234])
-    UrlFetcher().fetch(server.url(), dest, sha256=SHA, limits=FAST)
+    UrlFetcher().fetch(server.url(), dest, sha256=SHA, config=FAST)
     assert dest.read_bytes() == CONTENT
     assert server.behaviour.seen_ranges == ["bytes=1234-"]
 
@@ -210,7 +210,7 @@ def test_complete_partial_file_is_accepted_on_range_not_satisfiable(
 ) -> None:
     dest = tmp_path / "out"
     partial_path(dest).write_bytes(CONTENT)
-    UrlFetcher().fetch(server.url(), dest, sha256=SHA, limits=FAST)
+    UrlFetcher().fetch(server.url(), dest, sha256=SHA, config=FAST)
     assert dest.read_bytes() == CONTENT
 
 
@@ -220,7 +220,7 @@ def test_server_without_range_support_restarts_from_zero(
     server.behaviour.ranges = False
     dest = tmp_path / "out"
     partial_path(dest).write_bytes(b"stale bytes from another file")
-    UrlFetcher().fetch(server.url(), dest, sha256=SHA, limits=FAST)
+    UrlFetcher().fetch(server.url(), dest, sha256=SHA, config=FAST)
     assert dest.read_bytes() == CONTENT
 
 
@@ -230,9 +230,9 @@ def test_too_many_interruptions_fail_and_keep_the_partial_file(
     server.behaviour.cuts = 10
     server.behaviour.cut_at = 1000
     dest = tmp_path / "out"
-    limits = FetchLimits(min_free_bytes=0, max_resumes=2)
+    limits = FetchConfig(min_free_bytes=0, max_resumes=2)
     with pytest.raises(DownloadError, match="interrupted 3 times"):
-        UrlFetcher().fetch(server.url(), dest, sha256=SHA, limits=limits)
+        UrlFetcher().fetch(server.url(), dest, sha256=SHA, config=limits)
     assert partial_path(dest).read_bytes() == CONTENT[:3000]
     assert not dest.exists()
 
@@ -240,9 +240,9 @@ def test_too_many_interruptions_fail_and_keep_the_partial_file(
 def test_declared_length_over_the_limit_is_refused_before_reading(
     server: BundleServer, tmp_path: Path
 ) -> None:
-    limits = FetchLimits(min_free_bytes=0, max_bundle_bytes=len(CONTENT) - 1)
+    limits = FetchConfig(min_free_bytes=0, max_bundle_bytes=len(CONTENT) - 1)
     with pytest.raises(DownloadError, match="max_bundle_bytes"):
-        UrlFetcher().fetch(server.url(), tmp_path / "out", sha256=None, limits=limits)
+        UrlFetcher().fetch(server.url(), tmp_path / "out", sha256=None, config=limits)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -250,50 +250,50 @@ def test_undeclared_length_over_the_limit_is_refused_while_streaming(
     server: BundleServer, tmp_path: Path
 ) -> None:
     server.behaviour.content_length = False
-    limits = FetchLimits(min_free_bytes=0, max_bundle_bytes=50_000, chunk_bytes=4096)
+    limits = FetchConfig(min_free_bytes=0, max_bundle_bytes=50_000, chunk_bytes=4096)
     with pytest.raises(DownloadError, match="larger than max_bundle_bytes"):
-        UrlFetcher().fetch(server.url(), tmp_path / "out", sha256=None, limits=limits)
+        UrlFetcher().fetch(server.url(), tmp_path / "out", sha256=None, config=limits)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_local_file_over_the_limit_is_refused(tmp_path: Path) -> None:
     src = tmp_path / "b"
     src.write_bytes(CONTENT)
-    limits = FetchLimits(min_free_bytes=0, max_bundle_bytes=10)
+    limits = FetchConfig(min_free_bytes=0, max_bundle_bytes=10)
     with pytest.raises(DownloadError, match="max_bundle_bytes"):
-        UrlFetcher().fetch(str(src), tmp_path / "out", sha256=None, limits=limits)
+        UrlFetcher().fetch(str(src), tmp_path / "out", sha256=None, config=limits)
 
 
 def test_stalled_server_hits_the_read_timeout(server: BundleServer, tmp_path: Path) -> None:
     server.behaviour.stall_seconds = 2.0
-    limits = FetchLimits(min_free_bytes=0, read_timeout_seconds=0.2, max_resumes=0)
+    limits = FetchConfig(min_free_bytes=0, read_timeout_s=0.2, max_resumes=0)
     with pytest.raises(DownloadError, match="timed out"):
-        UrlFetcher().fetch(server.url(), tmp_path / "out", sha256=None, limits=limits)
+        UrlFetcher().fetch(server.url(), tmp_path / "out", sha256=None, config=limits)
 
 
 def test_unreachable_server_is_a_download_error(tmp_path: Path) -> None:
-    limits = FetchLimits(min_free_bytes=0, connect_timeout_seconds=0.5, max_resumes=1)
+    limits = FetchConfig(min_free_bytes=0, connect_timeout_s=0.5, max_resumes=1)
     url = f"http://127.0.0.1:{_closed_port()}/b"
     with pytest.raises(DownloadError, match="cannot connect"):
-        UrlFetcher().fetch(url, tmp_path / "out", sha256=None, limits=limits)
+        UrlFetcher().fetch(url, tmp_path / "out", sha256=None, config=limits)
 
 
 def test_wrong_sha256_is_refused_and_nothing_is_kept(server: BundleServer, tmp_path: Path) -> None:
     with pytest.raises(DownloadError, match="sha256"):
-        UrlFetcher().fetch(server.url(), tmp_path / "out", sha256="0" * 64, limits=FAST)
+        UrlFetcher().fetch(server.url(), tmp_path / "out", sha256="0" * 64, config=FAST)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_http_error_status_is_a_download_error(server: BundleServer, tmp_path: Path) -> None:
     server.behaviour.status = 404
     with pytest.raises(DownloadError, match="HTTP 404"):
-        UrlFetcher().fetch(server.url(), tmp_path / "out", sha256=None, limits=FAST)
+        UrlFetcher().fetch(server.url(), tmp_path / "out", sha256=None, config=FAST)
 
 
 def test_free_disk_check_refuses_before_writing(server: BundleServer, tmp_path: Path) -> None:
-    limits = FetchLimits(min_free_bytes=2**62)
+    limits = FetchConfig(min_free_bytes=2**62)
     with pytest.raises(DownloadError, match="not enough disk space"):
-        UrlFetcher().fetch(server.url(), tmp_path / "out", sha256=None, limits=limits)
+        UrlFetcher().fetch(server.url(), tmp_path / "out", sha256=None, config=limits)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -303,7 +303,7 @@ def test_disk_filling_up_while_streaming_fails_cleanly(
     server.behaviour.content_length = False  # so only the write itself can notice
     with tiny_tmpfs(tmp_path / "fs", "128k") as fs:
         with pytest.raises(DownloadError, match="disk filled up"):
-            UrlFetcher().fetch(server.url(), fs / "out", sha256=None, limits=FAST)
+            UrlFetcher().fetch(server.url(), fs / "out", sha256=None, config=FAST)
         assert list(fs.iterdir()) == []
 
 
@@ -323,7 +323,7 @@ def test_fetch_downloads_over_https_from_a_server_signed_by_the_given_ca(
 ) -> None:
     fetcher = UrlFetcher(TlsConfig(ca_file=pki.ca_file).context())
     dest = tmp_path / "out"
-    assert fetcher.fetch(https_server.url(), dest, sha256=SHA, limits=FAST) == SHA
+    assert fetcher.fetch(https_server.url(), dest, sha256=SHA, config=FAST) == SHA
     assert dest.read_bytes() == CONTENT
 
 
@@ -333,7 +333,7 @@ def test_interrupted_https_download_resumes_with_range_requests(
     https_server.behaviour.cuts = 2
     fetcher = UrlFetcher(TlsConfig(ca_file=pki.ca_file).context())
     dest = tmp_path / "out"
-    assert fetcher.fetch(https_server.url(), dest, sha256=SHA, limits=FAST) == SHA
+    assert fetcher.fetch(https_server.url(), dest, sha256=SHA, config=FAST) == SHA
     assert https_server.behaviour.seen_ranges == [None, "bytes=100000-", "bytes=200000-"]
 
 
@@ -343,7 +343,7 @@ def test_untrusted_server_certificate_fails_at_once_naming_the_setting(
     # The system CAs do not know the test CA. Retrying cannot help, so it is not retried.
     dest = tmp_path / "out"
     with pytest.raises(DownloadError, match=r"does not trust .* set fetch\.ca_file"):
-        UrlFetcher().fetch(https_server.url(), dest, sha256=None, limits=FAST)
+        UrlFetcher().fetch(https_server.url(), dest, sha256=None, config=FAST)
     assert https_server.behaviour.seen_ranges == []
     assert not dest.exists()
     assert not partial_path(dest).exists()
@@ -354,7 +354,7 @@ def test_server_certificate_for_another_address_is_refused(pki: Pki, tmp_path: P
     fetcher = UrlFetcher(TlsConfig(ca_file=pki.ca_file).context())
     with serve_bundles(tls_server_context(pki, client_certs=False), host="127.0.0.2") as s:
         with pytest.raises(DownloadError, match=r"does not trust .*IP address mismatch"):
-            fetcher.fetch(s.url(), tmp_path / "out", sha256=None, limits=FAST)
+            fetcher.fetch(s.url(), tmp_path / "out", sha256=None, config=FAST)
         assert s.behaviour.seen_ranges == []
 
 
@@ -362,7 +362,7 @@ def test_mutual_tls_server_accepts_the_device_certificate(pki: Pki, tmp_path: Pa
     device = pki.client("device-1")
     fetcher = UrlFetcher(TlsConfig(pki.ca_file, device.cert_file, device.key_file).context())
     with serve_bundles(tls_server_context(pki, client_certs=True)) as s:
-        assert fetcher.fetch(s.url(), tmp_path / "out", sha256=SHA, limits=FAST) == SHA
+        assert fetcher.fetch(s.url(), tmp_path / "out", sha256=SHA, config=FAST) == SHA
 
 
 @pytest.mark.parametrize("client", ["none", "foreign"])
@@ -374,6 +374,6 @@ def test_mutual_tls_server_refusing_the_client_fails_at_once_naming_the_setting(
     with serve_bundles(tls_server_context(pki, client_certs=True)) as s:
         start = time.monotonic()
         with pytest.raises(DownloadError, match=r"TLS with .* failed .*fetch\.cert_file"):
-            UrlFetcher(tls.context()).fetch(s.url(), tmp_path / "out", sha256=None, limits=FAST)
+            UrlFetcher(tls.context()).fetch(s.url(), tmp_path / "out", sha256=None, config=FAST)
         assert s.behaviour.seen_ranges == []
-        assert time.monotonic() - start < FAST.connect_timeout_seconds
+        assert time.monotonic() - start < FAST.connect_timeout_s

@@ -1,56 +1,23 @@
-"""The health gate, on real models with real onnxruntime, and its pure comparison."""
+"""The health check on a loaded candidate, with real onnxruntime, and its pure comparison."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pytest
 
-from agent.bundle._verify import verify_bundle
-from agent.bundle.manifest import Manifest, Tolerance
-from agent.errors import HealthCheckError, InferenceError, RuntimeUnavailableError
-from agent.install._gate_child import FAULT_ENV
-from agent.install._health import (
-    ChildGate,
-    GatePriority,
+from agent.bundle.manifest import Tolerance
+from agent.errors import HealthCheckError
+from agent.install import (
     check_health,
-    check_in_child,
-    check_priority,
-    compare_outputs,
-    cpu_wait_s,
-    load_and_check,
-    load_arrays,
-    model_clocks,
 )
-from agent.serve.runtimes import Model, RuntimeOptions, load_model
-from tests.support.bundles import NOW
-from tests.support.lifecycle import POLICY, make_model_bundle
-
-
-def _staged(tmp_path: Path, **kwargs: object) -> tuple[Model, Manifest, Path]:
-    bundle = make_model_bundle(tmp_path / "src", seed=1, sequence=1, **kwargs)  # type: ignore[arg-type]
-    target = tmp_path / "v"
-    with bundle.path.open("rb") as f:
-        verified = verify_bundle(f, POLICY, now=NOW, extract_to=target)
-    return load_model(verified.manifest, target, "onnxruntime"), verified.manifest, target
-
-
-def _staged_files(tmp_path: Path, **kwargs: object) -> tuple[Manifest, Path]:
-    """A verified, extracted bundle, for checks that load the model themselves."""
-    model, manifest, target = _staged(tmp_path, **kwargs)
-    model.close()
-    return manifest, target
+from agent.install._health import compare_outputs, load_arrays
+from tests.agent.install._staged import staged
 
 
 def test_candidate_matching_its_golden_outputs_passes(tmp_path: Path) -> None:
-    model, manifest, target = _staged(tmp_path)
+    model, manifest, target = staged(tmp_path)
     with model:
         report = check_health(model, manifest, target, runs=5)
     assert report.worst_output == "probs"
@@ -60,19 +27,19 @@ def test_candidate_matching_its_golden_outputs_passes(tmp_path: Path) -> None:
 
 
 def test_candidate_with_wrong_golden_outputs_fails_naming_the_deviation(tmp_path: Path) -> None:
-    model, manifest, target = _staged(tmp_path, expected_shift=0.01)
+    model, manifest, target = staged(tmp_path, expected_shift=0.01)
     with model, pytest.raises(HealthCheckError, match=r"'probs' deviates by 0\.01"):
         check_health(model, manifest, target, runs=1)
 
 
 def test_candidate_over_its_latency_budget_fails_naming_the_p95(tmp_path: Path) -> None:
-    model, manifest, target = _staged(tmp_path, latency_budget_p95_ms=1e-6)
+    model, manifest, target = staged(tmp_path, latency_budget_p95_ms=1e-6)
     with model, pytest.raises(HealthCheckError, match=r"p95 latency .* exceeds the budget"):
         check_health(model, manifest, target, runs=3)
 
 
 def test_closed_candidate_fails_the_gate(tmp_path: Path) -> None:
-    model, manifest, target = _staged(tmp_path)
+    model, manifest, target = staged(tmp_path)
     model.close()
     with pytest.raises(HealthCheckError, match="fails on its golden inputs"):
         check_health(model, manifest, target, runs=1)
@@ -123,280 +90,3 @@ def test_missing_misshapen_or_nan_outputs_fail(actual: dict[str, np.ndarray], me
 def test_empty_expected_outputs_fail() -> None:
     with pytest.raises(HealthCheckError, match="empty"):
         compare_outputs({}, {"y": np.zeros(1)}, Tolerance(atol=1.0))
-
-
-def test_load_and_check_runs_the_gate_at_a_lower_nice_value(tmp_path: Path) -> None:
-    model, manifest, target = _staged(tmp_path)
-    seen: list[tuple[int, int]] = []
-
-    def load() -> Model:
-        tid = threading.get_native_id()
-        seen.append((tid, os.getpriority(os.PRIO_PROCESS, tid)))
-        return model
-
-    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    loaded, report = load_and_check(load, manifest, target, runs=2, priority=5)
-    with loaded:
-        assert report.runs == 2
-    assert seen[0][0] != threading.get_native_id()
-    assert seen[0][1] == min(base + 5, 19)
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == base
-
-
-def test_load_and_check_runs_the_gate_as_an_idle_thread_by_default(tmp_path: Path) -> None:
-    model, manifest, target = _staged(tmp_path)
-    policies: list[int] = []
-
-    def load() -> Model:
-        policies.append(os.sched_getscheduler(0))
-        return model
-
-    loaded, _ = load_and_check(load, manifest, target, runs=2)
-    loaded.close()
-    assert policies == [os.SCHED_IDLE]
-    assert os.sched_getscheduler(0) == os.SCHED_OTHER
-
-
-def test_normal_priority_runs_the_gate_in_the_calling_thread(tmp_path: Path) -> None:
-    model, manifest, target = _staged(tmp_path)
-    threads: list[int] = []
-
-    def load() -> Model:
-        threads.append(threading.get_native_id())
-        return model
-
-    loaded, _ = load_and_check(load, manifest, target, runs=1, priority="normal")
-    loaded.close()
-    assert threads == [threading.get_native_id()]
-
-
-def _lowered_threads() -> list[int]:
-    me = threading.get_native_id()
-    return [
-        tid
-        for tid in (int(t) for t in os.listdir("/proc/self/task"))
-        if tid != me
-        and (
-            os.sched_getscheduler(tid) == os.SCHED_IDLE
-            or os.getpriority(os.PRIO_PROCESS, tid) > os.getpriority(os.PRIO_PROCESS, me)
-        )
-    ]
-
-
-@pytest.mark.parametrize("priority", ["idle", 7])
-def test_a_runtime_starting_threads_is_loaded_again_at_normal_priority(
-    tmp_path: Path, priority: GatePriority
-) -> None:
-    # A two-thread onnxruntime session starts a worker thread while it loads; loaded at a
-    # lowered priority, that thread would serve at it for the model's whole life.
-    _, manifest, target = _staged(tmp_path)
-    loads: list[int] = []
-
-    def load() -> Model:
-        loads.append(threading.get_native_id())
-        return load_model(manifest, target, "onnxruntime", RuntimeOptions(intra_op_threads=2))
-
-    before = set(os.listdir("/proc/self/task"))
-    model, report = load_and_check(load, manifest, target, runs=2, priority=priority)
-    with model:
-        assert len(loads) == 2
-        assert loads[1] == threading.get_native_id()  # the second load: here, at normal
-        assert report.runs == 2
-        assert set(os.listdir("/proc/self/task")) - before  # the serving session's worker
-        assert _lowered_threads() == []
-        model.predict({"x": np.zeros((1, 8), np.float32)})
-
-
-def test_a_single_threaded_runtime_is_loaded_once_at_the_lowered_priority(
-    tmp_path: Path,
-) -> None:
-    _, manifest, target = _staged(tmp_path)
-    loads: list[int] = []
-
-    def load() -> Model:
-        loads.append(os.sched_getscheduler(0))
-        return load_model(manifest, target, "onnxruntime", RuntimeOptions(intra_op_threads=1))
-
-    model, _ = load_and_check(load, manifest, target, runs=2)
-    model.close()
-    assert loads == [os.SCHED_IDLE]
-
-
-def test_gate_priority_values() -> None:
-    assert check_priority("idle") == "idle"
-    assert check_priority("normal") == "normal"
-    assert check_priority(19) == 19
-    for bad in (0, 20, -1, True, "low", 1.5, None):
-        with pytest.raises(ValueError, match="idle"):
-            check_priority(bad)
-
-
-def test_model_clocks_never_count_more_than_the_wall_clock() -> None:
-    wall_minus_wait, process_cpu = model_clocks()
-    t0 = time.perf_counter()
-    w0, c0 = wall_minus_wait(), process_cpu()
-    sum(range(200_000))
-    w1, c1 = wall_minus_wait(), process_cpu()
-    t1 = time.perf_counter()
-    assert 0 < w1 - w0 <= t1 - t0
-    assert c1 - c0 > 0
-    assert cpu_wait_s() >= 0
-
-
-# --- the gate in a child process ------------------------------------------------------
-
-
-def test_child_gate_passes_a_good_candidate(tmp_path: Path) -> None:
-    manifest, target = _staged_files(tmp_path)
-    report = check_in_child(manifest, target, ChildGate("onnxruntime"), runs=3)
-    assert report.worst_output == "probs"
-    assert report.max_abs_deviation <= 1e-5
-    assert report.runs == 3
-    assert 0 < report.p95_ms < 1000
-
-
-def test_child_gate_names_the_deviation_of_a_wrong_candidate(tmp_path: Path) -> None:
-    manifest, target = _staged_files(tmp_path, expected_shift=0.01)
-    with pytest.raises(HealthCheckError, match=r"'probs' deviates by 0\.01"):
-        check_in_child(manifest, target, ChildGate("onnxruntime"), runs=1)
-
-
-def test_child_gate_checks_the_latency_budget(tmp_path: Path) -> None:
-    manifest, target = _staged_files(tmp_path, latency_budget_p95_ms=1e-6)
-    with pytest.raises(HealthCheckError, match=r"p95 latency .* exceeds the budget"):
-        check_in_child(manifest, target, ChildGate("onnxruntime"), runs=2)
-
-
-def test_child_gate_reports_a_candidate_that_cannot_load(tmp_path: Path) -> None:
-    manifest, target = _staged_files(tmp_path)
-    (target / manifest.model.file).chmod(0o600)
-    (target / manifest.model.file).write_bytes(b"not an onnx model")
-    with pytest.raises(HealthCheckError, match="cannot be loaded: onnxruntime cannot load"):
-        check_in_child(manifest, target, ChildGate("onnxruntime"), runs=1)
-
-
-def test_a_crash_in_the_child_fails_the_gate_and_spares_the_agent(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    manifest, target = _staged_files(tmp_path)
-    monkeypatch.setenv(FAULT_ENV, "crash")
-    with pytest.raises(HealthCheckError, match="process was killed by SIGABRT"):
-        check_in_child(manifest, target, ChildGate("onnxruntime"), runs=1)
-
-
-def test_a_frozen_application_is_told_to_use_the_thread_gate(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    manifest, target = _staged_files(tmp_path)
-    monkeypatch.setattr(sys, "frozen", True, raising=False)
-    with pytest.raises(HealthCheckError, match='health_gate = "thread"'):
-        check_in_child(manifest, target, ChildGate("onnxruntime"), runs=1)
-
-
-@pytest.mark.parametrize(
-    ("fault", "why"),
-    [("hang", "was blocked the rest of the time"), ("spin", "hangs or is far too slow")],
-)
-def test_a_hanging_child_fails_the_gate_after_its_timeout_saying_how(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str, why: str
-) -> None:
-    manifest, target = _staged_files(tmp_path)
-    monkeypatch.setenv(FAULT_ENV, fault)
-    start = time.monotonic()
-    with pytest.raises(HealthCheckError, match=rf"did not finish within 2 s; .*{why}"):
-        check_in_child(
-            manifest, target, ChildGate("onnxruntime", timeout_s=2), runs=1, priority="normal"
-        )
-    assert time.monotonic() - start < 10
-
-
-def test_a_gate_starved_of_cpu_says_the_device_is_too_busy(tmp_path: Path) -> None:
-    manifest, target = _staged_files(tmp_path)
-    busy = [
-        subprocess.Popen([sys.executable, "-c", "while True: pass"])
-        for _ in range(os.cpu_count() or 1)
-    ]
-    try:
-        time.sleep(0.2)
-        with pytest.raises(HealthCheckError, match="too busy to check the candidate"):
-            check_in_child(manifest, target, ChildGate("onnxruntime", timeout_s=3), runs=1)
-    finally:
-        for p in busy:
-            p.kill()
-            p.wait()
-
-
-def test_the_child_exits_when_the_agent_dies(tmp_path: Path) -> None:
-    _, target = _staged_files(tmp_path)
-    script = tmp_path / "agent.py"
-    script.write_text(
-        "import sys\n"
-        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[3])!r})\n"
-        "from pathlib import Path\n"
-        "from agent.install._health import ChildGate, check_in_child\n"
-        "from agent.bundle.manifest import Manifest\n"
-        f"m = Manifest.from_bytes(Path({str(target / 'manifest.json')!r}).read_bytes())\n"
-        f"check_in_child(m, Path({str(target)!r}), ChildGate('onnxruntime'), runs=1)\n"
-    )
-    env = {**os.environ, FAULT_ENV: "hang"}
-    agent = subprocess.Popen([sys.executable, str(script)], env=env)
-    try:
-        deadline = time.monotonic() + 60
-        children: list[psutil.Process] = []
-        while not children and time.monotonic() < deadline:
-            children = psutil.Process(agent.pid).children()
-            time.sleep(0.05)
-        assert children, "the gate's child process never started"
-        agent.kill()
-        agent.wait()
-        _, alive = psutil.wait_procs(children, timeout=10)
-        assert alive == []
-    finally:
-        agent.kill()
-        agent.wait()
-
-
-def test_load_and_check_with_a_child_gate_loads_the_candidate_here_once(tmp_path: Path) -> None:
-    model, manifest, target = _staged(tmp_path)
-    loads = 0
-
-    def load() -> Model:
-        nonlocal loads
-        loads += 1
-        return model
-
-    loaded, report = load_and_check(load, manifest, target, runs=2, child=ChildGate("onnxruntime"))
-    with loaded:
-        assert loaded is model
-        assert report.runs == 2
-    assert loads == 1
-
-
-def test_load_and_check_does_not_load_a_candidate_that_failed_in_the_child(
-    tmp_path: Path,
-) -> None:
-    manifest, target = _staged_files(tmp_path, expected_shift=0.5)
-
-    def load() -> Model:
-        raise AssertionError("a failed candidate must not be loaded for serving")
-
-    with pytest.raises(HealthCheckError, match="deviates"):
-        load_and_check(load, manifest, target, runs=1, child=ChildGate("onnxruntime"))
-
-
-def test_load_and_check_turns_a_load_failure_into_a_health_check_error(tmp_path: Path) -> None:
-    _, manifest, target = _staged(tmp_path)
-
-    def load() -> Model:
-        raise RuntimeUnavailableError("no such runtime here")
-
-    with pytest.raises(HealthCheckError, match="cannot be loaded: no such runtime"):
-        load_and_check(load, manifest, target, runs=1)
-
-
-def test_load_and_check_closes_a_candidate_that_fails_the_gate(tmp_path: Path) -> None:
-    model, manifest, target = _staged(tmp_path, expected_shift=0.5)
-    with pytest.raises(HealthCheckError):
-        load_and_check(lambda: model, manifest, target, runs=1, priority="normal")
-    with pytest.raises(InferenceError, match="closed"):
-        model.predict({"x": np.zeros((1, 8), np.float32)})

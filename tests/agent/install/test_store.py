@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.bundle._verify import verify_bundle
+from agent.bundle import verify_bundle
 from agent.errors import StateError
 from agent.install._store import (
     MAX_ATTEMPT_RECORDS,

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from agent.bundle._verify import DeviceInfo, Limits
+from agent.bundle import DeviceInfo
 from agent.bundle.manifest import Manifest, Probation
 from agent.errors import (
     CompatibilityError,
@@ -24,10 +24,9 @@ from agent.errors import (
     StateError,
     UntrustedSignerError,
 )
-from agent.install._fetch import FetchLimits
-from agent.install._gate_child import FAULT_ENV
+from agent.install import FetchConfig, UpdateConfig, Updater, UpdaterConfig
 from agent.install._store import Store
-from agent.install._updater import Updater, UpdaterConfig
+from agent.install.faults import GATE_FAULT_ENV as FAULT_ENV
 from agent.serve._slot import ModelSlot, ServingModel
 from agent.serve.runtimes import load_model
 from tests.agent.install.test_fetch import BundleServer, server  # noqa: F401 - fixture
@@ -239,7 +238,9 @@ def test_thread_gate_checks_in_this_process(
     tmp_path: Path, bundles: dict[str, LifecycleBundle], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(FAULT_ENV, "crash")  # would abort a child process, if one ran
-    u = _updater(tmp_path, config=UpdaterConfig(health_gate="thread", health_runs=2))
+    u = _updater(
+        tmp_path, config=UpdaterConfig(update=UpdateConfig(health_gate="thread", health_runs=2))
+    )
     with pytest.raises(HealthCheckError, match="golden outputs do not match"):
         u.install(str(bundles["bad-golden"].path))
     result = u.install(str(bundles["v1"].path))
@@ -251,7 +252,11 @@ def test_bundle_that_keeps_failing_stops_at_the_loop_budget(
     tmp_path: Path, bundles: dict[str, LifecycleBundle]
 ) -> None:
     loader = CountingLoader()
-    u = _updater(tmp_path, loader=loader, config=UpdaterConfig(max_attempts=2, health_runs=1))
+    u = _updater(
+        tmp_path,
+        loader=loader,
+        config=UpdaterConfig(update=UpdateConfig(max_attempts=2, health_runs=1)),
+    )
     for _ in range(2):
         with pytest.raises(HealthCheckError):
             u.install(str(bundles["bad-golden"].path))
@@ -285,7 +290,7 @@ def test_expired_bundle_is_refused_beyond_the_clock_slack(
     tmp_path: Path, bundles: dict[str, LifecycleBundle]
 ) -> None:
     expires = CREATED + timedelta(days=2)
-    config = UpdaterConfig(bundle=Limits(clock_slack_seconds=300))
+    config = UpdaterConfig(update=UpdateConfig(clock_slack_s=300))
     late = _updater(tmp_path / "a", config=config, wall_clock=lambda: expires + timedelta(hours=1))
     with pytest.raises(ExpiredError):
         late.install(str(bundles["expiring"].path))
@@ -304,7 +309,7 @@ def test_interrupted_download_stays_pending_and_resumes(
     server.behaviour.content = data
     server.behaviour.cuts = 1
     server.behaviour.cut_at = len(data) // 2
-    config = UpdaterConfig(fetch=FetchLimits(max_resumes=0, min_free_bytes=0))
+    config = UpdaterConfig(fetch=FetchConfig(max_resumes=0, min_free_bytes=0))
     u = _updater(tmp_path, config=config)
     with pytest.raises(DownloadError):
         u.install(server.url())
@@ -322,7 +327,7 @@ def test_disk_full_while_staging_fails_cleanly_and_keeps_serving(
     tmp_path: Path, bundles: dict[str, LifecycleBundle]
 ) -> None:
     size = bundles["v2"].path.stat().st_size
-    config = UpdaterConfig(fetch=FetchLimits(min_free_bytes=0))
+    config = UpdaterConfig(fetch=FetchConfig(min_free_bytes=0))
     slot = ModelSlot()
     with tiny_tmpfs(tmp_path / "fs", "64k") as fs:
         u = _updater(fs, slot=slot, config=config)

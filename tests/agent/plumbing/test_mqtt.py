@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from agent.messages.status import device_presence
 from agent.messages.topics import Topics
-from agent.plumbing.mqtt import MqttConfig, MqttTransport
+from agent.plumbing.broker import BrokerConfig
+from agent.plumbing.mqtt import MqttClient
 from agent.plumbing.tls import TlsConfig
-from agent.telemetry import Metrics, Outbox, Reporter, ReporterConfig
+from agent.telemetry import Metrics, Outbox, Reporter, TelemetryConfig
 from tests.support.broker import Broker, ClientCert, Pki, Received, Subscriber
 
 pytestmark = pytest.mark.integration
@@ -27,22 +29,18 @@ ACL_EXAMPLE = REPO / "examples" / "mosquitto" / "acl"
 
 
 class Agent:
-    """Outbox + MqttTransport + Reporter for one device, stopped at teardown."""
+    """Outbox + MqttClient (with presence) + Reporter for one device, stopped at teardown."""
 
     def __init__(self, broker: Broker, state: Path, device: str = "d1", **mqtt: object) -> None:
-        tls = mqtt.pop("tls", None)
-        self.transport = MqttTransport(
-            MqttConfig(
-                broker.host,
-                broker.port,
-                "f",
-                device,
-                tls=tls,  # type: ignore[arg-type]
+        self.transport = MqttClient(
+            BrokerConfig(
+                broker.url,
                 backoff_initial_s=0.05,
                 backoff_max_s=0.3,
                 connect_timeout_s=2.0,
                 **mqtt,  # type: ignore[arg-type]
-            )
+            ),
+            presence=device_presence(Topics("f", device)),
         )
         self.outbox = Outbox(state / f"{device}.db")
         self.metrics = Metrics()
@@ -51,7 +49,7 @@ class Agent:
             self.outbox,
             self.transport,
             metrics=self.metrics,
-            config=ReporterConfig(interval_s=3600),
+            config=TelemetryConfig(interval_s=3600),
         )
         self.transport.start()
         self.reporter.start()

@@ -13,7 +13,7 @@ import pytest
 
 from agent.bundle.manifest import Manifest
 from agent.errors import EdgeshipError, StateError
-from agent.install._updater import Updater, UpdaterConfig
+from agent.install import UpdateConfig, Updater, UpdaterConfig
 from agent.serve._slot import ModelSlot, ServingModel
 from agent.serve.runtimes import load_model
 from tests.support.lifecycle import POLICY, golden_inputs, make_model_bundle
@@ -64,7 +64,11 @@ def test_swaps_under_concurrent_load_fail_no_call_and_never_mix_models(tmp_path:
 
     slot = ModelSlot()
     updater = Updater(
-        tmp_path / "state", POLICY, slot=slot, loader=loader, config=UpdaterConfig(health_runs=2)
+        tmp_path / "state",
+        POLICY,
+        slot=slot,
+        loader=loader,
+        config=UpdaterConfig(update=UpdateConfig(health_runs=2)),
     )
     seed_of: dict[str, int] = {}
     outputs = {b.seed: b.outputs for b in bundles[:2]}

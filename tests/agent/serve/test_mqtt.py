@@ -17,8 +17,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.errors import InputValidationError
+from agent.messages.status import device_presence
 from agent.messages.topics import Topics
-from agent.plumbing.mqtt import MqttConfig, MqttTransport
+from agent.plumbing.broker import BrokerConfig
+from agent.plumbing.mqtt import MqttClient
 from agent.serve._model import Model
 from agent.serve.codec import decode_binary, encode_binary
 from agent.serve.mqtt import MqttInferenceServer, MqttServingConfig, check_reply_topic
@@ -87,9 +89,10 @@ class Requester:
 
 def _device(
     broker: Broker, predictor: Any, protocol: str, config: MqttServingConfig | None = None
-) -> tuple[MqttTransport, MqttInferenceServer]:
-    transport = MqttTransport(
-        MqttConfig(broker.host, broker.port, TOPICS.fleet, TOPICS.device, protocol=protocol)
+) -> tuple[MqttClient, MqttInferenceServer]:
+    transport = MqttClient(
+        BrokerConfig(broker.url, protocol=protocol),  # type: ignore[arg-type]
+        presence=device_presence(TOPICS),
     )
     server = MqttInferenceServer(predictor, transport, TOPICS, config)
     server.start()

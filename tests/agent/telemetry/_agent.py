@@ -11,20 +11,25 @@ import sys
 import time
 from pathlib import Path
 
+from agent.messages.status import device_presence
 from agent.messages.topics import Topics
-from agent.plumbing.mqtt import MqttConfig, MqttTransport
-from agent.telemetry import Outbox, Reporter, ReporterConfig
+from agent.plumbing.broker import BrokerConfig, BrokerUrl
+from agent.plumbing.mqtt import MqttClient
+from agent.telemetry import Outbox, Reporter, TelemetryConfig
 
 
 def main() -> None:
     state, port, mode, count = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
-    config = MqttConfig(
-        "127.0.0.1", port, "f", "d1", backoff_initial_s=0.05, backoff_max_s=0.2, connect_timeout_s=2
+    config = BrokerConfig(
+        BrokerUrl("127.0.0.1", port, tls=False),
+        backoff_initial_s=0.05,
+        backoff_max_s=0.2,
+        connect_timeout_s=2,
     )
-    transport = MqttTransport(config)
+    transport = MqttClient(config, presence=device_presence(Topics("f", "d1")))
     outbox = Outbox(state / "outbox.db")
     reporter = Reporter(
-        Topics("f", "d1"), outbox, transport, config=ReporterConfig(interval_s=3600)
+        Topics("f", "d1"), outbox, transport, config=TelemetryConfig(interval_s=3600)
     )
     transport.start()
     reporter.start()

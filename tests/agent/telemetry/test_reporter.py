@@ -6,14 +6,15 @@ from pathlib import Path
 import pytest
 
 from agent.messages.topics import Topics
-from agent.plumbing.mqtt import MqttConfig, MqttTransport
+from agent.plumbing.broker import BrokerConfig, BrokerUrl
+from agent.plumbing.mqtt import MqttClient
 from agent.telemetry import Metrics, Outbox, Reporter
 
 
 @pytest.fixture
 def reporter(tmp_path: Path) -> Reporter:
     # Never started: no thread, no connection; messages stay in the outbox.
-    transport = MqttTransport(MqttConfig("127.0.0.1", 1, "f", "d1"))
+    transport = MqttClient(BrokerConfig(BrokerUrl("127.0.0.1", 1, tls=False)))
     return Reporter(Topics("f", "d1"), Outbox(tmp_path / "o.db"), transport, metrics=Metrics())
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import stat
+import zipfile
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -11,15 +12,26 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from agent.bundle._verify import verify_bundle
-from agent.errors import ConfigError, GateError, KeyFileError
+from agent.bundle import verify_bundle
 from agent.bundle.manifest import RuntimeRequirement
-from agent.serve.runtimes import load_model
 from agent.bundle.signing import TrustPolicy
-from sdk.build._bundle import BuildMetadata, QuantizeOptions, build_bundle, load_metadata, parse_target
-from sdk.build.datasets import load_dataset
-from sdk.build.evaluate import EvaluationReport, Gates
-from sdk.build.keys import SigningKey, generate_key, load_signing_key
+from agent.errors import ConfigError, KeyFileError
+from agent.install import check_health
+from agent.serve.runtimes import load_model
+from sdk.build import (
+    BuildMetadata,
+    EvaluationReport,
+    Gates,
+    QuantizeOptions,
+    SigningKey,
+    build_bundle,
+    generate_key,
+    load_dataset,
+    load_metadata,
+    load_signing_key,
+    parse_target,
+)
+from sdk.errors import GateError
 from tests.support.models import make_onnx_mlp, make_tflite_mlp
 
 META = BuildMetadata(name="digits", version="1.0.0", sequence=1)
@@ -104,6 +116,20 @@ def test_same_inputs_key_and_source_date_epoch_give_identical_bytes(
     b = build_bundle(onnx_model, tmp_path / "b.edgeship", metadata=META, keys=[key])
     assert a.path.read_bytes() == b.path.read_bytes()
     assert a.manifest.created == datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def test_golden_files_are_deflated_and_pass_the_agents_health_check(
+    tmp_path: Path, key: SigningKey, onnx_model: Path
+) -> None:
+    result = build_bundle(onnx_model, tmp_path / "b.edgeship", metadata=META, keys=[key])
+    _verify(result.path, key, tmp_path)
+    manifest = result.manifest
+    for member in (manifest.health.golden_inputs, manifest.health.expected_outputs):
+        with zipfile.ZipFile(tmp_path / "x" / member) as zf:
+            assert {i.compress_type for i in zf.infolist()} == {zipfile.ZIP_DEFLATED}
+    with load_model(manifest, tmp_path / "x", "onnxruntime") as model:
+        report = check_health(model, manifest, tmp_path / "x", runs=3)
+    assert report.max_abs_deviation <= manifest.health.tolerance.atol
 
 
 def test_golden_inputs_are_picked_evenly_from_a_given_file(
@@ -195,6 +221,17 @@ def test_bad_metadata_is_a_config_error(tmp_path: Path, toml: str, message: str)
     (tmp_path / "meta.toml").write_text(toml)
     with pytest.raises(ConfigError, match=message):
         load_metadata(tmp_path / "meta.toml", {})
+
+
+def test_rebuilding_replaces_the_bundle_and_leaves_no_temporary_file(
+    tmp_path: Path, key: SigningKey, onnx_model: Path
+) -> None:
+    out = tmp_path / "out" / "b.edgeship"
+    first = build_bundle(onnx_model, out, metadata=META, keys=[key])
+    second = build_bundle(onnx_model, out, metadata=BuildMetadata("digits", "1.0.1", 2), keys=[key])
+    assert list(out.parent.iterdir()) == [out]
+    assert second.digest != first.digest
+    assert second.size == out.stat().st_size
 
 
 def test_bundle_file_is_not_left_behind_when_the_build_fails(

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from agent.bundle.drift import MAX_DRIFT_FEATURES
-from agent.errors import ConfigError
 from agent.bundle.manifest import Manifest
+from agent.errors import ConfigError
 from sdk.build.datasets import Dataset
 from sdk.build.drift_reference import drift_reference
 from tests.support.bundles import make_manifest

@@ -13,19 +13,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.bundle._verify import verify_bundle
+from agent.bundle import verify_bundle
+from agent.bundle.crypto import DeviceKey
+from agent.bundle.signing import TrustPolicy
 from agent.cli import main as agent_main
 from agent.errors import ConfigError, HealthCheckError, NotForThisDeviceError
-from agent.install._health import ChildGate, check_in_child
-from agent.bundle.crypto import DeviceKey
-from agent.serve.runtimes import RuntimeOptions, load_model
-from agent.serve._slot import ModelSlot
-from agent.bundle.signing import TrustPolicy
+from agent.install import ChildGate, check_in_child
 from agent.install._store import Store
 from agent.install._updater import Updater, UpdaterConfig
-from sdk.build._bundle import BuildMetadata, build_bundle
+from agent.serve._slot import ModelSlot
+from agent.serve.runtimes import RuntimeOptions, load_model
+from sdk.build import BuildMetadata, SigningKey, build_bundle, generate_key
 from sdk.cli import main as sdk_main
-from sdk.build.keys import SigningKey, generate_key
 from tests.support.models import make_onnx_mlp, make_tflite_mlp
 
 PASS_ENV = "EDGESHIP_TEST_PASSPHRASE"

@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from ai_edge_litert.interpreter import Interpreter
 from rich.console import Console
 
-from agent.errors import ConfigError
 from agent.bundle.manifest import Manifest
+from agent.errors import ConfigError, InputValidationError
+from agent.plumbing.stats import percentile
+from sdk.build import Gates, evaluate, quantize
 from sdk.build.datasets import Dataset
-from sdk.build.evaluate import Gates, derive_golden, evaluate, open_model
-from sdk.build.quantize import quantize
+from sdk.build.golden import derive_golden
+from sdk.build.model_io import open_model, run_dataset
 from tests.support.bundles import make_manifest
 from tests.support.models import make_onnx_mlp, make_tflite_mlp
 
@@ -48,7 +52,8 @@ def inputs() -> np.ndarray:
 
 def _labelled_by(model: Path, x: np.ndarray) -> Dataset:
     """Labels = the model's own top-1: its accuracy is exactly 1."""
-    labels = open_model(model).run({"x": x})[0].argmax(axis=1)
+    with open_model(model) as m:
+        labels = m.predict({"x": x})["probs"].argmax(axis=1)
     return Dataset({"x": x}, labels)
 
 
@@ -194,11 +199,66 @@ def test_empty_or_mismatched_validation_data_is_a_config_error(work: dict[str, P
         )
 
 
-def test_int8_io_runner_takes_and_returns_floats(work: dict[str, Path], inputs: np.ndarray) -> None:
-    ref = open_model(work["tflite"]).run({"x": inputs})[0]
-    out = open_model(work["tflite_q"]).run({"x": inputs})[0]
-    assert out.dtype == np.float64
-    assert np.abs(out - ref).max() < 0.1
+def test_int8_io_is_quantized_and_dequantized_in_float32_as_the_agent_does(
+    work: dict[str, Path], inputs: np.ndarray
+) -> None:
+    interp = Interpreter(model_path=str(work["tflite_q"]))
+    interp.resize_tensor_input(0, inputs.shape)
+    interp.allocate_tensors()
+    (inp,), (out,) = interp.get_input_details(), interp.get_output_details()
+    (s_in, zp_in), (s_out, zp_out) = inp["quantization"], out["quantization"]
+    q = np.rint(inputs / np.float32(s_in)) + np.float32(zp_in)
+    interp.set_tensor(inp["index"], np.clip(q, -128, 127).astype(np.int8))
+    interp.invoke()
+    raw = interp.get_tensor(out["index"])
+    with open_model(work["tflite_q"]) as model:
+        probs = model.predict({"x": inputs})["probs"]
+    assert probs.dtype == np.float32
+    np.testing.assert_array_equal(
+        probs, (raw.astype(np.float32) - np.float32(zp_out)) * np.float32(s_out)
+    )
+
+
+def test_samples_a_device_would_refuse_are_refused_by_the_evaluation(
+    work: dict[str, Path], inputs: np.ndarray
+) -> None:
+    x = inputs.copy()
+    x[3, 5] = np.nan
+    with pytest.raises(InputValidationError, match="NaN"):
+        evaluate(work["onnx"], work["onnx_q"], Dataset({"x": x}), latency_runs=RUNS)
+
+
+class _Clock:
+    """A ``time`` stand-in whose timed calls (a start and an end reading) last as scripted."""
+
+    def __init__(self, durations_s: list[float]) -> None:
+        self._durations = iter(durations_s)
+        self._now = 0.0
+        self._ending = False
+
+    def perf_counter(self) -> float:
+        if self._ending:
+            self._now += next(self._durations)
+        self._ending = not self._ending
+        return self._now
+
+
+def test_latency_percentiles_are_nearest_rank_as_on_the_device(
+    work: dict[str, Path], inputs: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runs = 20
+    original_ms = np.random.default_rng(0).permutation(np.arange(1.0, runs + 1))
+    # Runs alternate between the two models: original, quantized, original, ...
+    scripted = [d / 1e3 for pair in zip(original_ms, 2 * original_ms, strict=True) for d in pair]
+    monkeypatch.setattr(importlib.import_module("sdk.build._evaluate"), "time", _Clock(scripted))
+    report = evaluate(
+        work["onnx"], work["onnx_q"], Dataset({"x": inputs[:4]}), latency_runs=runs, threads=(1,)
+    )
+    (o,), (q,) = report.original.latency, report.quantized.latency
+    # Nearest rank: the 10th and 19th of 20 sorted runs (np.percentile would say 10.5, 19.05).
+    assert (o.p50_ms, o.p95_ms) == pytest.approx((10.0, 19.0))
+    assert (q.p50_ms, q.p95_ms) == pytest.approx((20.0, 38.0))
+    assert o.p95_ms == pytest.approx(percentile(original_ms.tolist(), 0.95))
 
 
 # --- golden outputs and tolerance ------------------------------------------------------
@@ -209,10 +269,9 @@ def test_golden_expected_outputs_are_the_single_threaded_outputs(
 ) -> None:
     golden = derive_golden(work["onnx_q"], Dataset({"x": inputs}), count=5)
     assert golden.inputs["x"].shape == (5, 64)
-    expected = open_model(work["onnx_q"], threads=1).run_dataset(
-        Dataset({"x": inputs[:5]}), batch_size=1
-    )[0]
-    np.testing.assert_array_equal(golden.expected["probs"], expected.astype(np.float32))
+    with open_model(work["onnx_q"], threads=1) as model:
+        (expected,) = run_dataset(model, Dataset({"x": inputs[:5]}), batch_size=1)
+    np.testing.assert_array_equal(golden.expected["probs"], expected)
     assert set(golden.details["deviations"]) == {
         "threads=1 per-sample",
         "threads=1 batched",
@@ -239,7 +298,8 @@ def test_tolerance_is_at_least_one_output_step_for_int8_outputs(
     work: dict[str, Path], inputs: np.ndarray
 ) -> None:
     golden = derive_golden(work["tflite_q"], Dataset({"x": inputs}))
-    scale = open_model(work["tflite_q"]).outputs[0].quant
+    with open_model(work["tflite_q"]) as model:
+        scale = model.spec.outputs[0].quantization
     assert scale is not None
     assert golden.tolerance.atol >= scale.scale
     assert golden.details["floor"] == pytest.approx(scale.scale)

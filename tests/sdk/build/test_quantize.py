@@ -10,9 +10,9 @@ import pytest
 from ai_edge_litert.interpreter import Interpreter
 
 from agent.errors import ConfigError
+from sdk.build import QuantizationResult, quantize
 from sdk.build.datasets import Dataset
-from sdk.build.evaluate import open_model
-from sdk.build.quantize import QuantizationResult, quantize
+from sdk.build.model_io import open_model, run_dataset
 from tests.support.models import make_onnx_conv, make_onnx_mlp, make_tflite_mlp
 
 
@@ -36,9 +36,13 @@ def check() -> Dataset:
     return Dataset({"x": np.random.default_rng(1).standard_normal((200, 64)).astype(np.float32)})
 
 
+def _outputs(model: Path, data: Dataset) -> np.ndarray:
+    with open_model(model) as m:
+        return run_dataset(m, data)[0]
+
+
 def _agreement(a: Path, b: Path, data: Dataset) -> tuple[float, float]:
-    ref = open_model(a).run_dataset(data)[0]
-    out = open_model(b).run_dataset(data)[0]
+    ref, out = _outputs(a, data), _outputs(b, data)
     return float(np.mean(ref.argmax(1) == out.argmax(1))), float(np.abs(ref - out).max())
 
 
@@ -190,8 +194,7 @@ def test_static_onnx_conv_model_runs_close_to_float(
     images = np.random.default_rng(2).random((12, 3, 32, 32), dtype=np.float32)
     data = Dataset({"x": images})
     result = quantize(models["conv"], tmp_path / "q.onnx", scheme="static", calibration=data)
-    ref = open_model(models["conv"]).run_dataset(data)[0]
-    out = open_model(result.path).run_dataset(data)[0]
+    ref, out = _outputs(models["conv"], data), _outputs(result.path, data)
     cosine = (ref * out).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(out, axis=1)
     assert cosine.min() > 0.99
 

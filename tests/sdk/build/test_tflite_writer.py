@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sdk.build.evaluate import open_model
+from sdk.build.model_io import open_model
 from sdk.build.tflite_writer import write_mlp_tflite
 
 
@@ -42,11 +42,12 @@ def test_litert_output_matches_numpy(
     path = write_mlp_tflite(
         tmp_path / "m.tflite", layers, input_name="inp", output_name="out", softmax=softmax
     )
-    runner = open_model(path)
-    assert runner.input_names == ("inp",)
-    assert runner.output_names == ("out",)
     x = rng.standard_normal((7, widths[0])).astype(np.float32)
-    np.testing.assert_allclose(runner.run({"inp": x})[0], _numpy_mlp(x, layers, softmax), atol=2e-5)
+    with open_model(path) as model:
+        assert [s.name for s in model.spec.inputs] == ["inp"]
+        assert [s.name for s in model.spec.outputs] == ["out"]
+        out = model.predict({"inp": x})["out"]
+    np.testing.assert_allclose(out, _numpy_mlp(x, layers, softmax), atol=2e-5)
 
 
 def test_layers_that_do_not_chain_are_refused(tmp_path: Path) -> None:

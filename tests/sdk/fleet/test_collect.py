@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from agent.plumbing.transport import Message
+from agent.plumbing.broker import BrokerConfig
+from agent.plumbing.mqtt import MqttClient
+from agent.plumbing.transport import Message, publish_many
 from sdk.cli import main
-from sdk.fleet._client import FleetClient
 from sdk.fleet.collect import Collector, parse_message
-from sdk.fleet.store import SqliteStore, StatusRecord, TelemetryRecord
-from tests.support.broker import Broker
+from sdk.fleet.records import StatusRecord, TelemetryRecord
+from sdk.fleet.store import SqliteStore
+from tests.support.broker import Broker, free_port
 from tests.support.fake_device import start_devices
 
 
@@ -88,9 +90,8 @@ def count(db: Path, table: str) -> int:
 
 @pytest.mark.integration
 def test_devices_telemetry_is_stored_deduplicated_with_gaps(broker: Broker, tmp_path: Path) -> None:
-    url = f"mqtt://{broker.host}:{broker.port}"
     store = SqliteStore(tmp_path / "fleet.sqlite")
-    client = FleetClient(url)
+    client = MqttClient(BrokerConfig(broker.url))
     client.connect()
     collector = Collector(client, store, fleet="f")
     collector.start()
@@ -104,7 +105,7 @@ def test_devices_telemetry_is_stored_deduplicated_with_gaps(broker: Broker, tmp_
         assert wait_until(lambda: collector.stats.received >= 8)  # 6 telemetry + birth + 1
     finally:
         dev.stop()
-        client.close()
+        client.stop()
         collector.stop()
     rows = store.query("SELECT seq FROM telemetry ORDER BY seq")
     assert [r["seq"] for r in rows] == [1, 2, 3, 4, 5, 8]
@@ -117,11 +118,10 @@ def test_devices_telemetry_is_stored_deduplicated_with_gaps(broker: Broker, tmp_
 
 @pytest.mark.integration
 def test_two_collectors_in_one_group_split_the_messages(broker: Broker, tmp_path: Path) -> None:
-    url = f"mqtt://{broker.host}:{broker.port}"
     db = tmp_path / "fleet.sqlite"
     collectors = []
     for _ in range(2):
-        client = FleetClient(url)
+        client = MqttClient(BrokerConfig(broker.url))
         client.connect()
         c = Collector(client, SqliteStore(db), fleet="f", share_group="g")
         c.start()
@@ -136,7 +136,7 @@ def test_two_collectors_in_one_group_split_the_messages(broker: Broker, tmp_path
         for d in devices:
             d.stop()
         for client, c in collectors:
-            client.close()
+            client.stop()
             c.stop()
             c.store.close()
     stored = [c.stats.stored for _, c in collectors]
@@ -172,7 +172,7 @@ def status_body(device: str, ts: float) -> bytes:
     ).encode()
 
 
-def wait_subscribed(client: FleetClient, sender: FleetClient) -> None:
+def wait_subscribed(client: MqttClient, sender: MqttClient) -> None:
     """Return once the broker applied ``client``'s subscriptions so far.
 
     Subscribing does not wait for the broker; a probe subscribed last that receives a
@@ -191,9 +191,8 @@ def wait_subscribed(client: FleetClient, sender: FleetClient) -> None:
 def test_messages_arriving_within_the_batch_wait_share_one_transaction(
     broker: Broker, tmp_path: Path
 ) -> None:
-    url = f"mqtt://{broker.host}:{broker.port}"
     store = SqliteStore(tmp_path / "fleet.sqlite")
-    client, sender = FleetClient(url), FleetClient(url)
+    client, sender = MqttClient(BrokerConfig(broker.url)), MqttClient(BrokerConfig(broker.url))
     client.connect()
     sender.connect()
     # A long wait: the batch is complete when max_batch messages are there, not before.
@@ -201,12 +200,12 @@ def test_messages_arriving_within_the_batch_wait_share_one_transaction(
     collector.start()
     try:
         wait_subscribed(client, sender)
-        for i in range(5):
-            sender.publish(f"edgeship/v1/f/d{i}/status", status_body(f"d{i}", 1.0 + i))
+        statuses = [(f"edgeship/v1/f/d{i}/status", status_body(f"d{i}", 1.0 + i)) for i in range(5)]
+        publish_many(sender, statuses)
         assert wait_until(lambda: collector.stats.stored == 5)
     finally:
-        sender.close()
-        client.close()
+        sender.stop()
+        client.stop()
         collector.stop()
         store.close()
     assert collector.stats.batches == 1
@@ -214,9 +213,8 @@ def test_messages_arriving_within_the_batch_wait_share_one_transaction(
 
 @pytest.mark.integration
 def test_stopping_writes_a_partial_batch_at_once(broker: Broker, tmp_path: Path) -> None:
-    url = f"mqtt://{broker.host}:{broker.port}"
     store = SqliteStore(tmp_path / "fleet.sqlite")
-    client, sender = FleetClient(url), FleetClient(url)
+    client, sender = MqttClient(BrokerConfig(broker.url)), MqttClient(BrokerConfig(broker.url))
     client.connect()
     sender.connect()
     collector = Collector(client, store, fleet="f", batch_wait_s=3600.0)
@@ -227,12 +225,13 @@ def test_stopping_writes_a_partial_batch_at_once(broker: Broker, tmp_path: Path)
     stopper = threading.Thread(target=collector.stop)
     try:
         wait_subscribed(client, sender)
-        for i in range(3):
-            sender.publish(f"edgeship/v1/f/d{i}/status", status_body(f"d{i}", 1.0))
+        publish_many(
+            sender, [(f"edgeship/v1/f/d{i}/status", status_body(f"d{i}", 1.0)) for i in range(3)]
+        )
         assert wait_until(lambda: len(queued) == 3)
     finally:
-        sender.close()
-        client.close()
+        sender.stop()
+        client.stop()
         stopper.start()
         stopper.join(30)  # far less than the batch wait: stop() must not wait for it
     assert not stopper.is_alive()
@@ -252,15 +251,56 @@ def test_a_restarted_collector_stores_what_its_session_queued_while_it_was_away(
     argv = ["collect", "--broker", url, "--db", str(db), "--client-id", "c1",
             "--session-expiry", "600", "--duration", "0.5", "--json"]  # fmt: skip
     assert main(argv) == 0  # registers the session and its subscriptions
-    sender = FleetClient(url)
-    sender.connect()
-    try:
-        sender.publish_many(
+    with MqttClient(BrokerConfig(broker.url)) as sender:
+        publish_many(
+            sender,
             (("edgeship/v1/f/d1/telemetry", body(seq=seq, interval_s=1.0)) for seq in
              range(1, 201)),
         )  # fmt: skip
-    finally:
-        sender.close()
     capsys.readouterr()
     assert main([*argv[:-3], "--duration", "2", "--json"]) == 0
     assert count(db, "telemetry") == 200
+
+
+@pytest.mark.integration
+def test_collect_logs_in_with_a_user_name_and_a_password_file(
+    broker_factory: Callable[..., Broker], tmp_path: Path
+) -> None:
+    broker = broker_factory(users={"collector": "s3cr3t"})
+    (tmp_path / "pw").write_text("s3cr3t\n")
+    argv = ["collect", "--broker", str(broker.url), "--username", "collector",
+            "--password-file", str(tmp_path / "pw"), "--db", str(tmp_path / "fleet.sqlite"),
+            "--duration", "0.3", "--json"]  # fmt: skip
+    assert main(argv) == 0
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        (["--broker", "mqtt://alice:s3cr3t@127.0.0.1"], "--username for edgeship"),
+        (["--broker", "mqtt://127.0.0.1/fleet"], "must be mqtt://HOST[:PORT]"),
+        (["--broker", "mqtt://127.0.0.1", "--ca-file", "ca.crt"], "need an mqtts:// --broker"),
+        (["--broker", "mqtt://127.0.0.1", "--password-file", "pw"], "--password-file needs"),
+    ],
+)
+def test_collect_refuses_broker_options_that_break_the_rules(
+    options: list[str], says: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "fleet.sqlite"
+    assert main(["collect", *options, "--db", str(db), "--duration", "0"]) == 1
+    err = capsys.readouterr().err
+    assert says in err
+    assert "s3cr3t" not in err
+    assert not db.exists()  # refused before anything was opened
+
+
+@pytest.mark.integration
+def test_collect_without_a_broker_fails_fast_and_leaves_no_writer_behind(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"mqtt://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    assert main(["collect", "--broker", url, "--db", str(tmp_path / "f.sqlite"), "--json"]) == 1
+    assert time.monotonic() - started < 10
+    assert f"cannot connect to the MQTT broker at {url}" in capsys.readouterr().err
+    assert "edgeship-collect" not in {t.name for t in threading.enumerate()}

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from sdk.cli import main
+from sdk.fleet.records import EventRecord, StatusRecord, TelemetryRecord
 from sdk.fleet.report import line_chart
-from sdk.fleet.store import EventRecord, SqliteStore, StatusRecord, TelemetryRecord
+from sdk.fleet.store import SqliteStore
 
 
 def chromium() -> str:

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from sdk.fleet._client import FleetClient
-from sdk.fleet._rollout_run import PUBLISH_WINDOW, RolloutFiles, revert, run_rollout
+from agent.plumbing.broker import BrokerConfig
+from agent.plumbing.mqtt import MqttClient
+from agent.plumbing.transport import PUBLISH_WINDOW
+from sdk.fleet._rollout_run import RolloutFiles, revert, run_rollout
 from sdk.fleet.publish import BundleRef
 from sdk.fleet.rollout import Rollout, RolloutPlan, wave_order
 from tests.support.broker import Broker, Subscriber
@@ -40,7 +42,7 @@ def test_a_wave_larger_than_the_window_is_published_to_every_device_and_reverted
         created_at=time.time(),
     )
     files = RolloutFiles(tmp_path / "rollouts")
-    client = FleetClient(f"mqtt://{broker.host}:{broker.port}")
+    client = MqttClient(BrokerConfig(broker.url))
     client.connect()
     stop = threading.Event()
     # No device answers: the runner publishes the one wave, then waits for reports.
@@ -64,7 +66,7 @@ def test_a_wave_larger_than_the_window_is_published_to_every_device_and_reverted
     try:
         assert revert(client, saved) == devices
     finally:
-        client.close()
+        client.stop()
     # No previous desired state: reverting clears every retained one.
     with Subscriber(broker, "edgeship/v1/f/+/desired", clean=True) as sub:
         time.sleep(0.3)

@@ -9,17 +9,9 @@ from pathlib import Path
 import pytest
 
 from sdk.fleet.collect import parse_message
+from sdk.fleet.records import EventRecord, Record, StatusRecord, TelemetryRecord
 from sdk.fleet.status import fleet_status
-from sdk.fleet.store import (
-    EventRecord,
-    PostgresStore,
-    Record,
-    SqliteStore,
-    StatusRecord,
-    Store,
-    TelemetryRecord,
-    open_store,
-)
+from sdk.fleet.store import PostgresStore, SqliteStore, Store, open_store
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.integration)])

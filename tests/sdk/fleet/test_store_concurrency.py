@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from sdk.fleet.store import Store, TelemetryRecord, open_store
+from sdk.fleet.records import TelemetryRecord
+from sdk.fleet.store import Store, open_store
 
 # Fork: the children start within milliseconds of each other, which is the race.
 _MP = mp.get_context("fork")

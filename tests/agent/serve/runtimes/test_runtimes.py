@@ -14,13 +14,19 @@ import numpy as np
 import pytest
 
 from agent.bundle.manifest import Manifest, ModelSpec, QuantParams, TensorSpec
-from agent.errors import HealthCheckError, InferenceError, RuntimeUnavailableError
+from agent.errors import (
+    HealthCheckError,
+    InferenceError,
+    InputValidationError,
+    RuntimeUnavailableError,
+)
 from agent.serve.runtimes import (
     SMALL_MODEL_ELEMENTS,
     Model,
     RuntimeOptions,
     installed_runtimes,
     load_model,
+    load_model_file,
 )
 from agent.serve.runtimes._base import threads_for
 from agent.serve.runtimes._onnxruntime import fast_run
@@ -259,7 +265,79 @@ def test_manifest_naming_an_input_twice_fails_the_health_check(models: Models) -
         load(replace(models.tflite_mlp, model=doubled), models)
 
 
+# --- a model file without a manifest (the SDK measuring a candidate) ------------------
+
+
+@pytest.mark.parametrize("which", ["onnx_mlp", "tflite_int8"])
+def test_model_file_loads_from_its_spec_and_answers_as_from_its_bundle(
+    models: Models, which: str
+) -> None:
+    manifest = getattr(models, which)
+    runtime = RUNTIME_OF[manifest.model.format]
+    require_runtime(runtime)
+    x = batch(5)
+    path = models.dir / manifest.model.file
+    with load_model_file(manifest.model, path, runtime) as bare, load(manifest, models) as bundled:
+        np.testing.assert_array_equal(
+            bare.predict({"x": x})["probs"], bundled.predict({"x": x})["probs"]
+        )
+        with pytest.raises(InputValidationError, match="NaN"):
+            bare.predict({"x": np.full((1, 64), np.nan, np.float32)})
+
+
+@pytest.mark.parametrize("from_memory", [True, False])
+def test_missing_model_file_without_a_manifest_fails_to_load(
+    models: Models, tmp_path: Path, from_memory: bool
+) -> None:
+    options = RuntimeOptions(load_from_memory=from_memory)
+    with pytest.raises(HealthCheckError, match="absent"):
+        load_model_file(models.onnx_mlp.model, tmp_path / "absent.onnx", "onnxruntime", options)
+
+
+def test_model_file_in_a_runtime_for_another_format_is_unavailable(models: Models) -> None:
+    path = models.dir / models.onnx_mlp.model.file
+    with pytest.raises(RuntimeUnavailableError, match="litert cannot run a onnx model"):
+        load_model_file(models.onnx_mlp.model, path, "litert")
+
+
 # --- options -------------------------------------------------------------------------
+
+
+def test_reference_kernels_turn_off_onnxruntime_graph_optimizations(models: Models) -> None:
+    import onnxruntime as ort  # noqa: PLC0415 - the test inspects the session's options
+
+    for reference_kernels, level in (
+        (False, ort.GraphOptimizationLevel.ORT_ENABLE_ALL),
+        (True, ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
+    ):
+        options = RuntimeOptions(reference_kernels=reference_kernels)
+        with load(models.onnx_int8, models, options=options) as model:
+            # The session is the adapter's own: only it can say how it was configured.
+            session = model._backend._session  # type: ignore[attr-defined]
+            assert session.get_session_options().graph_optimization_level == level
+
+
+def test_reference_kernels_run_tflite_without_the_xnnpack_delegate(models: Models) -> None:
+    for reference_kernels, delegated in ((False, True), (True, False)):
+        options = RuntimeOptions(reference_kernels=reference_kernels)
+        with load(models.tflite_mlp, models, options=options) as model:
+            # XNNPACK, when applied, shows as one DELEGATE node in the execution plan.
+            interp = model._backend._interp  # type: ignore[attr-defined]
+            ops = [d["op_name"] for d in interp._get_ops_details()]
+            assert ("DELEGATE" in ops) == delegated
+
+
+@pytest.mark.parametrize("which", ["onnx_mlp", "tflite_mlp", "onnx_int8", "tflite_int8"])
+def test_reference_kernels_compute_the_same_answers(models: Models, which: str) -> None:
+    manifest = getattr(models, which)
+    x = batch(6)
+    with (
+        load(manifest, models) as fast,
+        load(manifest, models, options=RuntimeOptions(reference_kernels=True)) as reference_model,
+    ):
+        got, want = reference_model.predict({"x": x}), fast.predict({"x": x})
+    step = manifest.model.outputs[0].quantization
+    np.testing.assert_allclose(got["probs"], want["probs"], atol=step.scale if step else 1e-5)
 
 
 def test_threads_default_to_one_for_small_models_only() -> None:

@@ -1,0 +1,195 @@
+"""Following the desired state: one background worker installs what the fleet asks for.
+
+Desired state arrives untrusted (the updater's signature check is the trust; the message
+only says what to fetch). Installs run in ONE worker thread, never on the transport's
+network thread. Messages are coalesced: only the latest desired state matters. A bundle
+that failed for good is not tried again for the same desired message (a re-publish with
+a new ``ts`` is an explicit retry, still bounded by the updater's loop budget); a failed
+download is retried later, after a jittered delay whose ceiling doubles from
+``fetch.retry_initial_s`` up to ``fetch.retry_max_s`` (a
+:class:`~agent.plumbing.backoff.Backoff`), so devices that failed together do not come
+back to the server together. After an install the worker watches the candidate's
+probation, which commits it or rolls it back.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from agent.errors import BundleError, EdgeshipError, FetchError, StateError
+from agent.install._decisions import check_acceptance
+from agent.install._updater import Updater
+from agent.messages.desired import Desired
+from agent.plumbing.backoff import Backoff
+
+__all__ = ["DesiredFollower"]
+
+log = logging.getLogger("edgeship.agent")
+
+# Desired messages remembered as given up; only recent ones matter.
+_MAX_GIVEN_UP = 64
+
+
+class DesiredFollower:
+    """Installs the latest desired bundle in a worker thread and watches its probation.
+
+    ``emit`` receives the follower's own events (``desired-refused``); ``changed`` is
+    called after the desired state changed or an install was refused, so the owner can
+    publish its reported state.
+    """
+
+    def __init__(
+        self,
+        updater: Updater,
+        *,
+        emit: Callable[[str, Mapping[str, Any]], None],
+        changed: Callable[[], None],
+    ) -> None:
+        self.updater = updater
+        self._emit = emit
+        self._changed = changed
+        fetch = updater.config.fetch
+        # Never sooner than half the initial delay: a server that just failed gets a rest.
+        self._retry = Backoff(
+            fetch.retry_initial_s, fetch.retry_max_s, min_s=fetch.retry_initial_s / 2
+        )
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._stop = threading.Event()
+        self._desired: Desired | None = None
+        self._generation = 0
+        self._given_up: dict[Desired, None] = {}  # insertion-ordered: oldest first
+        self._retry_at: float | None = None
+        self._worker: threading.Thread | None = None
+
+    @property
+    def desired(self) -> Desired | None:
+        with self._lock:
+            return self._desired
+
+    def apply(self, desired: Desired | None) -> bool:
+        """Ask for ``desired`` (None clears it); False if it is what was already asked."""
+        with self._wake:
+            if desired == self._desired:
+                return False  # a retained message delivered again on reconnect
+            self._desired = desired
+            self._generation += 1
+            self._retry_at = None
+            self._retry.reset()
+            self._wake.notify_all()
+        return True
+
+    def start(self) -> None:
+        self._worker = threading.Thread(target=self._work, name="edgeship-updater", daemon=True)
+        self._worker.start()
+
+    def stop(self, timeout_s: float) -> None:
+        """Stop the worker; an install in progress is safe to abandon (its phase is persisted)."""
+        with self._wake:
+            self._stop.set()
+            self._wake.notify_all()
+        if self._worker is not None:
+            self._worker.join(timeout_s)
+
+    def _work(self) -> None:
+        handled = -1
+        while not self._stop.is_set():
+            self._watch_probation()
+            with self._wake:
+                while not self._stop.is_set():
+                    due = self._retry_at is not None and time.monotonic() >= self._retry_at
+                    if self._generation != handled or due:
+                        break
+                    wait = None if self._retry_at is None else self._retry_at - time.monotonic()
+                    self._wake.wait(wait)
+                if self._stop.is_set():
+                    return
+                handled = self._generation
+                desired = self._desired
+                self._retry_at = None
+            if desired is not None:
+                try:
+                    self._install(desired)
+                except Exception:
+                    # The worker must survive anything; the next desired deserves a try.
+                    log.exception("install of %s failed unexpectedly", desired.digest[:12])
+                    self._give_up(desired)
+
+    def _give_up(self, desired: Desired) -> None:
+        with self._lock:
+            self._given_up[desired] = None
+            while len(self._given_up) > _MAX_GIVEN_UP:
+                del self._given_up[next(iter(self._given_up))]
+
+    def _install(self, desired: Desired) -> None:
+        with self._lock:
+            if desired in self._given_up:
+                return
+        state = self.updater.status()
+        if desired.digest == state.current and state.pending is None:
+            return
+        try:
+            # The sequence is untrusted here; this only saves a pointless download.
+            check_acceptance(
+                state,
+                sequence=desired.sequence,
+                digest=desired.digest,
+                max_attempts=self.updater.config.update.max_attempts,
+            )
+        except EdgeshipError as exc:
+            self._refuse(
+                desired, exc, event="desired-refused", message="desired bundle not installed"
+            )
+            return
+        log.info(
+            "installing the desired bundle",
+            extra={"fields": {"digest": desired.digest, "url": desired.url}},
+        )
+        try:
+            result = self.updater.install(desired.url, sha256=desired.sha256)
+        except FetchError as exc:
+            self._retry_later(desired, exc)
+            return
+        except (BundleError, StateError) as exc:
+            self._refuse(desired, exc, event=None, message="install refused")
+            return
+        with self._lock:
+            self._retry.reset()
+        if result.digest != desired.digest:
+            log.warning(
+                "the installed bundle is not the one the desired state named",
+                extra={"fields": {"desired": desired.digest, "installed": result.digest}},
+            )
+
+    def _refuse(
+        self, desired: Desired, exc: EdgeshipError, *, event: str | None, message: str
+    ) -> None:
+        log.warning(message, extra={"fields": {"digest": desired.digest, "reason": str(exc)}})
+        if event is not None:
+            self._emit(event, {"digest": desired.digest, "reason": str(exc)})
+        self._give_up(desired)
+        self._changed()
+
+    def _retry_later(self, desired: Desired, exc: FetchError) -> None:
+        with self._wake:
+            delay = self._retry.next()
+            if self._desired == desired:
+                self._retry_at = time.monotonic() + delay
+        log.warning(
+            "download failed; retrying later",
+            extra={
+                "fields": {"digest": desired.digest, "retry_s": round(delay, 3), "reason": str(exc)}
+            },
+        )
+
+    def _watch_probation(self) -> None:
+        if self.updater.slot is None or self.updater.slot.monitor() is None:
+            return
+        try:
+            self.updater.watch_probation(self._stop)
+        except EdgeshipError as exc:
+            log.error("probation could not be decided: %s", exc)  # noqa: TRY400 - expected; no traceback

@@ -1,0 +1,233 @@
+"""The one strict reader for documents edgeship did not write itself.
+
+Manifests, envelopes and trust policies, agent.toml, desired-state and telemetry messages
+all arrive from outside. Each is read through :class:`Doc`: typed getters that name the
+key path of anything wrong (``manifest.model.inputs[0].dtype must be ...``), bounds on
+every string and list, finite numbers only, and :meth:`Doc.done` refusing keys nobody
+read, so a typo or an injected field is never silently ignored. JSON is parsed by
+:func:`load_json`, which refuses duplicate keys and the non-standard NaN/Infinity
+literals, and turns every parser failure (deep nesting, huge integers) into the
+document's own error type.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+__all__ = ["MISSING", "Doc", "load_json"]
+
+T = TypeVar("T")
+ErrorType = Callable[[str], Exception]
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+MISSING: Any = _Missing()  # "no default": the key is required
+
+
+def load_json(data: bytes, *, what: str, error: ErrorType) -> Any:
+    """Parse UTF-8 JSON strictly: no duplicate keys, no NaN or Infinity literals.
+
+    Raises:
+        error: not UTF-8, not JSON, a duplicate key, a NaN/Infinity literal, nesting too
+            deep or an integer too long to parse (the message names ``what``).
+    """
+
+    def reject_constant(name: str) -> None:
+        raise ValueError(f"{name} is not allowed")
+
+    def no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                raise ValueError(f"duplicate key {key!r}")
+            out[key] = value
+        return out
+
+    try:
+        return json.loads(
+            data.decode("utf-8"), object_pairs_hook=no_duplicates, parse_constant=reject_constant
+        )
+    # ValueError covers bad UTF-8, bad JSON and integers over Python's digit limit;
+    # RecursionError covers deep nesting. Both are reachable with hostile bytes.
+    except (ValueError, RecursionError) as exc:
+        raise error(f"{what} is not valid JSON: {exc}") from None
+
+
+class Doc:
+    """Typed, strict access to one object (a JSON object or a TOML table).
+
+    A getter without a default needs the key; with one, an absent (or JSON null) key gives
+    the default. :meth:`opt` reads a key that may be absent or null as None.
+    """
+
+    def __init__(self, value: object, where: str, *, error: ErrorType, strict: bool = True):
+        """Raises: ``error`` when ``value`` is not an object."""
+        if not isinstance(value, dict):
+            raise error(f"{where or 'the document'} must be an object")
+        self.value: dict[str, Any] = value
+        self.where = where
+        self.error = error
+        self.strict = strict
+        self.seen: set[str] = set()
+
+    def path(self, key: str) -> str:
+        """The key's full path, as error messages name it."""
+        return f"{self.where}.{key}" if self.where else key
+
+    def bad(self, key: str, what: str) -> Exception:
+        """The error saying ``key`` must be ``what``."""
+        return self.error(f"{self.path(key)} must be {what}")
+
+    def has(self, key: str) -> bool:
+        return self.value.get(key) is not None
+
+    def raw(self, key: str, default: Any = MISSING) -> Any:
+        """The value as it is (for a caller's own check)."""
+        self.seen.add(key)
+        value = self.value.get(key)
+        if value is None:
+            if default is MISSING:
+                raise self.error(f"{self.path(key)} is missing")
+            return default
+        return value
+
+    def opt(self, getter: Callable[..., T], key: str, *args: Any, **kwargs: Any) -> T | None:
+        """``getter(key, ...)``, or None when the key is absent or null."""
+        self.seen.add(key)
+        if self.value.get(key) is None:
+            return None
+        return getter(key, *args, **kwargs)
+
+    def text(
+        self,
+        key: str,
+        default: str = MISSING,
+        *,
+        max_len: int = 4096,
+        pattern: re.Pattern[str] | None = None,
+        what: str = "",
+    ) -> str:
+        """A string of at most ``max_len`` characters, matching ``pattern`` in full if given."""
+        value = self.raw(key, default)
+        if value is default and default is not MISSING:
+            return value
+        if not isinstance(value, str) or len(value) > max_len:
+            raise self.bad(key, f"a string of at most {max_len} characters")
+        if pattern is not None and not pattern.fullmatch(value):
+            raise self.bad(key, what or f"a string matching {pattern.pattern}")
+        return value
+
+    def choice(self, key: str, choices: tuple[str, ...], default: str = MISSING) -> str:
+        value = self.text(key, default, max_len=256)
+        if value not in choices:
+            raise self.bad(key, f"one of {', '.join(choices)}")
+        return value
+
+    def boolean(self, key: str, default: bool = MISSING) -> bool:
+        value = self.raw(key, default)
+        if not isinstance(value, bool):
+            raise self.bad(key, "true or false")
+        return value
+
+    def integer(
+        self,
+        key: str,
+        default: int = MISSING,
+        *,
+        minimum: int | None = None,
+        maximum: int | None = None,
+    ) -> int:
+        value = self.raw(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.bad(key, "an integer")
+        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+            raise self.bad(key, f"{_bounds(minimum, maximum)}, not {value}")
+        return value
+
+    def number(
+        self,
+        key: str,
+        default: float = MISSING,
+        *,
+        minimum: float | None = None,
+        positive: bool = False,
+    ) -> float:
+        """A finite number >= ``minimum`` (> 0 with ``positive``), as a float."""
+        value = self.raw(key, default)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            raise self.bad(key, "a finite number")
+        if positive and not value > 0:
+            raise self.bad(key, f"positive, not {value}")
+        if minimum is not None and value < minimum:
+            raise self.bad(key, f"a number >= {minimum}, not {value}")
+        return float(value)
+
+    def array(self, key: str, *, max_len: int = 10_000) -> list[Any]:
+        value = self.raw(key)
+        if not isinstance(value, list) or len(value) > max_len:
+            raise self.bad(key, f"a list of at most {max_len} items")
+        return value
+
+    def texts(self, key: str, *, max_len: int = 256) -> tuple[str, ...]:
+        items = self.array(key, max_len=max_len)
+        if not all(isinstance(i, str) and len(i) <= 4096 for i in items):
+            raise self.bad(key, "a list of strings")
+        return tuple(items)
+
+    def numbers(self, key: str, *, max_len: int = 256) -> tuple[float, ...]:
+        items = self.array(key, max_len=max_len)
+        if not all(
+            isinstance(i, int | float) and not isinstance(i, bool) and math.isfinite(i)
+            for i in items
+        ):
+            raise self.bad(key, "a list of finite numbers")
+        return tuple(float(i) for i in items)
+
+    def obj(self, key: str) -> Doc:
+        """The object at ``key``, read with the same rules."""
+        return Doc(self.raw(key), self.path(key), error=self.error, strict=self.strict)
+
+    def items(self, key: str, *, max_len: int = 10_000) -> list[Doc]:
+        """The objects of the list at ``key``."""
+        return [
+            Doc(item, f"{self.path(key)}[{i}]", error=self.error, strict=self.strict)
+            for i, item in enumerate(self.array(key, max_len=max_len))
+        ]
+
+    def any_obj(self, key: str) -> dict[str, Any]:
+        """The object at ``key`` as it is (its content is the caller's to check)."""
+        value = self.raw(key)
+        if not isinstance(value, dict):
+            raise self.bad(key, "an object")
+        return value
+
+    def done(self, hint: str = "") -> None:
+        """In strict mode, refuse any key not read.
+
+        Raises:
+            error: a key nobody read (the message names it and ``hint``).
+        """
+        extra = sorted(set(self.value) - self.seen)
+        if extra and self.strict:
+            names = ", ".join(self.path(k) for k in extra)
+            raise self.error(f"unknown field(s) {names}" + (f"; {hint}" if hint else ""))
+
+
+def _bounds(minimum: int | None, maximum: int | None) -> str:
+    if minimum is not None and maximum is not None:
+        return f"between {minimum} and {maximum}"
+    if minimum is not None:
+        return f">= {minimum}"
+    return f"<= {maximum}"

@@ -1,0 +1,147 @@
+"""What a person says about a bundle: metadata from a small TOML file and CLI options,
+target runtimes, and the creation time (``SOURCE_DATE_EPOCH`` for reproducible builds).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from agent.bundle.manifest import RUNTIMES, ModelCard, Probation, RuntimeRequirement
+from agent.errors import ConfigError
+
+__all__ = ["BuildMetadata", "creation_time", "load_metadata", "parse_target"]
+
+_TARGET_RE = re.compile(
+    r"^(?P<name>[a-z-]+)(?:\s*>=\s*(?P<min>[\d.]+))?(?:\s*,?\s*<\s*(?P<max>[\d.]+))?$"
+)
+
+
+@dataclass(frozen=True)
+class BuildMetadata:
+    """What a person says about the bundle (from a TOML file and/or CLI options)."""
+
+    name: str
+    version: str
+    sequence: int
+    expires_in_days: float | None = None
+    model_card: ModelCard = field(default_factory=ModelCard)
+    arch: tuple[str, ...] = ()
+    device_classes: tuple[str, ...] = ()
+    # Fixed golden tolerance; None (the default) derives it from the measured spread.
+    atol: float | None = None
+    rtol: float | None = None
+    latency_budget_p95_ms: float | None = None
+    probation: Probation = field(default_factory=Probation)
+
+
+def parse_target(text: str) -> RuntimeRequirement:
+    """``onnxruntime``, ``litert>=2.0`` or ``tflite-runtime>=2.14,<2.15``.
+
+    Raises:
+        ConfigError: unknown runtime or malformed version range.
+    """
+    m = _TARGET_RE.match(text.strip())
+    if not m or m.group("name") not in RUNTIMES:
+        raise ConfigError(
+            f"target {text!r} is not RUNTIME[>=MIN][,<MAX]; RUNTIME is one of {', '.join(RUNTIMES)}"
+        )
+    return RuntimeRequirement(m.group("name"), m.group("min"), m.group("max"))
+
+
+def load_metadata(path: Path | None, overrides: Mapping[str, Any]) -> BuildMetadata:
+    """Metadata from a small TOML file, with CLI options taking precedence.
+
+    Raises:
+        ConfigError: the file is unreadable or a field has the wrong type.
+    """
+    doc: dict[str, Any] = {}
+    if path is not None:
+        try:
+            doc = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read metadata file {path}: {exc}") from None
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        # "health.latency_budget_p95_ms" sets a key of a table.
+        *tables, leaf = key.split(".")
+        target = doc
+        for table in tables:
+            target = target.setdefault(table, {})
+        target[leaf] = value
+    card = doc.pop("model_card", {})
+    health = doc.pop("health", {})
+    probation = health.pop("probation", {}) if isinstance(health, dict) else {}
+    compat = doc.pop("compatibility", {})
+    try:
+        meta = BuildMetadata(
+            name=_req(doc, "name", str),
+            version=_req(doc, "version", str),
+            sequence=_req(doc, "sequence", int),
+            expires_in_days=_opt(doc, "expires_in_days", float),
+            model_card=ModelCard(
+                description=_opt(card, "description", str) or "",
+                intended_use=_opt(card, "intended_use", str) or "",
+                data_sources=tuple(_opt(card, "data_sources", list) or ()),
+                limitations=_opt(card, "limitations", str) or "",
+                retraining_triggers=tuple(_opt(card, "retraining_triggers", list) or ()),
+                owners=tuple(_opt(card, "owners", list) or ()),
+                license=_opt(card, "license", str) or "",
+            ),
+            arch=tuple(_opt(compat, "arch", list) or ()),
+            device_classes=tuple(_opt(compat, "device_classes", list) or ()),
+            atol=_opt(health, "atol", float, BuildMetadata.atol),
+            rtol=_opt(health, "rtol", float, BuildMetadata.rtol),
+            latency_budget_p95_ms=_opt(health, "latency_budget_p95_ms", float),
+            probation=Probation(
+                requests=_opt(probation, "requests", int, Probation.requests),
+                seconds=_opt(probation, "seconds", float, Probation.seconds),
+                max_error_rate=_opt(probation, "max_error_rate", float, Probation.max_error_rate),
+                max_p95_ms=_opt(probation, "max_p95_ms", float),
+            ),
+        )
+    except (TypeError, AttributeError) as exc:
+        raise ConfigError(f"metadata: {exc}") from None
+    leftover = sorted(set(doc) - set(BuildMetadata.__dataclass_fields__))
+    if leftover:
+        raise ConfigError(f"metadata has unknown field(s): {', '.join(leftover)}")
+    return meta
+
+
+def _req(doc: Mapping[str, Any], key: str, kind: type) -> Any:
+    if key not in doc:
+        raise ConfigError(f"metadata needs {key!r} (in the TOML file or as --{key})")
+    return _opt(doc, key, kind)
+
+
+def _opt(doc: Mapping[str, Any], key: str, kind: type, default: Any = None) -> Any:
+    value = doc.get(key)
+    if value is None:
+        return default
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        raise ConfigError(f"metadata {key!r} must be {kind.__name__}, not {type(value).__name__}")
+    return value
+
+
+def creation_time() -> datetime:
+    """SOURCE_DATE_EPOCH when set (reproducible builds), else now; whole seconds, UTC.
+
+    Raises:
+        ConfigError: SOURCE_DATE_EPOCH is not an integer.
+    """
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if epoch is None:
+        return datetime.now(UTC).replace(microsecond=0)
+    try:
+        return datetime.fromtimestamp(int(epoch), UTC)
+    except ValueError:
+        raise ConfigError(f"SOURCE_DATE_EPOCH={epoch!r} is not a whole number of seconds") from None
