@@ -10,18 +10,19 @@ commented example.
 
 from __future__ import annotations
 
-import math
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Literal, TypeVar
 
 from agent.errors import ConfigError
 from agent.install._config import FetchConfig, UpdateConfig
 from agent.install._sched import check_priority
 from agent.messages.topics import check_id
 from agent.plumbing.broker import BrokerConfig, BrokerUrl
+from agent.plumbing.strict import MISSING, Doc
 from agent.plumbing.tls import TlsConfig
 from agent.serve._cache import CacheConfig
 from agent.serve._http_config import HttpServerConfig, ServerTls
@@ -83,149 +84,100 @@ class AgentConfig:
 # --- the strict reader -------------------------------------------------------------------
 
 
-class _Table:
-    """One TOML table being read: each key is taken once; leftovers are unknown keys."""
-
-    def __init__(self, doc: object, path: str, base: Path) -> None:
-        if not isinstance(doc, dict):
-            raise ConfigError(f"{path or 'the file'} must be a table")
-        self.doc: dict[str, Any] = dict(doc)
-        self.path = path
-        self.base = base
-
-    def _key(self, key: str) -> str:
-        return f"{self.path}.{key}" if self.path else key
-
-    def _take(self, key: str) -> Any:
-        return self.doc.pop(key, None)
-
-    def checked(self, key: str, check: Callable[[object], T], default: T) -> T:
-        """A value of more than one TOML type, validated by ``check`` (raises ValueError)."""
-        value = self._take(key)
-        if value is None:
-            return default
-        try:
-            return check(value)
-        except ValueError as exc:
-            raise ConfigError(f"{self._key(key)} {exc}") from None
-
-    def table(self, key: str) -> _Table | None:
-        value = self._take(key)
-        return None if value is None else _Table(value, self._key(key), self.base)
-
-    def string(self, key: str, default: str | None = None, *, required: bool = False) -> str:
-        value = self.opt_string(key)
-        if value is None:
-            if required or default is None:
-                raise ConfigError(f"{self._key(key)} is required")
-            return default
-        return value
-
-    def opt_string(self, key: str) -> str | None:
-        value = self._take(key)
-        if value is not None and (not isinstance(value, str) or not value):
-            raise ConfigError(f"{self._key(key)} must be a non-empty string")
-        return value
-
-    def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
-        value = self.string(key, default)
-        if value not in choices:
-            raise ConfigError(f"{self._key(key)} must be one of {', '.join(choices)}")
-        return value
-
-    def path_value(self, key: str, *, required: bool = False) -> Path | None:
-        value = self.opt_string(key)
-        if value is None:
-            if required:
-                raise ConfigError(f"{self._key(key)} is required")
-            return None
-        path = Path(value).expanduser()
-        return path if path.is_absolute() else self.base / path
-
-    def boolean(self, key: str, default: bool) -> bool:
-        value = self._take(key)
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            raise ConfigError(f"{self._key(key)} must be true or false")
-        return value
-
-    def integer(
-        self, key: str, default: int, *, minimum: int = 0, maximum: int | None = None
-    ) -> int:
-        value = self._take(key)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{self._key(key)} must be an integer")
-        if value < minimum or (maximum is not None and value > maximum):
-            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
-            raise ConfigError(f"{self._key(key)} must be {bound}, not {value}")
-        return value
-
-    def number(self, key: str, default: float, *, positive: bool = True) -> float:
-        value = self._take(key)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{self._key(key)} must be a number")
-        if not math.isfinite(value) or (value <= 0 if positive else value < 0):
-            raise ConfigError(
-                f"{self._key(key)} must be {'positive' if positive else '>= 0'}, not {value}"
-            )
-        return float(value)
-
-    def done(self) -> None:
-        if self.doc:
-            unknown = ", ".join(sorted(self._key(k) for k in self.doc))
-            raise ConfigError(f"unknown key(s): {unknown}; see docs/agent.md, 'Configuration'")
+_HINT = "see docs/agent.md, 'Configuration'"
+_NON_EMPTY = re.compile(r".+", re.DOTALL)
 
 
-def _broker(t: _Table) -> BrokerConfig:
-    url = BrokerUrl.parse(t.string("url", required=True), setting="broker.url")
-    tls = _tls_files(t, "broker")
+def _error(message: str) -> ConfigError:
+    return ConfigError(message)
+
+
+def _table(root: Doc, key: str) -> Doc:
+    """A section; an absent one reads as empty (every key at its default)."""
+    return root.obj(key) if root.has(key) else Doc({}, key, error=_error, kind="a table")
+
+
+def _text(t: Doc, key: str, default: str = MISSING) -> str:
+    return t.text(key, default, pattern=_NON_EMPTY, what="a non-empty string")
+
+
+def _opt_text(t: Doc, key: str) -> str | None:
+    return t.opt(t.text, key, pattern=_NON_EMPTY, what="a non-empty string")
+
+
+def _path(t: Doc, key: str, base: Path) -> Path | None:
+    """A path setting; a relative one is taken from the configuration file's directory."""
+    value = _opt_text(t, key)
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+def _required_path(t: Doc, key: str, base: Path) -> Path:
+    _text(t, key)  # says "is required" when absent
+    path = _path(t, key, base)
+    assert path is not None  # checked just above
+    return path
+
+
+def _checked(t: Doc, key: str, check: Callable[[object], T], default: T) -> T:
+    """A value of more than one TOML type, validated by ``check`` (raises ValueError)."""
+    value = t.raw(key, None)
+    if value is None:
+        return default
+    try:
+        return check(value)
+    except ValueError as exc:
+        raise ConfigError(f"{t.path(key)} {exc}") from None
+
+
+def _broker(t: Doc, base: Path) -> BrokerConfig:
+    url = BrokerUrl.parse(t.text("url"), setting="broker.url")
+    tls = _tls_files(t, "broker", base)
     if not url.tls and tls is not None:
         raise ConfigError("broker.ca_file / cert_file / key_file need an mqtts:// url")
-    username = t.opt_string("username")
-    password_file = t.path_value("password_file")
+    username = _opt_text(t, "username")
+    password_file = _path(t, "password_file", base)
     if password_file is not None and username is None:
         raise ConfigError("broker.password_file needs broker.username")
+    d = BrokerConfig(url)
     config = BrokerConfig(
         url=url,
-        protocol=t.choice("protocol", ("5", "3.1.1"), "5"),  # type: ignore[arg-type]
+        protocol=t.choice("protocol", ("5", "3.1.1"), d.protocol),  # type: ignore[arg-type]
         tls=tls,
         username=username,
         password_file=password_file,
-        connect_timeout_s=t.number("connect_timeout_s", 10.0),
-        keepalive_s=t.integer("keepalive_s", 30, minimum=5, maximum=65535),
-        backoff_initial_s=t.number("backoff_initial_s", 1.0),
-        backoff_max_s=t.number("backoff_max_s", 60.0),
+        connect_timeout_s=t.number("connect_timeout_s", d.connect_timeout_s, positive=True),
+        keepalive_s=t.integer("keepalive_s", d.keepalive_s, minimum=5, maximum=65535),
+        backoff_initial_s=t.number("backoff_initial_s", d.backoff_initial_s, positive=True),
+        backoff_max_s=t.number("backoff_max_s", d.backoff_max_s, positive=True),
     )
     if config.backoff_max_s < config.backoff_initial_s:
         raise ConfigError("broker.backoff_max_s must be >= broker.backoff_initial_s")
     return config
 
 
-def _fetch(t: _Table) -> FetchConfig:
+def _fetch(t: Doc, base: Path) -> FetchConfig:
     d = FetchConfig()
     config = FetchConfig(
         max_bundle_bytes=t.integer("max_bundle_bytes", d.max_bundle_bytes, minimum=1024),
-        connect_timeout_s=t.number("connect_timeout_s", d.connect_timeout_s),
-        read_timeout_s=t.number("read_timeout_s", d.read_timeout_s),
-        max_resumes=t.integer("max_resumes", d.max_resumes),
-        min_free_bytes=t.integer("min_free_bytes", d.min_free_bytes),
-        retry_initial_s=t.number("retry_initial_s", d.retry_initial_s),
-        retry_max_s=t.number("retry_max_s", d.retry_max_s),
-        tls=_tls_files(t, "fetch"),
+        connect_timeout_s=t.number("connect_timeout_s", d.connect_timeout_s, positive=True),
+        read_timeout_s=t.number("read_timeout_s", d.read_timeout_s, positive=True),
+        max_resumes=t.integer("max_resumes", d.max_resumes, minimum=0),
+        min_free_bytes=t.integer("min_free_bytes", d.min_free_bytes, minimum=0),
+        retry_initial_s=t.number("retry_initial_s", d.retry_initial_s, positive=True),
+        retry_max_s=t.number("retry_max_s", d.retry_max_s, positive=True),
+        tls=_tls_files(t, "fetch", base),
     )
     if config.retry_max_s < config.retry_initial_s:
         raise ConfigError("fetch.retry_max_s must be >= fetch.retry_initial_s")
     return config
 
 
-def _tls_files(t: _Table, table: str) -> TlsConfig | None:
+def _tls_files(t: Doc, table: str, base: Path) -> TlsConfig | None:
     """``ca_file``, ``cert_file``, ``key_file`` of a table; None when none is set."""
-    files = {k: t.path_value(k) for k in ("ca_file", "cert_file", "key_file")}
+    files = {k: _path(t, k, base) for k in ("ca_file", "cert_file", "key_file")}
     if files["key_file"] is not None and files["cert_file"] is None:
         raise ConfigError(f"{table}.key_file needs {table}.cert_file")
     if not any(files.values()):
@@ -233,45 +185,47 @@ def _tls_files(t: _Table, table: str) -> TlsConfig | None:
     return TlsConfig(files["ca_file"], files["cert_file"], files["key_file"])
 
 
-def _update(t: _Table) -> UpdateConfig:
+def _update(t: Doc) -> UpdateConfig:
     d = UpdateConfig()
-    priority = t.checked("health_gate_priority", check_priority, d.health_gate_priority)
+    priority = _checked(t, "health_gate_priority", check_priority, d.health_gate_priority)
     gate = t.choice("health_gate", ("process", "thread"), d.health_gate)
     return UpdateConfig(
         max_attempts=t.integer("max_attempts", d.max_attempts, minimum=1),
         health_runs=t.integer("health_runs", d.health_runs, minimum=1),
         health_gate="process" if gate == "process" else "thread",
         health_gate_priority=priority,
-        health_gate_timeout_s=t.number("health_gate_timeout_s", d.health_gate_timeout_s),
-        clock_slack_s=t.number("clock_slack_s", d.clock_slack_s, positive=False),
+        health_gate_timeout_s=t.number(
+            "health_gate_timeout_s", d.health_gate_timeout_s, positive=True
+        ),
+        clock_slack_s=t.number("clock_slack_s", d.clock_slack_s, minimum=0.0),
     )
 
 
-def _runtime(t: _Table) -> RuntimeOptions:
-    threads = t.integer("threads", 0)
-    inter = t.integer("inter_op_threads", 0)
+def _runtime(t: Doc) -> RuntimeOptions:
+    threads = t.integer("threads", 0, minimum=0)
+    inter = t.integer("inter_op_threads", 0, minimum=0)
     return RuntimeOptions(
-        intra_op_threads=threads or None,
+        threads=threads or None,
         inter_op_threads=inter or None,
         load_from_memory=t.boolean("load_from_memory", True),
         cpu_mem_arena=t.boolean("cpu_mem_arena", True),
     )
 
 
-def _telemetry(t: _Table) -> TelemetryConfig:
+def _telemetry(t: Doc) -> TelemetryConfig:
     d = TelemetryConfig()
     return TelemetryConfig(
-        interval_s=t.number("interval_s", d.interval_s),
+        interval_s=t.number("interval_s", d.interval_s, positive=True),
         outbox_max_bytes=t.integer("outbox_max_bytes", d.outbox_max_bytes, minimum=64 * 1024),
-        ttl_s=t.number("ttl_s", d.ttl_s or 24 * 3600.0),
-        output_kind=t.choice("output_kind", ("auto", "top_score", "values"), "auto"),  # type: ignore[arg-type]
+        ttl_s=t.number("ttl_s", d.ttl_s or 24 * 3600.0, positive=True),
+        output_kind=t.choice("output_kind", ("auto", "top_score", "values"), d.output_kind),  # type: ignore[arg-type]
     )
 
 
-def _http(t: _Table) -> HttpServerConfig:
+def _http(t: Doc, base: Path) -> HttpServerConfig:
     d = HttpServerConfig()
     token = None
-    token_file = t.path_value("token_file")
+    token_file = _path(t, "token_file", base)
     if token_file is not None:
         try:
             token = token_file.read_text(encoding="utf-8").strip()
@@ -280,21 +234,21 @@ def _http(t: _Table) -> HttpServerConfig:
                 f"http.token_file: cannot read {token_file}: {exc.strerror}"
             ) from None
     cert, key, client_ca = (
-        t.path_value(k) for k in ("tls_cert_file", "tls_key_file", "tls_client_ca_file")
+        _path(t, k, base) for k in ("tls_cert_file", "tls_key_file", "tls_client_ca_file")
     )
     if cert is None and (key is not None or client_ca is not None):
         raise ConfigError("http.tls_key_file and http.tls_client_ca_file need http.tls_cert_file")
     config = HttpServerConfig(
-        enabled=t.boolean("enabled", False),
-        host=t.string("host", d.host),
-        port=t.integer("port", d.port, maximum=65535),
+        enabled=t.boolean("enabled", d.enabled),
+        host=_text(t, "host", d.host),
+        port=t.integer("port", d.port, minimum=0, maximum=65535),
         token=token,
         max_request_bytes=t.integer("max_request_bytes", d.max_request_bytes, minimum=1),
-        rate_limit_per_s=t.number("rate_limit_per_s", d.rate_limit_per_s),
+        rate_limit_per_s=t.number("rate_limit_per_s", d.rate_limit_per_s, positive=True),
         burst=t.integer("burst", d.burst, minimum=1),
         max_connections=t.integer("max_connections", d.max_connections, minimum=1),
-        read_timeout_s=t.number("read_timeout_s", d.read_timeout_s),
-        request_deadline_s=t.number("request_deadline_s", d.request_deadline_s),
+        read_timeout_s=t.number("read_timeout_s", d.read_timeout_s, positive=True),
+        request_deadline_s=t.number("request_deadline_s", d.request_deadline_s, positive=True),
         tls=None if cert is None else ServerTls(cert, key, client_ca),
     )
     if config.enabled:
@@ -305,45 +259,45 @@ def _http(t: _Table) -> HttpServerConfig:
     return config
 
 
-def _mqtt_serving(t: _Table) -> MqttServingConfig:
+def _mqtt_serving(t: Doc) -> MqttServingConfig:
     d = MqttServingConfig()
     return MqttServingConfig(
-        enabled=t.boolean("enabled", False),
+        enabled=t.boolean("enabled", d.enabled),
         queue_size=t.integer("queue_size", d.queue_size, minimum=1),
         workers=t.integer("workers", d.workers, minimum=1, maximum=64),
         max_request_bytes=t.integer("max_request_bytes", d.max_request_bytes, minimum=1),
-        response_expiry_s=t.number("response_expiry_s", d.response_expiry_s or 60.0),
+        response_expiry_s=t.number("response_expiry_s", d.response_expiry_s or 60.0, positive=True),
     )
 
 
-def _cache(t: _Table) -> CacheConfig:
+def _cache(t: Doc) -> CacheConfig:
     d = CacheConfig()
     return CacheConfig(
-        enabled=t.boolean("enabled", False),
+        enabled=t.boolean("enabled", d.enabled),
         max_entries=t.integer("max_entries", d.max_entries, minimum=1),
         max_bytes=t.integer("max_bytes", d.max_bytes, minimum=1),
     )
 
 
-def _logging(t: _Table) -> LoggingConfig:
+def _logging(t: Doc) -> LoggingConfig:
+    d = LoggingConfig()
     return LoggingConfig(
-        level=t.choice("level", LOG_LEVELS, "info"),  # type: ignore[arg-type]
-        format=t.choice("format", ("json", "text"), "json"),  # type: ignore[arg-type]
+        level=t.choice("level", LOG_LEVELS, d.level),  # type: ignore[arg-type]
+        format=t.choice("format", ("json", "text"), d.format),  # type: ignore[arg-type]
     )
 
 
-def _attributes(t: _Table) -> dict[str, AttributeValue]:
+def _attributes(t: Doc) -> dict[str, AttributeValue]:
     out: dict[str, AttributeValue] = {}
-    for key in sorted(t.doc):
-        value = t.doc.pop(key)
+    for key in sorted(t.value):
+        value = t.raw(key)
         if not isinstance(value, str | int | float | bool):
-            raise ConfigError(f"attributes.{key} must be a string, number or boolean")
+            raise t.bad(key, "a string, number or boolean")
         out[key] = value
     return out
 
 
-def _section(root: _Table, key: str) -> _Table:
-    return root.table(key) or _Table({}, key, root.base)
+_SECTIONS = ("fetch", "update", "runtime", "telemetry", "http", "mqtt_serving", "cache", "logging")
 
 
 def parse_config(data: bytes | str, *, base_dir: Path = Path()) -> AgentConfig:
@@ -355,65 +309,41 @@ def parse_config(data: bytes | str, *, base_dir: Path = Path()) -> AgentConfig:
     """
     text = data.decode("utf-8", "replace") if isinstance(data, bytes) else data
     try:
-        doc = tomllib.loads(text)
+        root = Doc(tomllib.loads(text), "", error=_error, kind="a table")
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"not valid TOML: {exc}") from None
-    root = _Table(doc, "", base_dir)
-    device_id = root.string("device_id", required=True)
-    fleet = root.string("fleet", "default")
+    device_id = _text(root, "device_id")
+    fleet = _text(root, "fleet", "default")
     try:
         check_id("device", device_id)
         check_id("fleet", fleet)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    state_dir = root.path_value("state_dir", required=True)
-    trust_policy = root.path_value("trust_policy", required=True)
-    assert state_dir is not None  # required above
-    assert trust_policy is not None
-    device_class = root.opt_string("device_class")
-    decryption_key = root.path_value("decryption_key")
-    drain = root.number("drain_timeout_s", 10.0)
-    broker_table = root.table("broker")
-    sections = {
-        name: _section(root, name)
-        for name in (
-            "fetch",
-            "update",
-            "runtime",
-            "telemetry",
-            "http",
-            "mqtt_serving",
-            "cache",
-            "logging",
-            "attributes",
-        )
-    }
-    root.done()
-    broker = None if broker_table is None else _broker(broker_table)
-    serving = _mqtt_serving(sections["mqtt_serving"])
-    if serving.enabled and broker is None:
-        raise ConfigError("mqtt_serving.enabled needs a [broker]")
+    t = {name: _table(root, name) for name in (*_SECTIONS, "attributes")}
+    broker_table = root.obj("broker") if root.has("broker") else None
     config = AgentConfig(
         device_id=device_id,
         fleet=fleet,
-        state_dir=state_dir,
-        trust_policy=trust_policy,
-        device_class=device_class,
-        decryption_key=decryption_key,
-        drain_timeout_s=drain,
-        broker=broker,
-        fetch=_fetch(sections["fetch"]),
-        update=_update(sections["update"]),
-        runtime=_runtime(sections["runtime"]),
-        telemetry=_telemetry(sections["telemetry"]),
-        http=_http(sections["http"]),
-        mqtt_serving=serving,
-        cache=_cache(sections["cache"]),
-        logging=_logging(sections["logging"]),
-        attributes=_attributes(sections["attributes"]),
+        state_dir=_required_path(root, "state_dir", base_dir),
+        trust_policy=_required_path(root, "trust_policy", base_dir),
+        device_class=_opt_text(root, "device_class"),
+        decryption_key=_path(root, "decryption_key", base_dir),
+        drain_timeout_s=root.number("drain_timeout_s", 10.0, positive=True),
+        broker=None if broker_table is None else _broker(broker_table, base_dir),
+        fetch=_fetch(t["fetch"], base_dir),
+        update=_update(t["update"]),
+        runtime=_runtime(t["runtime"]),
+        telemetry=_telemetry(t["telemetry"]),
+        http=_http(t["http"], base_dir),
+        mqtt_serving=_mqtt_serving(t["mqtt_serving"]),
+        cache=_cache(t["cache"]),
+        logging=_logging(t["logging"]),
+        attributes=_attributes(t["attributes"]),
     )
-    for t in [*sections.values(), *([] if broker_table is None else [broker_table])]:
-        t.done()
+    for table in [root, *t.values(), *([] if broker_table is None else [broker_table])]:
+        table.done(_HINT)
+    if config.mqtt_serving.enabled and config.broker is None:
+        raise ConfigError("mqtt_serving.enabled needs a [broker]")
     return config
 
 

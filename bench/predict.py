@@ -188,7 +188,7 @@ def main() -> None:
         ):
             row: dict[str, float] = {}
             for n in (1, os.cpu_count() or 1):
-                model = load_model(manifest, d, runtime, RuntimeOptions(intra_op_threads=n))
+                model = load_model(manifest, d, runtime, RuntimeOptions(threads=n))
                 feed = {"x": x}
                 per_call_us(lambda m=model, f=feed: m.predict(f), max(calls // 10, 1))
                 row[f"{n}_thread_us"] = round(

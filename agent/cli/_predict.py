@@ -93,7 +93,7 @@ def _run(args: argparse.Namespace) -> int:
         args.input,
         args.output,
         runtime=args.runtime,
-        options=RuntimeOptions(intra_op_threads=args.threads),
+        options=RuntimeOptions(threads=args.threads),
         policy=InputPolicy(max_elements=args.max_elements, allow_nonfinite=args.allow_nonfinite),
         batch_size=args.batch_size,
         key=None if args.decryption_key is None else DeviceKey.load(args.decryption_key),

@@ -68,14 +68,23 @@ class Doc:
     the default. :meth:`opt` reads a key that may be absent or null as None.
     """
 
-    def __init__(self, value: object, where: str, *, error: ErrorType, strict: bool = True):
-        """Raises: ``error`` when ``value`` is not an object."""
+    def __init__(
+        self,
+        value: object,
+        where: str,
+        *,
+        error: ErrorType,
+        strict: bool = True,
+        kind: str = "an object",
+    ) -> None:
+        """Raises: ``error`` when ``value`` is not an object (``kind``: "a table" for TOML)."""
         if not isinstance(value, dict):
-            raise error(f"{where or 'the document'} must be an object")
+            raise error(f"{where or 'the document'} must be {kind}")
         self.value: dict[str, Any] = value
         self.where = where
         self.error = error
         self.strict = strict
+        self.kind = kind
         self.seen: set[str] = set()
 
     def path(self, key: str) -> str:
@@ -95,7 +104,7 @@ class Doc:
         value = self.value.get(key)
         if value is None:
             if default is MISSING:
-                raise self.error(f"{self.path(key)} is missing")
+                raise self.error(f"{self.path(key)} is required")
             return default
         return value
 
@@ -197,20 +206,23 @@ class Doc:
 
     def obj(self, key: str) -> Doc:
         """The object at ``key``, read with the same rules."""
-        return Doc(self.raw(key), self.path(key), error=self.error, strict=self.strict)
+        return self._child(self.raw(key), self.path(key))
 
     def items(self, key: str, *, max_len: int = 10_000) -> list[Doc]:
         """The objects of the list at ``key``."""
         return [
-            Doc(item, f"{self.path(key)}[{i}]", error=self.error, strict=self.strict)
+            self._child(item, f"{self.path(key)}[{i}]")
             for i, item in enumerate(self.array(key, max_len=max_len))
         ]
+
+    def _child(self, value: object, where: str) -> Doc:
+        return Doc(value, where, error=self.error, strict=self.strict, kind=self.kind)
 
     def any_obj(self, key: str) -> dict[str, Any]:
         """The object at ``key`` as it is (its content is the caller's to check)."""
         value = self.raw(key)
         if not isinstance(value, dict):
-            raise self.bad(key, "an object")
+            raise self.bad(key, self.kind)
         return value
 
     def done(self, hint: str = "") -> None:
@@ -222,7 +234,7 @@ class Doc:
         extra = sorted(set(self.value) - self.seen)
         if extra and self.strict:
             names = ", ".join(self.path(k) for k in extra)
-            raise self.error(f"unknown field(s) {names}" + (f"; {hint}" if hint else ""))
+            raise self.error(f"unknown key(s): {names}" + (f"; {hint}" if hint else ""))
 
 
 def _bounds(minimum: int | None, maximum: int | None) -> str:

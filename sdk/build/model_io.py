@@ -159,7 +159,7 @@ def open_model(
     """
     p = Path(path)
     spec = model_spec(p)
-    options = RuntimeOptions(intra_op_threads=threads or None, reference_kernels=reference_kernels)
+    options = RuntimeOptions(threads=threads or None, reference_kernels=reference_kernels)
     try:
         return load_model_file(spec, p, runtime or FORMAT_RUNTIMES[spec.format][0], options)
     except HealthCheckError as exc:  # for a file on the build machine, not a device's check

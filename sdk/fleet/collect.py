@@ -14,7 +14,6 @@ disk.
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
@@ -25,6 +24,7 @@ from typing import Any
 
 from agent.errors import ConfigError
 from agent.messages.topics import PREFIX, SCHEMA_VERSION
+from agent.plumbing.strict import Doc, load_json
 from agent.plumbing.transport import Message, Transport
 from sdk.fleet.records import EventRecord, Record, StateRecord, StatusRecord, TelemetryRecord
 from sdk.fleet.store import Store
@@ -144,17 +144,17 @@ def parse_message(topic: str, payload: bytes) -> Record | None:
     fleet, device, leaf = parts[2], parts[3], parts[4]
     if not payload:
         return None
-    doc = json.loads(payload)
-    if not isinstance(doc, dict):
-        raise ValueError("payload is not a JSON object")  # noqa: TRY004 - one error type for every malformed message
-    if doc.get("v") != SCHEMA_VERSION:
-        raise ValueError(f"unknown payload schema version {doc.get('v')!r}")
-    if doc.get("fleet", fleet) != fleet or doc.get("device", device) != device:
-        raise ValueError(f"payload sender {doc.get('fleet')}/{doc.get('device')} != topic")
-    ts = _num(doc.get("ts"))
-    if ts is None:
-        raise ValueError("payload has no numeric ts")
-    return _RECORDS[leaf](fleet, device, ts, doc, payload.decode("utf-8"))
+    # The header is checked strictly; the body is summarised leniently (a field of a
+    # newer or odd agent becomes None), and kept whole in the row's raw JSON.
+    doc = Doc(load_json(payload, what="payload", error=ValueError), leaf, error=ValueError)
+    doc.strict = False
+    if doc.raw("v") != SCHEMA_VERSION:
+        raise ValueError(f"unknown payload schema version {doc.raw('v')!r}")
+    sender = (doc.text("fleet", fleet, max_len=128), doc.text("device", device, max_len=128))
+    if sender != (fleet, device):
+        raise ValueError(f"payload sender {sender[0]}/{sender[1]} != topic")
+    ts = doc.number("ts")
+    return _RECORDS[leaf](fleet, device, ts, doc.value, payload.decode("utf-8"))
 
 
 @dataclass

@@ -45,7 +45,7 @@ class RuntimeOptions:
     """How a runtime executes a model. The defaults suit a small shared device.
 
     Attributes:
-        intra_op_threads: threads inside one operator. ``None`` (auto): 1 for small models
+        threads: threads inside one operator. ``None`` (auto): 1 for small models
             (at most :data:`SMALL_MODEL_ELEMENTS` input elements per sample), where a thread
             pool costs more than it gains; otherwise the runtime's default for onnxruntime
             (one per physical core) and one per CPU for LiteRT / tflite-runtime.
@@ -71,7 +71,7 @@ class RuntimeOptions:
             before it sets the health check's tolerance.
     """
 
-    intra_op_threads: int | None = None
+    threads: int | None = None
     inter_op_threads: int | None = None
     load_from_memory: bool = True
     cpu_mem_arena: bool = True
@@ -79,7 +79,7 @@ class RuntimeOptions:
     reference_kernels: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("intra_op_threads", "inter_op_threads"):
+        for name in ("threads", "inter_op_threads"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1 (or None for the default)")
@@ -115,8 +115,8 @@ def import_runtime(runtime: str, module: str) -> ModuleType:
 
 def threads_for(spec: ModelSpec, options: RuntimeOptions) -> int | None:
     """The intra-op thread count to configure; ``None`` leaves the runtime's default."""
-    if options.intra_op_threads is not None:
-        return options.intra_op_threads
+    if options.threads is not None:
+        return options.threads
     per_sample = sum(math.prod(d or 1 for d in s.shape) for s in spec.inputs)
     return 1 if per_sample <= SMALL_MODEL_ELEMENTS else None
 

@@ -164,7 +164,7 @@ def _mutate(doc: dict[str, object], change: str) -> dict[str, object]:
         ("missing nonce", "exactly the files listed"),
         ("extra nonce", "exactly the files listed"),
         ("reused nonce", "nonce twice"),
-        ("unknown field", "unknown field"),
+        ("unknown field", "unknown key"),
         ("bad key id", "64 lowercase hex"),
     ],
 )

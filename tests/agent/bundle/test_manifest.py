@@ -105,7 +105,7 @@ def test_newer_minor_schema_keeps_unknown_top_level_fields() -> None:
 
 
 def test_same_minor_schema_refuses_unknown_fields() -> None:
-    with pytest.raises(MalformedManifestError, match="unknown field"):
+    with pytest.raises(MalformedManifestError, match="unknown key"):
         Manifest.from_bytes(_edited({"signed_by_hsm": 1}))
 
 

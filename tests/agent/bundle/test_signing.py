@@ -230,7 +230,7 @@ def test_empty_policy_is_refused() -> None:
 
 
 def test_a_misspelled_policy_field_is_refused_not_ignored() -> None:
-    with pytest.raises(ConfigError, match="unknown field"):
+    with pytest.raises(ConfigError, match="unknown key"):
         TrustPolicy.from_toml(_policy_toml(_entry(PEM_A)) + b"\ntreshold = 2\n")
 
 

@@ -94,7 +94,7 @@ def test_a_runtime_starting_threads_is_loaded_again_at_normal_priority(
 
     def load() -> Model:
         loads.append(threading.get_native_id())
-        return load_model(manifest, target, "onnxruntime", RuntimeOptions(intra_op_threads=2))
+        return load_model(manifest, target, "onnxruntime", RuntimeOptions(threads=2))
 
     before = set(os.listdir("/proc/self/task"))
     model, report = load_and_check(load, manifest, target, runs=2, priority=priority)
@@ -115,7 +115,7 @@ def test_a_single_threaded_runtime_is_loaded_once_at_the_lowered_priority(
 
     def load() -> Model:
         loads.append(os.sched_getscheduler(0))
-        return load_model(manifest, target, "onnxruntime", RuntimeOptions(intra_op_threads=1))
+        return load_model(manifest, target, "onnxruntime", RuntimeOptions(threads=1))
 
     model, _ = load_and_check(load, manifest, target, runs=2)
     model.close()

@@ -351,10 +351,10 @@ def test_threads_default_to_one_for_small_models_only() -> None:
     assert 64 <= SMALL_MODEL_ELEMENTS < 3 * 224 * 224
     assert threads_for(small, RuntimeOptions()) == 1
     assert threads_for(big, RuntimeOptions()) is None
-    assert threads_for(small, RuntimeOptions(intra_op_threads=3)) == 3
+    assert threads_for(small, RuntimeOptions(threads=3)) == 3
 
 
-@pytest.mark.parametrize("field", ["intra_op_threads", "inter_op_threads"])
+@pytest.mark.parametrize("field", ["threads", "inter_op_threads"])
 def test_thread_counts_below_one_are_refused(field: str) -> None:
     with pytest.raises(ValueError, match=field):
         RuntimeOptions(**{field: 0})  # type: ignore[arg-type]
@@ -363,7 +363,7 @@ def test_thread_counts_below_one_are_refused(field: str) -> None:
 @pytest.mark.parametrize(
     "options",
     [
-        RuntimeOptions(intra_op_threads=2, allow_spinning=True),
+        RuntimeOptions(threads=2, allow_spinning=True),
         RuntimeOptions(inter_op_threads=2, cpu_mem_arena=False),
     ],
 )
