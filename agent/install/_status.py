@@ -34,31 +34,15 @@ def status_document(
     probation: Mapping[str, Any] | None = None,
     desired_digest: str | None = None,
 ) -> dict[str, Any]:
-    """The state as a JSON-ready document (times as unix seconds, 3 decimals)."""
-    p, f = state.pending, state.last_failure
+    """The state as a JSON-ready document: pending and last failure as ``state.json`` holds
+    them, versions named by their manifests."""
     return {
         "current": version_info(store, state.current),
         "previous": version_info(store, state.previous),
-        "pending": None
-        if p is None
-        else {
-            "phase": p.phase,
-            "source": p.source,
-            "digest": p.digest,
-            "sequence": p.sequence,
-            "started": round(p.started, 3),
-        },
+        "pending": None if state.pending is None else state.pending.to_json(),
         "floor": state.floor,
         "attempts": dict(state.attempts),
-        "last_failure": None
-        if f is None
-        else {
-            "outcome": f.outcome,
-            "phase": f.phase,
-            "digest": f.digest,
-            "reason": f.reason,
-            "ts": round(f.time, 3),
-        },
+        "last_failure": None if state.last_failure is None else state.last_failure.to_json(),
         "probation": None if probation is None else dict(probation),
         "desired_digest": desired_digest,
     }

@@ -67,6 +67,17 @@ class Pending:
     sequence: int | None = None  # the manifest's sequence, known once verified
     started: float = 0.0  # unix time the install began
 
+    def to_json(self) -> dict[str, Any]:
+        """As state.json and the reported state hold it (times: unix seconds, ms)."""
+        return {
+            "phase": self.phase,
+            "source": self.source,
+            "sha256": self.sha256,
+            "digest": self.digest,
+            "sequence": self.sequence,
+            "started": round(self.started, 3),
+        }
+
 
 @dataclass(frozen=True)
 class Failure:
@@ -77,6 +88,16 @@ class Failure:
     time: float  # unix time
     digest: str | None = None
     phase: Phase | None = None  # where it failed
+
+    def to_json(self) -> dict[str, Any]:
+        """As state.json and the reported state hold it (times: unix seconds, ms)."""
+        return {
+            "outcome": self.outcome,
+            "reason": self.reason,
+            "time": round(self.time, 3),
+            "digest": self.digest,
+            "phase": self.phase,
+        }
 
 
 @dataclass(frozen=True)
@@ -122,11 +143,11 @@ class AgentState:
             "format": STATE_FORMAT,
             "current": self.current,
             "previous": self.previous,
-            "pending": None if self.pending is None else _pending_json(self.pending),
+            "pending": None if self.pending is None else self.pending.to_json(),
             "floor": self.floor,
             "floor_digest": self.floor_digest,
             "attempts": dict(self.attempts),
-            "last_failure": None if self.last_failure is None else _failure_json(self.last_failure),
+            "last_failure": None if self.last_failure is None else self.last_failure.to_json(),
         }
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("ascii") + b"\n"
 
@@ -142,27 +163,6 @@ class AgentState:
             return _parse_state(doc)
         except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
             raise StateError(f"state file is corrupt: {exc}") from None
-
-
-def _pending_json(p: Pending) -> dict[str, Any]:
-    return {
-        "phase": p.phase,
-        "source": p.source,
-        "sha256": p.sha256,
-        "digest": p.digest,
-        "sequence": p.sequence,
-        "started": p.started,
-    }
-
-
-def _failure_json(f: Failure) -> dict[str, Any]:
-    return {
-        "outcome": f.outcome,
-        "reason": f.reason,
-        "time": f.time,
-        "digest": f.digest,
-        "phase": f.phase,
-    }
 
 
 def _opt(doc: Mapping[str, Any], key: str, kind: type) -> Any:
