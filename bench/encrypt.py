@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -31,6 +29,7 @@ from agent.bundle import verify_bundle
 from agent.bundle.crypto import DeviceKey
 from agent.bundle.signing import TrustPolicy
 from agent.serve.runtimes import load_model
+from bench._machine import machine
 from sdk.build._bundle import BuildMetadata, build_bundle
 from sdk.build.keys import generate_key
 from tests.support.models import make_onnx_mlp
@@ -106,11 +105,7 @@ def main() -> None:
     print(
         json.dumps(
             {
-                "machine": {
-                    "cpus": os.cpu_count(),
-                    "python": platform.python_version(),
-                    "machine": platform.machine(),
-                },
+                "machine": machine(),
                 "model_mib": round(size / 2**20, 1),
                 "load_ms_median": {
                     "plain": round(plain * 1000, 1),

@@ -63,7 +63,6 @@ import glob
 import json
 import multiprocessing as mp
 import os
-import platform
 import pwd
 import resource
 import shutil
@@ -91,6 +90,7 @@ from agent.plumbing.broker import BrokerConfig, BrokerUrl
 from agent.plumbing.mqtt import MqttClient
 from agent.plumbing.stats import percentile
 from agent.telemetry import Outbox, Reporter, TelemetryConfig
+from bench._machine import machine
 from sdk.fleet._rollout_run import RolloutFiles, run_rollout
 from sdk.fleet.publish import BundleRef
 from sdk.fleet.rollout import Decision, Rollout, RolloutPlan, parse_waves, wave_order
@@ -921,22 +921,6 @@ def bench_postgres(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
 def _mosquitto_version() -> str:
     out = subprocess.run([MOSQUITTO, "-h"], capture_output=True, text=True, check=False).stdout
     return out.splitlines()[0] if out else "mosquitto"
-
-
-def machine() -> dict[str, Any]:
-    """What the numbers were measured on."""
-    model = "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    return {
-        "platform": platform.platform(),
-        "processor": platform.machine(),
-        "cpu_model": model,
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-    }
 
 
 def main() -> None:

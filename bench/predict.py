@@ -19,7 +19,6 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -34,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.bundle.manifest import Compatibility, ModelSpec, RuntimeRequirement, TensorSpec
 from agent.serve._validation import InputPolicy
-from agent.serve.runtimes import RuntimeOptions, installed_runtimes, load_model
+from agent.serve.runtimes import RuntimeOptions, load_model
+from bench._machine import machine
 from tests.support.bundles import make_manifest
 from tests.support.models import make_onnx_conv, make_onnx_mlp, make_tflite_mlp
 
@@ -130,14 +130,7 @@ def main() -> None:
     x_mlp = rng.standard_normal((1, 64)).astype(np.float32)
     x_conv = rng.standard_normal((1, 3, 224, 224)).astype(np.float32)
     results: dict[str, Any] = {
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "python": platform.python_version(),
-            "numpy": np.__version__,
-            "runtimes": installed_runtimes(),
-        },
+        "machine": machine(),
         "targets": {"mlp_overhead_us": 5.0, "conv_overhead_pct": 2.0},
         "overhead": {},
         "threads": {},

@@ -13,31 +13,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import runpy
+import sys
 import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._machine import machine
 from sdk.build import EvaluationReport, evaluate, load_dataset, quantize
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TARGETS = {"conv_p50_ratio": 0.45, "conv_size_ratio": 0.30, "digits_accuracy_drop_points": 0.5}
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8")
-    except OSError:
-        return set()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
-
-
-def _has_vnni() -> bool:
-    return bool({"avx512_vnni", "avx_vnni", "amx_int8"} & _cpu_flags())
 
 
 def _ratios(report: EvaluationReport) -> dict[str, Any]:
@@ -112,7 +102,6 @@ def main() -> None:
             ),
         }
     results = {name: figures for name, (figures, _) in cases.items()}
-    environment = cases["conv_onnx_224"][1]
     c = results["conv_onnx_224"]
     drops = [results[k]["accuracy_drop_points"] for k in ("digits_onnx", "digits_tflite")]
     checks = {
@@ -127,16 +116,7 @@ def main() -> None:
             {
                 "benchmark": "quantize",
                 "scheme": "static int8",
-                "machine": {
-                    "machine": environment["machine"],
-                    "processor": environment["processor"],
-                    "cpus": environment["cpus"],
-                    # int8 dot-product instructions. Without them AVX2 needs VPMADDUBSW +
-                    # VPMADDWD + VPADDD per 32 int8 MACs against 4 FMAs for 32 fp32 MACs,
-                    # so int8 convolution runs at best about 2x faster than fp32.
-                    "vnni": _has_vnni(),
-                    "load_average_1m": os.getloadavg()[0],
-                },
+                "machine": machine(),
                 "targets": TARGETS,
                 "results": results,
                 "checks": checks,

@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
-import platform
 import socket
 import sys
 import tempfile
@@ -48,6 +46,7 @@ from agent.serve.codec import BINARY_CONTENT_TYPE, JSON_CONTENT_TYPE, encode_bin
 from agent.serve.http import HttpServer, HttpServerConfig
 from agent.serve.mqtt import MqttInferenceServer, MqttServingConfig
 from agent.serve.runtimes import load_model
+from bench._machine import machine
 from tests.support.broker import Broker
 from tests.support.bundles import make_manifest
 from tests.support.models import make_onnx_mlp
@@ -228,12 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         model = load_model(manifest, directory, "onnxruntime")
         payloads = _payloads()
         results: dict[str, Any] = {
-            "machine": {
-                "platform": platform.platform(),
-                "processor": platform.processor() or platform.machine(),
-                "cpus": os.cpu_count(),
-                "python": platform.python_version(),
-            },
+            "machine": machine(),
             "requests": n,
             "concurrency": c,
             "model": "onnx mlp 64-32-10, batch 1",

@@ -24,7 +24,6 @@ import argparse
 import bisect
 import json
 import os
-import platform
 import resource
 import sys
 import tempfile
@@ -43,6 +42,7 @@ from agent.errors import EdgeshipError
 from agent.install import ChildGate, load_and_check
 from agent.serve._slot import ModelSlot
 from agent.serve.runtimes import load_model
+from bench._machine import machine
 from tests.support.bundles import NOW
 from tests.support.lifecycle import POLICY, golden_inputs, make_model_bundle
 
@@ -189,11 +189,7 @@ def main() -> None:
     during = p99_ms(histograms["swapping"])
     after_10 = rss.get("after_10", float("nan"))
     result: dict[str, Any] = {
-        "machine": {
-            "cpus": os.cpu_count(),
-            "python": platform.python_version(),
-            "machine": platform.machine(),
-        },
+        "machine": machine(),
         "threads": args.threads,
         "health_gate": args.gate,
         "health_gate_priority": args.priority,

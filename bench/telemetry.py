@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import sys
 import tempfile
 import threading
@@ -40,6 +38,7 @@ from agent.messages.topics import Topics
 from agent.plumbing.broker import BrokerConfig, BrokerUrl
 from agent.plumbing.mqtt import MqttClient
 from agent.telemetry import DriftMonitor, Metrics, Outbox, Reporter, SystemSampler, TelemetryConfig
+from bench._machine import machine
 from tests.support.broker import Broker
 
 FEATURES = 64
@@ -279,12 +278,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         state = Path(tmp)
         result = {
-            "machine": {
-                "platform": platform.platform(),
-                "processor": platform.machine(),
-                "cpus": os.cpu_count(),
-                "python": platform.python_version(),
-            },
+            "machine": machine(),
             "cost": bench_cost(int(50_000 * scale)),
             "paced": bench_paced(0.3 if args.quick else 2.0, state),
             "outbox": bench_outbox(int(2000 * scale), state),

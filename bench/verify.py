@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import shutil
-import ssl
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,8 @@ import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
@@ -45,6 +46,7 @@ from agent.bundle.manifest import (
     Tolerance,
 )
 from agent.bundle.signing import TrustPolicy
+from bench._machine import machine
 from sdk.build.keys import SigningKey, sign_envelope
 
 CHUNK = 1024**2
@@ -191,12 +193,7 @@ def main() -> None:
             "peak_rss_growth_mib_verify": round(_rss_growth_mib(bundle, extract=False), 1),
             "peak_rss_growth_mib_verify_extract": round(_rss_growth_mib(bundle, extract=True), 1),
             "peak_rss_growth_target_mib": 64,
-            "machine": {
-                "cpu": _cpu_model(),
-                "cores": os.cpu_count(),
-                "python": platform.python_version(),
-                "openssl": ssl.OPENSSL_VERSION,
-            },
+            "machine": machine(),
         }
         print(json.dumps(report, indent=2))
     finally:

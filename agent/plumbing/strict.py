@@ -32,8 +32,16 @@ class _Missing:
 MISSING: Any = _Missing()  # "no default": the key is required
 
 
-def load_json(data: bytes, *, what: str, error: ErrorType) -> Any:
-    """Parse UTF-8 JSON strictly: no duplicate keys, no NaN or Infinity literals.
+def load_json(
+    data: bytes, *, what: str, error: ErrorType, duplicate_keys: bool = False
+) -> Any:
+    """Parse UTF-8 JSON strictly: no NaN or Infinity literals, and no duplicate keys.
+
+    A duplicate key makes a document mean different things to different parsers, so signed
+    and configuration documents refuse it. Checking costs a Python call per object (about
+    twice the parse time of a telemetry message), so a reader that keeps the raw bytes and
+    needs only a few header fields (the collector) may pass ``duplicate_keys=True``: the
+    last value then wins, as in :func:`json.loads`.
 
     Raises:
         error: not UTF-8, not JSON, a duplicate key, a NaN/Infinity literal, nesting too
@@ -51,9 +59,10 @@ def load_json(data: bytes, *, what: str, error: ErrorType) -> Any:
             out[key] = value
         return out
 
+    hook = None if duplicate_keys else no_duplicates
     try:
         return json.loads(
-            data.decode("utf-8"), object_pairs_hook=no_duplicates, parse_constant=reject_constant
+            data.decode("utf-8"), object_pairs_hook=hook, parse_constant=reject_constant
         )
     # ValueError covers bad UTF-8, bad JSON and integers over Python's digit limit;
     # RecursionError covers deep nesting. Both are reachable with hostile bytes.

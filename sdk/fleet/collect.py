@@ -146,7 +146,8 @@ def parse_message(topic: str, payload: bytes) -> Record | None:
         return None
     # The header is checked strictly; the body is summarised leniently (a field of a
     # newer or odd agent becomes None), and kept whole in the row's raw JSON.
-    doc = Doc(load_json(payload, what="payload", error=ValueError), leaf, error=ValueError)
+    parsed = load_json(payload, what="payload", error=ValueError, duplicate_keys=True)
+    doc = Doc(parsed, leaf, error=ValueError)
     doc.strict = False
     if doc.raw("v") != SCHEMA_VERSION:
         raise ValueError(f"unknown payload schema version {doc.raw('v')!r}")

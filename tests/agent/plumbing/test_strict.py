@@ -97,3 +97,9 @@ def test_keys_nobody_read_are_refused_in_strict_mode_only() -> None:
 def test_a_toml_table_is_called_a_table() -> None:
     with pytest.raises(DocError, match=r"doc\.broker must be a table"):
         _doc({"broker": 3}, kind="a table").obj("broker")
+
+
+def test_a_reader_that_keeps_the_raw_bytes_may_let_the_last_duplicate_win() -> None:
+    assert load_json(b'{"a": 1, "a": 2}', what="x", error=DocError, duplicate_keys=True) == {"a": 2}
+    with pytest.raises(DocError, match="NaN"):
+        load_json(b'{"a": NaN}', what="x", error=DocError, duplicate_keys=True)
