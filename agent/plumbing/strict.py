@@ -32,9 +32,7 @@ class _Missing:
 MISSING: Any = _Missing()  # "no default": the key is required
 
 
-def load_json(
-    data: bytes, *, what: str, error: ErrorType, duplicate_keys: bool = False
-) -> Any:
+def load_json(data: bytes, *, what: str, error: ErrorType, duplicate_keys: bool = False) -> Any:
     """Parse UTF-8 JSON strictly: no NaN or Infinity literals, and no duplicate keys.
 
     A duplicate key makes a document mean different things to different parsers, so signed
