@@ -44,11 +44,14 @@ from agent.bundle.manifest import (
     is_safe_member_path,
 )
 from agent.errors import MalformedManifestError, SchemaVersionError
-from agent.plumbing.strict import Doc
+from agent.plumbing.strict import Doc, check_printable
 
 __all__ = ["read_manifest"]
 
 _NAME_WHAT = "1-128 characters of A-Z a-z 0-9 . _ - starting alphanumeric"
+# A human version: printable ASCII without spaces ("1.0.0", "2026.11-rc1+build.7").
+_VERSION_TEXT = re.compile(r"[!-~]{1,64}")
+_VERSION_WHAT = "1-64 printable ASCII characters without spaces"
 _TIME_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
 
 
@@ -77,7 +80,7 @@ def read_manifest(doc: object) -> Manifest:
     manifest = Manifest(
         schema_version=version,
         name=root.text("name", pattern=NAME_RE, what=_NAME_WHAT),
-        version=root.text("version", max_len=64),
+        version=root.text("version", max_len=64, pattern=_VERSION_TEXT, what=_VERSION_WHAT),
         sequence=root.integer("sequence", minimum=0),
         created=_time(root, "created"),
         expires=root.opt(partial(_time, root), "expires"),
@@ -90,11 +93,18 @@ def read_manifest(doc: object) -> Manifest:
         model_card=_parse_card(root.obj("model_card")),
         files=_parse_files(root.array("files")),
         encryption=_parse_encryption(root.opt(root.obj, "encryption")),
-        extensions={k: v for k, v in cast(dict[str, Any], doc).items() if k not in root.seen},
+        extensions=_extensions(root),
     )
     root.done()
     _check_consistency(manifest)
     return manifest
+
+
+def _extensions(root: Doc) -> dict[str, Any]:
+    """Top-level fields of a newer minor schema: kept verbatim, but printable."""
+    extra = {k: v for k, v in root.value.items() if k not in root.seen}
+    check_printable(extra, "manifest", error=MalformedManifestError)
+    return extra
 
 
 def _sha256(o: Doc, key: str) -> str:

@@ -27,12 +27,14 @@ import shutil
 import stat
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal, cast, get_args
 
 from agent.bundle.manifest import MANIFEST_PATH, Manifest
 from agent.errors import StateError
 from agent.plumbing.files import atomic_write, fsync_dir
+from agent.plumbing.strict import Doc, load_json
 
 __all__ = [
     "PHASES",
@@ -53,7 +55,7 @@ PHASES: tuple[Phase, ...] = get_args(Phase)
 Outcome = Literal["failed", "rolled-back"]
 MAX_ATTEMPT_RECORDS = 64  # attempt counters kept; the oldest are dropped first
 
-_DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
+_DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -159,97 +161,80 @@ class AgentState:
             StateError: the bytes are not a valid state document.
         """
         try:
-            doc = json.loads(data.decode("utf-8"))
-            return _parse_state(doc)
-        except (UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+            return _parse_state(data)
+        except ValueError as exc:
             raise StateError(f"state file is corrupt: {exc}") from None
 
 
-def _opt(doc: Mapping[str, Any], key: str, kind: type) -> Any:
-    value = doc[key]
-    if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
-        raise ValueError(f"{key} must be {kind.__name__} or null")
+# Times in the state are unix seconds a person may be shown: beyond year 9999 no clock
+# reads them, and datetime cannot print them.
+_MAX_TIME_S = 253402300799.0
+
+
+def _digest(d: Doc, key: str) -> str | None:
+    return d.opt(d.text, key, max_len=64, pattern=_DIGEST_RE, what="a sha256 digest")
+
+
+def _time(d: Doc, key: str) -> float:
+    value = d.number(key, minimum=0.0)
+    if value > _MAX_TIME_S:
+        raise d.bad(key, "a unix time before the year 10000")
     return value
 
 
-def _opt_digest(doc: Mapping[str, Any], key: str) -> str | None:
-    value = _opt(doc, key, str)
-    if value is not None and not _DIGEST_RE.match(value):
-        raise ValueError(f"{key} is not a sha256 digest")
-    return cast(str | None, value)
+def _phase(d: Doc, key: str) -> Phase:
+    return cast(Phase, d.choice(key, PHASES))
 
 
-def _time(doc: Mapping[str, Any], key: str) -> float:
-    value = doc[key]
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{key} must be a number")
-    return float(value)
-
-
-def _exact_keys(doc: object, keys: set[str], where: str) -> Mapping[str, Any]:
-    if not isinstance(doc, dict) or set(doc) != keys:
-        raise ValueError(f"{where} must be an object with exactly {sorted(keys)}")
-    return doc
-
-
-def _parse_state(doc: object) -> AgentState:
-    d = _exact_keys(
-        doc,
-        {"format", "current", "previous", "pending", "floor", "floor_digest", "attempts"}
-        | {"last_failure"},
-        "state",
+def _parse_pending(p: Doc) -> Pending:
+    pending = Pending(
+        phase=_phase(p, "phase"),
+        source=p.text("source"),
+        sha256=_digest(p, "sha256"),
+        digest=_digest(p, "digest"),
+        sequence=p.opt(p.integer, "sequence", minimum=0),
+        started=_time(p, "started"),
     )
-    if d["format"] != STATE_FORMAT:
-        raise ValueError(f"format {d['format']!r} is not {STATE_FORMAT}")
-    pending = None
-    if d["pending"] is not None:
-        p = _exact_keys(
-            d["pending"], {"phase", "source", "sha256", "digest", "sequence", "started"}, "pending"
-        )
-        if p["phase"] not in PHASES or not isinstance(p["source"], str):
-            raise ValueError("pending needs a known phase and a source")
-        pending = Pending(
-            phase=p["phase"],
-            source=p["source"],
-            sha256=_opt_digest(p, "sha256"),
-            digest=_opt_digest(p, "digest"),
-            sequence=_opt(p, "sequence", int),
-            started=_time(p, "started"),
-        )
-    failure = None
-    if d["last_failure"] is not None:
-        f = _exact_keys(
-            d["last_failure"], {"outcome", "reason", "time", "digest", "phase"}, "last_failure"
-        )
-        if f["outcome"] not in get_args(Outcome) or not isinstance(f["reason"], str):
-            raise ValueError("last_failure needs an outcome and a reason")
-        if f["phase"] is not None and f["phase"] not in PHASES:
-            raise ValueError("last_failure.phase is not a known phase")
-        failure = Failure(
-            outcome=f["outcome"],
-            reason=f["reason"],
-            time=_time(f, "time"),
-            digest=_opt_digest(f, "digest"),
-            phase=f["phase"],
-        )
-    attempts = d["attempts"]
-    if not isinstance(attempts, dict) or not all(
-        _DIGEST_RE.match(k) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
-        for k, v in attempts.items()
-    ):
-        raise ValueError("attempts must map digests to counts")
-    floor = _opt(d, "floor", int)
-    if floor is not None and floor < 0:
-        raise ValueError("floor must be >= 0")
-    return AgentState(
-        current=_opt_digest(d, "current"),
-        previous=_opt_digest(d, "previous"),
-        pending=pending,
-        floor=floor,
-        floor_digest=_opt_digest(d, "floor_digest"),
+    p.done()
+    return pending
+
+
+def _parse_failure(f: Doc) -> Failure:
+    failure = Failure(
+        outcome=cast(Outcome, f.choice("outcome", get_args(Outcome))),
+        reason=f.text("reason", max_len=65536),
+        time=_time(f, "time"),
+        digest=_digest(f, "digest"),
+        phase=f.opt(partial(_phase, f), "phase"),
+    )
+    f.done()
+    return failure
+
+
+def _parse_state(data: bytes) -> AgentState:
+    """Raises: ValueError naming what is wrong (every shape, never another exception)."""
+    d = Doc(load_json(data, what="the state file", error=ValueError), "state", error=ValueError)
+    if d.integer("format") != STATE_FORMAT:
+        raise d.bad("format", str(STATE_FORMAT))
+    attempts = d.any_obj("attempts")
+    for key, count in attempts.items():
+        if not _DIGEST_RE.fullmatch(key) or isinstance(count, bool) or not isinstance(count, int):
+            raise ValueError("state.attempts must map sha256 digests to counts")
+        if count < 0:
+            raise ValueError("state.attempts counts must be >= 0")
+    state = AgentState(
+        current=_digest(d, "current"),
+        previous=_digest(d, "previous"),
+        pending=None if d.raw("pending", None) is None else _parse_pending(d.obj("pending")),
+        floor=d.opt(d.integer, "floor", minimum=0),
+        floor_digest=_digest(d, "floor_digest"),
         attempts=dict(attempts),
-        last_failure=failure,
+        last_failure=(
+            None if d.raw("last_failure", None) is None else _parse_failure(d.obj("last_failure"))
+        ),
     )
+    d.done()
+    return state
 
 
 def partial_path(dest: Path) -> Path:
@@ -400,7 +385,7 @@ class Store:
     # --- versions --------------------------------------------------------------------
 
     def version_dir(self, digest: str) -> Path:
-        if not _DIGEST_RE.match(digest):
+        if not _DIGEST_RE.fullmatch(digest):
             raise StateError(f"{digest!r} is not a version digest")
         return self.versions_dir / digest
 
@@ -422,7 +407,7 @@ class Store:
         """Digests present in the store, sorted."""
         if not self.versions_dir.is_dir():
             return []
-        return sorted(p.name for p in self.versions_dir.iterdir() if _DIGEST_RE.match(p.name))
+        return sorted(p.name for p in self.versions_dir.iterdir() if _DIGEST_RE.fullmatch(p.name))
 
     def staging_path(self, kind: str) -> Path:
         """A fresh, not yet existing path in the staging area."""

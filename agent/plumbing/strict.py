@@ -18,7 +18,7 @@ import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-__all__ = ["MISSING", "Doc", "load_json"]
+__all__ = ["MISSING", "Doc", "check_printable", "load_json"]
 
 T = TypeVar("T")
 ErrorType = Callable[[str], Exception]
@@ -30,6 +30,34 @@ class _Missing:
 
 
 MISSING: Any = _Missing()  # "no default": the key is required
+
+
+# What no document's text may hold: C0 and C1 control characters other than tab and
+# newline, and lone surrogates (valid JSON escapes that no terminal, log or UTF-8 encoder
+# can take: printing one raised in `inspect`, `verify` and `status`).
+_UNPRINTABLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+_PRINTABLE_RULE = "no control character or lone surrogate"
+_MAX_DEPTH = 32
+
+
+def check_printable(value: object, where: str, *, error: ErrorType, _depth: int = 0) -> None:
+    """Refuse a control character or lone surrogate in any string (or key) of ``value``.
+
+    Raises:
+        error: naming where the character is.
+    """
+    if _depth > _MAX_DEPTH:
+        raise error(f"{where} is nested more than {_MAX_DEPTH} levels deep")
+    if isinstance(value, str):
+        if _UNPRINTABLE.search(value):
+            raise error(f"{where} must be printable: {_PRINTABLE_RULE}")
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_printable(key, where, error=error, _depth=_depth + 1)
+            check_printable(item, f"{where}.{key}", error=error, _depth=_depth + 1)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            check_printable(item, f"{where}[{i}]", error=error, _depth=_depth + 1)
 
 
 def load_json(data: bytes, *, what: str, error: ErrorType, duplicate_keys: bool = False) -> Any:
@@ -137,6 +165,8 @@ class Doc:
             return value
         if not isinstance(value, str) or len(value) > max_len:
             raise self.bad(key, f"a string of at most {max_len} characters")
+        if _UNPRINTABLE.search(value):
+            raise self.bad(key, f"printable: {_PRINTABLE_RULE}")
         if pattern is not None and not pattern.fullmatch(value):
             raise self.bad(key, what or f"a string matching {pattern.pattern}")
         return value
@@ -200,6 +230,7 @@ class Doc:
         items = self.array(key, max_len=max_len)
         if not all(isinstance(i, str) and len(i) <= 4096 for i in items):
             raise self.bad(key, "a list of strings")
+        check_printable(items, self.path(key), error=self.error)
         return tuple(items)
 
     def numbers(self, key: str, *, max_len: int = 256) -> tuple[float, ...]:
@@ -226,10 +257,11 @@ class Doc:
         return Doc(value, where, error=self.error, strict=self.strict, kind=self.kind)
 
     def any_obj(self, key: str) -> dict[str, Any]:
-        """The object at ``key`` as it is (its content is the caller's to check)."""
+        """The object at ``key`` as it is, but for printable text (the rest is the caller's)."""
         value = self.raw(key)
         if not isinstance(value, dict):
             raise self.bad(key, self.kind)
+        check_printable(value, self.path(key), error=self.error)
         return value
 
     def done(self, hint: str = "") -> None:

@@ -178,3 +178,37 @@ def test_safe_member_paths(path: str) -> None:
 )
 def test_unsafe_member_paths(path: str) -> None:
     assert not is_safe_member_path(path)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("version", "1.0\ud800"),  # a lone surrogate: no terminal or log can print it
+        ("version", "1.0\x1b[2J"),  # an escape sequence
+        ("version", "1.0\n"),
+        ("name", "digits\n"),  # a "$"-anchored pattern let a trailing newline through
+        ("sequence", None),
+    ],
+)
+def test_an_unprintable_or_malformed_top_level_field_is_refused(field: str, value: object) -> None:
+    with pytest.raises(MalformedManifestError, match=field):
+        Manifest.from_bytes(_edited({field: value}))
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"model_card": {**make_manifest().to_json()["model_card"], "description": "a\x00b"}},
+        {"model_card": {**make_manifest().to_json()["model_card"], "owners": ["\udc80"]}},
+        {"evaluation": {"notes": {"deep": ["\x07"]}}},
+        {"schema_version": "1.3", "future": {"k\x1f": 1}},
+    ],
+)
+def test_control_characters_and_lone_surrogates_are_refused_anywhere(edit: dict[str, Any]) -> None:
+    with pytest.raises(MalformedManifestError, match="no control character or lone surrogate"):
+        Manifest.from_bytes(_edited(edit))
+
+
+def test_non_ascii_digits_do_not_make_a_schema_version() -> None:
+    with pytest.raises(MalformedManifestError, match=r"MAJOR\.MINOR"):
+        Manifest.from_bytes(_edited({"schema_version": "\u0661.0"}))

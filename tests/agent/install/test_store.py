@@ -67,10 +67,19 @@ def test_state_bytes_are_canonical() -> None:
         AgentState().to_bytes().replace(b'"attempts":{}', b'"attempts":{"x":1}'),
         AgentState().to_bytes().replace(b'"attempts":{}', b'"extra":1,"attempts":{}'),
         _full_state().to_bytes().replace(b'"health-check"', b'"dancing"'),
+        # Shapes that used to escape as other exceptions (tracebacks in `status`):
+        b"[" * 100_000 + b"]" * 100_000,
+        AgentState().to_bytes().replace(b'"floor":null', b'"floor":' + b"9" * 5000),
+        _full_state().to_bytes().replace(b'"time":1700000000.5', b'"time":Infinity'),
+        _full_state().to_bytes().replace(b'"time":1700000000.5', b'"time":1e300'),
+        _full_state().to_bytes().replace(b'"phase":"health-check"', b'"phase":["health-check"]'),
+        _full_state().to_bytes().replace(b'"pending":{', b'"pending":{"pending":{},'),
+        AgentState().to_bytes().replace(b'"attempts":{}', b'"attempts":[]'),
+        AgentState().to_bytes().replace(b'"format":1', b'"format":1,"format":1'),
     ],
 )
 def test_corrupt_state_bytes_raise_state_error(data: bytes) -> None:
-    with pytest.raises(StateError):
+    with pytest.raises(StateError, match="state file is corrupt"):
         AgentState.from_bytes(data)
 
 
