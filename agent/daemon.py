@@ -311,11 +311,13 @@ class Agent:
             self._candidate = state.pending.digest
         if self.transport is not None:
             self._start_reporter()
+        # Whatever a pending candidate does, the agent starts and serves what it runs.
         try:
             self.updater.resume()
         except EdgeshipError as exc:
-            # The interrupted install failed again; the current version still serves.
             log.warning("resuming the interrupted install failed: %s", exc)
+        except Exception:
+            log.exception("resuming the interrupted install failed unexpectedly")
         try:
             self.updater.start_serving()
         except EdgeshipError as exc:

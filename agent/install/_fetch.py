@@ -26,6 +26,7 @@ from typing import BinaryIO, Protocol
 from agent.errors import ConfigError, DownloadError
 from agent.install._config import FetchConfig
 from agent.install._store import partial_path
+from agent.plumbing.files import NotRegularFileError, open_regular
 from agent.plumbing.tls import TlsConfig
 
 __all__ = ["Fetcher", "UrlFetcher", "file_sha256"]
@@ -273,7 +274,9 @@ def _receive(
 
 def _fetch_file(source: Path, partial: Path, config: FetchConfig) -> None:
     try:
-        src = source.open("rb")
+        src = open_regular(source)
+    except NotRegularFileError as exc:
+        raise DownloadError(f"{exc}; give the path of a bundle file") from None
     except OSError as exc:
         raise DownloadError(f"cannot read {source}: {exc.strerror}") from None
     with src:

@@ -21,9 +21,12 @@ tests stop the process at named points through the one fault seam,
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -53,6 +56,9 @@ if TYPE_CHECKING:
     from agent.install._fetch import Fetcher
 
 __all__ = ["EventSink", "InstallResult", "ModelLoader", "Updater"]
+
+
+_log = logging.getLogger("edgeship.agent")
 
 
 class EventSink(Protocol):
@@ -152,6 +158,7 @@ class Updater:
             BundleError: the bundle is refused (verification, rollback floor, health).
             StateError: a version is in probation, or the loop budget is used up.
         """
+        source = _absolute(source)
         with self._lock, self.store.lock():
             self.store.init()
             state = self.store.load()
@@ -256,6 +263,27 @@ class Updater:
     # --- the steps ---------------------------------------------------------------------
 
     def _run(self, state: AgentState) -> InstallResult:
+        """The pending install's remaining steps.
+
+        A candidate must never stop the agent from serving what it runs: an unforeseen
+        failure (a bug, a runtime raising what it should not) abandons the install and
+        records why, so that the next start does not meet it again, every time.
+        """
+        try:
+            return self._steps(state)
+        except EdgeshipError:
+            raise
+        except Exception as exc:
+            _log.exception("the install failed unexpectedly; abandoning it")
+            reason = f"internal error: {type(exc).__name__}: {exc}"
+            with contextlib.suppress(EdgeshipError, OSError):
+                self._fail(self.store.load(), reason)
+            raise StateError(
+                f"the install was abandoned after an internal error ({reason}); the current"
+                " version keeps serving"
+            ) from exc
+
+    def _steps(self, state: AgentState) -> InstallResult:
         while True:
             p = state.pending
             if p is None:  # pragma: no cover - every step ends in a phase or raises
@@ -486,3 +514,10 @@ class Updater:
     def _emit(self, kind: str, **fields: Any) -> None:
         if self._events is not None:
             self._events(kind, fields)
+
+
+def _absolute(source: str) -> str:
+    """A local path made absolute: the pending install is resumed from any directory."""
+    if urllib.parse.urlsplit(source).scheme:
+        return source
+    return str(Path(source).expanduser().resolve())

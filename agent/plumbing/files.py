@@ -1,4 +1,5 @@
-"""Writing files so that a crash or power cut leaves either the old content or the new.
+"""Files: written so that a crash or power cut leaves the old content or the new; read
+only when they are what they claim to be.
 
 Every file edgeship replaces (the agent's state, rollout records, built bundles, batch
 outputs) goes through :func:`atomic_replace`: a temporary file in the same directory,
@@ -12,11 +13,19 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_replace", "atomic_write", "fsync_dir", "write_new"]
+__all__ = [
+    "NotRegularFileError",
+    "atomic_replace",
+    "atomic_write",
+    "fsync_dir",
+    "open_regular",
+    "write_new",
+]
 
 
 def fsync_dir(path: Path) -> None:
@@ -87,3 +96,45 @@ def write_new(path: Path, data: bytes | memoryview, *, mode: int = 0o644) -> Non
         Path(path).unlink(missing_ok=True)  # ours: O_EXCL created it
         raise
     os.close(fd)
+
+
+class NotRegularFileError(OSError):
+    """The path names a FIFO, a device, a socket or a directory, not a regular file."""
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """Open ``path`` for reading if, and only if, it is a regular file.
+
+    Opening never blocks (a FIFO with no writer would block a plain ``open`` forever) and
+    the check is made on the opened descriptor, so the path cannot be swapped in between.
+    A character device such as /dev/zero would otherwise pass a size check with size 0
+    and then stream without end.
+
+    Raises:
+        NotRegularFileError: anything but a regular file (the message says what it is).
+        OSError: it cannot be opened.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+    try:
+        kind = _kind(os.fstat(fd).st_mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    if kind is not None:
+        os.close(fd)
+        raise NotRegularFileError(f"{path} is {kind}, not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def _kind(mode: int) -> str | None:
+    """What a non-regular file is, for the message; None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a socket" if stat.S_ISSOCK(mode) else "not a regular file"

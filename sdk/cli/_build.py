@@ -25,6 +25,7 @@ from agent.bundle.crypto import load_public_key
 from agent.bundle.manifest import Manifest, format_time
 from agent.bundle.signing import PublicKey, TrustPolicy
 from agent.errors import ConfigError, KeyFileError
+from agent.plumbing.files import NotRegularFileError, open_regular
 from sdk.build import (
     BuildMetadata,
     EvaluationReport,
@@ -301,8 +302,10 @@ def _evaluation_table(ev: Mapping[str, Any]) -> Table:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     try:
-        with args.bundle.open("rb") as f:
+        with open_regular(args.bundle) as f:
             manifest, envelope = read_unverified(f)
+    except NotRegularFileError as exc:
+        raise ConfigError(str(exc)) from None
     except OSError as exc:
         raise ConfigError(f"cannot read {args.bundle}: {exc.strerror}") from None
     keyids = [s.keyid for s in envelope.signatures]
@@ -328,15 +331,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    policy = TrustPolicy.load(args.trust)
     try:
-        policy = TrustPolicy.from_toml(args.trust.read_bytes())
-    except OSError as exc:
-        raise ConfigError(f"cannot read trust policy {args.trust}: {exc.strerror}") from None
-    try:
-        with args.bundle.open("rb") as f:
+        with open_regular(args.bundle) as f:
             verified = verify_bundle(
                 f, policy, now=datetime.now(UTC), min_sequence=args.min_sequence
             )
+    except NotRegularFileError as exc:
+        raise ConfigError(str(exc)) from None
     except OSError as exc:
         raise ConfigError(f"cannot read {args.bundle}: {exc.strerror}") from None
     m = verified.manifest

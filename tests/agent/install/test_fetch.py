@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -377,3 +378,28 @@ def test_mutual_tls_server_refusing_the_client_fails_at_once_naming_the_setting(
             UrlFetcher(tls.context()).fetch(s.url(), tmp_path / "out", sha256=None, config=FAST)
         assert s.behaviour.seen_ranges == []
         assert time.monotonic() - start < FAST.connect_timeout_s
+
+
+@pytest.mark.parametrize(
+    ("make", "kind"),
+    [
+        (os.mkfifo, "a FIFO"),  # a plain open() would block forever
+        (lambda p: p.mkdir(), "a directory"),
+    ],
+)
+def test_a_local_source_that_is_not_a_regular_file_is_refused_at_once(
+    tmp_path: Path, make: Any, kind: str
+) -> None:
+    src = tmp_path / "bundle"
+    make(src)
+    started = time.monotonic()
+    with pytest.raises(DownloadError, match=f"is {kind}, not a regular file"):
+        UrlFetcher().fetch(str(src), tmp_path / "out", sha256=None, config=FAST)
+    assert time.monotonic() - started < 5
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_character_device_is_not_taken_for_an_empty_bundle(tmp_path: Path) -> None:
+    # /dev/zero has size 0 for fstat, passes a free-space check, and streams forever.
+    with pytest.raises(DownloadError, match="is a device, not a regular file"):
+        UrlFetcher().fetch("/dev/zero", tmp_path / "out", sha256=None, config=FAST)

@@ -496,3 +496,39 @@ def test_restart_during_health_check_resumes_into_probation_and_keeps_serving_it
     assert verdict.state == "passed"
     state = restarted.status()
     assert (state.current, state.previous) == (result.digest, d1)
+
+
+def test_an_unforeseen_failure_abandons_the_install_and_the_next_start_serves(
+    tmp_path: Path, bundles: dict[str, LifecycleBundle], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slot = ModelSlot()
+    u = _updater(tmp_path, slot=slot)
+    digest = _install_and_commit(u, bundles["v1"])
+
+    def broken(*_args: object, **_kwargs: object) -> None:
+        raise UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed")
+
+    monkeypatch.setattr("agent.install._updater.verify_bundle", broken)
+    with pytest.raises(StateError, match="abandoned after an internal error"):
+        u.install(str(bundles["v2"].path))
+    state = u.status()
+    assert state.pending is None
+    assert state.last_failure is not None
+    assert "internal error: UnicodeEncodeError" in state.last_failure.reason
+    assert state.current == digest
+    # A restart meets nothing pending: it serves the committed version.
+    restarted = _updater(tmp_path, slot=ModelSlot())
+    assert restarted.resume() is None
+    assert restarted.start_serving() == digest
+
+
+def test_a_relative_source_path_is_stored_absolute(
+    tmp_path: Path, bundles: dict[str, LifecycleBundle], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(bundles["v1"].path.parent)
+    u = _updater(tmp_path / "state", config=UpdaterConfig(fetch=FetchConfig(max_bundle_bytes=1024)))
+    with pytest.raises(DownloadError):  # too large: the install stays pending, to resume
+        u.install(bundles["v1"].path.name)
+    pending = u.status().pending
+    assert pending is not None
+    assert pending.source == str(bundles["v1"].path.resolve())

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from agent.bundle import TrustPolicy
 from sdk.cli import main
+from tests.support.bundles import make_key
 from tests.support.models import make_onnx_mlp
 
 PASS_ENV = "EDGESHIP_TEST_PASSPHRASE"
@@ -157,3 +160,16 @@ def test_inspect_shows_the_evaluation_report(
     out = capsys.readouterr().out
     assert "evaluation (at build time)" in out
     assert "fidelity: agreement" in out
+
+
+def test_verify_of_a_fifo_says_so_at_once_instead_of_hanging(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fifo = tmp_path / "bundle.edgeship"
+    os.mkfifo(fifo)
+    policy = tmp_path / "trust.toml"
+    policy.write_bytes(TrustPolicy.of([make_key("a").public]).to_toml())
+    assert main(["verify", str(fifo), "--trust", str(policy)]) == 1
+    assert "is a FIFO, not a regular file" in capsys.readouterr().err
+    assert main(["inspect", str(fifo)]) == 1
+    assert "is a FIFO, not a regular file" in capsys.readouterr().err
