@@ -7,6 +7,11 @@ Two roots matter to callers:
 * :class:`FetchError` — we could not get something (download, broker). Retrying
   later may succeed.
 
+and one for the device's trust in its signers: :class:`TrustError` — a trust root or
+heartbeat that does not verify, or a trust state that allows no install now (an expired
+root, updates being withheld). It is neither: the bundle may be fine, and what fixes it is
+a new signed root or heartbeat, not a retry of the same download.
+
 Every message says what to do about the problem. The CLIs catch only
 :class:`EdgeshipError` and print its text, never a traceback.
 """
@@ -23,12 +28,15 @@ __all__ = [
     "DecryptionError",
     "DigestMismatchError",
     "DownloadError",
+    "DownloadRefusedError",
     "DuplicateMemberError",
     "EdgeshipError",
     "ExpiredError",
     "ExtraMemberError",
     "FetchError",
     "HealthCheckError",
+    "HeartbeatError",
+    "HeldBackError",
     "InferenceError",
     "InputValidationError",
     "KeyFileError",
@@ -40,12 +48,16 @@ __all__ = [
     "NotForThisDeviceError",
     "OverloadedError",
     "RollbackError",
+    "RootError",
+    "RootExpiredError",
+    "RootVersionError",
     "RuntimeUnavailableError",
     "SchemaVersionError",
     "SizeMismatchError",
     "StateError",
     "ThresholdError",
     "TruncatedBundleError",
+    "TrustError",
     "UnsafeMemberError",
     "UntrustedSignerError",
     "error_code",
@@ -162,8 +174,53 @@ class DownloadError(FetchError):
     """A bundle download failed (network, HTTP status, size limit, timeout)."""
 
 
+class DownloadRefusedError(DownloadError):
+    """The source answered, and retrying will get the same answer: an HTTP 4xx, a file
+    other than the one named, one over the size cap, a refused TLS handshake, a bad URL.
+
+    Someone has to fix the URL or the server; a rollout counts it as the device's failure
+    at once (a plain :class:`DownloadError` is a network failure that may pass).
+    """
+
+
 class BrokerError(FetchError):
     """The MQTT broker could not be reached or refused the connection."""
+
+
+# --- the device's trust in its signers ------------------------------------------------
+
+
+class TrustError(EdgeshipError):
+    """The device's trust root refuses: a root or heartbeat that does not verify, or a trust
+    state in which nothing may be installed now.
+
+    Not a :class:`BundleError`: the bundle may be fine, and a refused root or heartbeat
+    changes nothing on the device. What fixes it is a new signed document.
+    """
+
+
+class RootError(TrustError):
+    """A trust root document does not verify: malformed, or not signed by a threshold of
+    the current root's root keys and of its own."""
+
+
+class RootVersionError(RootError):
+    """A trust root's version is not the next one: replayed, lowered, or versions missing."""
+
+
+class RootExpiredError(TrustError):
+    """The device's trust root has expired (or every bundle-signing key in it has): nothing
+    new is installed until a fresh root arrives; what runs keeps serving."""
+
+
+class HeartbeatError(TrustError):
+    """A heartbeat does not verify: malformed, not signed by the freshness key, for another
+    fleet, expired, or older than one already seen."""
+
+
+class HeldBackError(TrustError):
+    """Updates are being withheld: no fresh heartbeat although the root names a freshness
+    key, or the desired state is older than the latest release the heartbeat names."""
 
 
 # --- everything else ---------------------------------------------------------------

@@ -2,9 +2,11 @@
 
     .venv/bin/python bench/fleet.py [--quick] [--devices 300] [--rate 3] [--seconds 10]
                                     [--rollout-devices 500] [--postgres] [--workers 2]
+                                    [--outage 2]
 
-A full run takes about 70 s (110 s with ``--postgres``) on 2 cores; ``--quick`` (20
-devices for 1 s, a 20-device rollout with a 0.2 s min healthy time) about 20 s.
+A full run takes about 100 s (150 s with ``--postgres``) on 2 cores; ``--quick`` (20
+devices for 1 s, 6 s for the fault run, a 20-device rollout with a 0.2 s min healthy
+time) about 50 s.
 
 Everything runs on this machine: a private mosquitto on a free loopback port (started
 by ``tests.support.broker.Broker`` with ``max_queued_messages`` raised so QoS 1 is never
@@ -48,7 +50,17 @@ bare paho MQTT 5 subscriber in another.
    arrived before that span began; the bare subscriber's is messages over the span of
    their arrival times.
 
-3. Rollout. ``--rollout-devices`` simulated devices (``tests.support.fake_device``:
+3. Faults (needs PostgreSQL; reported as skipped without it). Live ingest as in 1 into
+   a private PostgreSQL, one collector with a kept session (``--client-id``), for
+   ``max(--seconds, 6)`` seconds: at 25 % of it PostgreSQL is stopped (``-m fast``, every
+   session ended, as by a restart) for ``--outage`` seconds; once the collector logged
+   that it stores again, at 65 %, it is killed with SIGKILL and started again under the
+   same client id. ``lost`` counts what the devices' outboxes had acknowledged by the
+   broker (the workers report every ``seq`` they published, and every outbox drained)
+   and the database does not hold; ``unexpected`` what it holds beyond that. The ratio
+   to the bare subscriber is over the whole run, faults included.
+
+4. Rollout. ``--rollout-devices`` simulated devices (``tests.support.fake_device``:
    the agent's MQTT transport, answering a new desired state with events and a
    retained state, ``committed`` after ``--commit-delay`` seconds), rolled out with
    :func:`sdk.fleet._rollout_run.run_rollout` in waves 1%,10%,50%,100% with a min
@@ -63,7 +75,6 @@ import glob
 import json
 import multiprocessing as mp
 import os
-import pwd
 import resource
 import shutil
 import signal
@@ -91,12 +102,15 @@ from agent.plumbing.mqtt import MqttClient
 from agent.plumbing.stats import percentile
 from agent.telemetry import Outbox, Reporter, TelemetryConfig
 from bench._machine import machine
-from sdk.fleet._rollout_run import RolloutFiles, run_rollout
+from sdk.fleet._rollout_run import run_rollout
+from sdk.fleet._rollout_store import RolloutRecords
 from sdk.fleet.publish import BundleRef
 from sdk.fleet.rollout import Decision, Rollout, RolloutPlan, parse_waves, wave_order
 from sdk.fleet.store import open_store
-from tests.support.broker import MOSQUITTO, Broker, free_port
+from tests.support.broker import MOSQUITTO, Broker
+from tests.support.collector import CollectorProcess as CollectProcess
 from tests.support.fake_device import FakeDevice
+from tests.support.postgres import PgServer, create_database
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -223,6 +237,7 @@ def telemetry_worker(
     start_at: float = conn.recv()
 
     published, late_max, n = 0, 0.0, len(devices)
+    keys: list[tuple[str, int]] = []
     ticks = round(rate_hz * seconds)
     for k in range(ticks):
         for i, (_, _, reporter) in enumerate(devices):
@@ -234,8 +249,10 @@ def telemetry_worker(
                 late_max = max(late_max, -wait)
             for _ in range(10):  # a few inferences, so the message carries percentiles
                 reporter.metrics.record(0.002, None)
-            if reporter.report_now() is not None:
+            seq = reporter.report_now()
+            if seq is not None:
                 published += 1
+                keys.append((names[i], seq))
     publish_end = time.time()
     flushed = all(r.flush(max(1.0, seconds * 2)) for _, _, r in devices)
     conn.send(
@@ -247,6 +264,8 @@ def telemetry_worker(
             "pacer_late_max_s": round(late_max, 3),
             "dropped": sum(o.stats().dropped_capacity for o, _, _ in devices),
             "threads": threading.active_count(),
+            # Acknowledged by the broker, once every outbox is empty (all_acked).
+            "keys": keys,
         }
     )
     conn.recv()
@@ -503,53 +522,22 @@ class CollectorProcess:
 
 
 @contextmanager
-def postgres_server() -> Iterator[str]:
-    """A private PostgreSQL (like tests/support/postgres.py); yields its base URL.
+def postgres_server() -> Iterator[PgServer]:
+    """A private PostgreSQL (tests/support/postgres.py: ``fsync=off``), restartable.
 
     Raises:
         RuntimeError: no PostgreSQL binaries or no psycopg.
     """
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
-    if not found:
-        raise RuntimeError("PostgreSQL not found under /usr/lib/postgresql")
     try:
         import psycopg  # noqa: F401, PLC0415 - optional, only to check it is there
     except ImportError:
         raise RuntimeError("psycopg 3 is not installed") from None
-    bin_dir = Path(found[-1]).parent
-    as_pg: list[str] = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    root = Path(tempfile.mkdtemp(prefix="edgeship-bench-pg-"))
-    data, sockets = root / "data", root / "sock"
-    sockets.mkdir()
-    if os.geteuid() == 0:  # PostgreSQL refuses to run as root
-        pw = pwd.getpwnam("postgres")
-        for p in (root, sockets):
-            os.chown(p, pw.pw_uid, pw.pw_gid)
-    port = free_port()
-    initdb = [str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust"]
-    subprocess.run([*as_pg, *initdb, "-E", "UTF8"], check=True, capture_output=True)
-    options = f"-p {port} -k {sockets} -h 127.0.0.1 -c fsync=off -c synchronous_commit=off"
-    pg_ctl = [str(bin_dir / "pg_ctl"), "-D", str(data)]
-    subprocess.run(
-        [*as_pg, *pg_ctl, "-o", options, "-w", "-l", str(root / "log"), "start"],
-        check=True,
-        capture_output=True,
-    )
+    server = PgServer()
     try:
-        yield f"postgresql://postgres@127.0.0.1:{port}"
+        server.start()
+        yield server
     finally:
-        subprocess.run(
-            [*as_pg, *pg_ctl, "-m", "immediate", "stop"], check=False, capture_output=True
-        )
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def new_pg_database(base_url: str, name: str) -> str:
-    import psycopg  # noqa: PLC0415 - optional dependency
-
-    with psycopg.connect(f"{base_url}/postgres", autocommit=True) as conn:
-        conn.execute(f"CREATE DATABASE {name}")
-    return f"{base_url}/{name}"
+        server.destroy()
 
 
 # --- 1 and 2: ingest -----------------------------------------------------------------------
@@ -587,10 +575,11 @@ class Fleet:
         self.workers.gather(120)
         return time.perf_counter() - t0
 
-    def publish(self) -> dict[str, Any]:
-        """Publish for ``--seconds``; returns when every message was PUBACKed."""
+    def publish(self, start_at: float | None = None) -> dict[str, Any]:
+        """Publish for ``--seconds`` from ``start_at`` (default: in 0.3 s); returns when
+        every message was PUBACKed."""
         assert self.workers is not None
-        start_at = time.time() + 0.3
+        start_at = time.time() + 0.3 if start_at is None else start_at
         self.workers.send(start_at)
         results = self.workers.gather(self.args.seconds * 4 + 60)
         return {
@@ -602,6 +591,7 @@ class Fleet:
             "pacer_late_max_s": max(r["pacer_late_max_s"] for r in results),
             "outbox_dropped": sum(r["dropped"] for r in results),
             "threads_per_worker": max(r["threads"] for r in results),
+            "keys": [tuple(k) for r in results for k in r["keys"]],
         }
 
     def close(self) -> dict[str, Any]:
@@ -845,17 +835,20 @@ def bench_rollout(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
         commits = CommitClock(broker, fleet, bundle.digest)
         client = MqttClient(BrokerConfig(broker.url))
         client.connect()
+        store = open_store(str(tmp / "rollouts.sqlite"))
         started = time.time()
         try:
-            final = run_rollout(
-                client,
-                RolloutFiles(tmp / "rollouts"),
-                rollout,
-                on_change=lambda r, d: decisions.append((time.time(), d, r.wave)),
-            )
+            with RolloutRecords(store).create(rollout) as runner:
+                final = run_rollout(
+                    client,
+                    runner,
+                    rollout,
+                    on_change=lambda r, d: decisions.append((time.time(), d, r.wave)),
+                )
         finally:
             client.stop()
             commits.close()
+            store.close()
         total_s = time.time() - started
         broker_usage = proc_usage(broker_pid)
     finally:
@@ -902,17 +895,121 @@ def bench_rollout(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _stored_keys(db: str, fleet: str) -> set[tuple[str, int]]:
+    store = open_store(db)
+    try:
+        rows = store.query("SELECT device, seq FROM telemetry WHERE fleet = ?", (fleet,))
+    finally:
+        store.close()
+    return {(str(r["device"]), int(r["seq"])) for r in rows}
+
+
+def _sleep_until(at: float) -> None:
+    time.sleep(max(0.0, at - time.time()))
+
+
+def bench_faults(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Live ingest into PostgreSQL while the database restarts and the collector is killed.
+
+    One collector with a kept broker session (``--client-id``) and the bare subscriber
+    take the devices' messages live for ``max(--seconds, 6)`` seconds. At 25 % of that
+    PostgreSQL is stopped (``-m fast``: every session is ended, as by a restart) for
+    ``--outage`` seconds and started again; at 65 % the collector is killed with SIGKILL
+    and started again under the same client id. Lost: what the devices' outboxes had
+    acknowledged by the broker and the database does not hold.
+    """
+    try:
+        with postgres_server() as pg:
+            return _faults(tmp, pg, args)
+    except RuntimeError as e:
+        return {"skipped": str(e)}
+
+
+def _faults(tmp: Path, pg: PgServer, args: argparse.Namespace) -> dict[str, Any]:
+    seconds = max(args.seconds, 6.0)
+    label, db = "flt", create_database(pg.url)
+    fleet = Fleet(tmp, label, argparse.Namespace(**{**vars(args), "seconds": seconds}))
+    log = tmp / f"{label}-collect.log"
+    options = ("--group", "bench", "--client-id", f"{label}-c0")
+    collectors: list[CollectProcess] = []
+    at: dict[str, float] = {}
+
+    def inject(start_at: float) -> None:
+        _sleep_until(start_at + 0.25 * seconds)
+        at["store_stopped_s"] = round(time.time() - start_at, 2)
+        pg.stop("fast")
+        time.sleep(args.outage)
+        pg.start()
+        at["store_started_s"] = round(time.time() - start_at, 2)
+        # Killed once it has stored again: one fault after the other, each seen alone.
+        _wait_for(lambda: "the store is back" in log.read_text(errors="replace"), 30)
+        _sleep_until(start_at + 0.65 * seconds)
+        collectors[-1].kill()
+        at["collector_killed_s"] = round(time.time() - start_at, 2)
+        collectors.append(CollectProcess(fleet.broker, db, log, fleet=label, options=options))
+        at["collector_back_s"] = round(time.time() - start_at, 2)
+
+    try:
+        collectors.append(CollectProcess(fleet.broker, db, log, fleet=label, options=options))
+        bare = Bare(fleet.broker, label, client_id=f"{label}-bare", persistent=False)
+        fleet.start_devices()
+        start_at = time.time() + 0.5
+        injector = threading.Thread(target=inject, args=(start_at,))
+        injector.start()
+        pub = fleet.publish(start_at)
+        injector.join()
+        expected = set(pub["keys"])
+        bare_done = _wait_for(lambda: bare.count() >= len(expected), 60)
+        stored_done = _wait_for(lambda: _stored(db, label)["n"] >= len(expected), 120)
+        code, stats = collectors[-1].stop()
+        bare_result = bare.stop()
+        keys, stored = _stored_keys(db, label), _stored(db, label)
+    finally:
+        for c in collectors:
+            if c.proc.poll() is None:
+                c.proc.kill()
+        fleet.close()
+    bare_rate = bare_result["distinct"] / (bare_result["last_at"] - start_at)
+    coll_rate = stored["n"] / (stored["last"] - start_at)
+    text = log.read_text(errors="replace")
+    return {
+        "devices": args.devices,
+        "rate_per_device_hz": args.rate,
+        "seconds": seconds,
+        "database": "postgresql",
+        "faults": {"store_outage_s": args.outage, **at},
+        "published": len(expected),
+        "all_acked_by_broker": pub["all_acked"],
+        "outbox_dropped": pub["outbox_dropped"],
+        "stored": len(keys),
+        "lost": len(expected - keys),
+        "unexpected": len(keys - expected),
+        "bare": {
+            "distinct": bare_result["distinct"],
+            "complete": bare_done,
+            "msgs_per_s": round(bare_rate, 1),
+        },
+        "collector": {
+            "complete": stored_done,
+            "msgs_per_s": round(coll_rate, 1),
+            "latency_p50_ms": stored["latency_p50_ms"],
+            "latency_p99_ms": stored["latency_p99_ms"],
+            "exit_code": code,
+            "stats_after_restart": stats,
+            "outages_logged": text.count("cannot store:"),
+            "recoveries_logged": text.count("the store is back"),
+        },
+        "ratio_collector_to_bare": round(coll_rate / bare_rate, 3),
+    }
+
+
 def bench_postgres(tmp: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Two collectors on a private PostgreSQL: live ingest and catch-up."""
     try:
         with postgres_server() as pg:
             return {
-                "ingest_2_collectors": bench_live(
-                    tmp, "pg2", new_pg_database(pg, "bench_live"), 2, args
-                ),
-                "catchup_2_collectors": bench_catchup(
-                    tmp, "cup", new_pg_database(pg, "bench_catchup"), 2, args
-                ),
+                "ingest_2_collectors": bench_live(tmp, "pg2", create_database(pg.url), 2, args),
+                "catchup_2_collectors": bench_catchup(tmp, "cup", create_database(pg.url), 2, args),
             }
     except RuntimeError as e:
         return {"skipped": str(e)}
@@ -934,6 +1031,9 @@ def main() -> None:
     parser.add_argument("--commit-delay", type=float, default=0.2, help="fake install time (s)")
     parser.add_argument("--min-healthy", type=float, default=1.0, help="rollout min healthy (s)")
     parser.add_argument("--postgres", action="store_true")
+    parser.add_argument(
+        "--outage", type=float, default=2.0, help="fault run: seconds PostgreSQL is down"
+    )
     args = parser.parse_args()
     if args.quick:
         args.devices, args.seconds, args.rollout_devices, args.min_healthy = 20, 1.0, 20, 0.2
@@ -961,6 +1061,7 @@ def main() -> None:
                 "catchup_sqlite_2_collectors",
                 lambda: bench_catchup(tmp, "cu2", sqlite("cu2"), 2, args),
             ),
+            ("faults_postgres", lambda: bench_faults(tmp, args)),
             ("postgres", lambda: bench_postgres(tmp, args)),
             ("rollout", lambda: bench_rollout(tmp, args)),
         ]

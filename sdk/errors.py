@@ -1,15 +1,24 @@
-"""The errors only the build side raises.
+"""The errors only the build and fleet side raise.
 
-They live outside :mod:`agent.errors` because a device never builds anything, but they
-derive from :class:`agent.errors.EdgeshipError`, so both CLIs catch and print them like
-every other edgeship error.
+They live outside :mod:`agent.errors` because a device never builds or rolls out
+anything, but they derive from :class:`agent.errors.EdgeshipError`, so both CLIs catch and
+print them like every other edgeship error.
 """
 
 from __future__ import annotations
 
-from agent.errors import EdgeshipError
+from agent.errors import ConfigError, EdgeshipError
 
-__all__ = ["BuildError", "GateError", "QuantizationError"]
+__all__ = [
+    "BuildError",
+    "GateError",
+    "PreflightError",
+    "QuantizationError",
+    "RolloutError",
+    "RunnerBusyError",
+    "StoreError",
+    "StoreUnavailableError",
+]
 
 
 class BuildError(EdgeshipError):
@@ -29,3 +38,34 @@ class GateError(BuildError):
     def __init__(self, message: str, report: object = None) -> None:
         super().__init__(message)
         self.report = report
+
+
+class RolloutError(EdgeshipError):
+    """A rollout cannot start or go on; nothing was published for the step refused."""
+
+
+class PreflightError(RolloutError):
+    """A check before publishing failed; nothing was published.
+
+    ``problems`` pairs what was checked (``url``, ``trust``, or a device id) with why it
+    failed, so the CLI can print one line per device.
+    """
+
+    def __init__(self, message: str, problems: list[tuple[str, str]]) -> None:
+        super().__init__(message)
+        self.problems = problems
+
+
+class RunnerBusyError(RolloutError):
+    """Another runner holds the rollout and is alive (its heartbeat is recent)."""
+
+
+class StoreError(ConfigError):
+    """The fleet database refused the work for good (schema, permission): waiting will not
+    help; fix the database or the settings the message names. A :class:`ConfigError`, as
+    every database failure was before there were these two."""
+
+
+class StoreUnavailableError(StoreError):
+    """The fleet database cannot be reached or is busy for now (a restart, a dropped
+    connection, a lock); the collector waits it out. Retrying later may succeed."""

@@ -21,10 +21,11 @@ if TYPE_CHECKING:
     from agent.install._follower import DesiredFollower
     from agent.install._gate import ChildGate, check_in_child, load_and_check
     from agent.install._health import HealthReport, check_health
+    from agent.install._loading import ModelLoader
     from agent.install._sched import GatePriority
     from agent.install._status import status_document
     from agent.install._store import AgentState, Failure, Pending, Store
-    from agent.install._updater import EventSink, InstallResult, ModelLoader, Updater
+    from agent.install._updater import EventSink, InstallResult, Updater
 
 __all__ = [
     "AgentState",
@@ -72,7 +73,7 @@ __getattr__ = exports(
         "Store": "agent.install._store",
         "EventSink": "agent.install._updater",
         "InstallResult": "agent.install._updater",
-        "ModelLoader": "agent.install._updater",
+        "ModelLoader": "agent.install._loading",
         "Updater": "agent.install._updater",
     },
 )

@@ -4,7 +4,10 @@ Every fetch streams into a partial file in the staging area, with a maximum leng
 checked while streaming, connect and read timeouts, a free-disk check before writing,
 and resumption with a ``Range`` request after an interruption (also across agent
 restarts: the partial file stays until the fetch completes or fails for good). The
-file's sha256 is checked against the one the request named, if any.
+file's sha256 is checked against the one the request named, if any. An answer that a
+retry would only repeat (an HTTP 4xx, another file, one over the size cap, a refused TLS
+handshake) is a :class:`~agent.errors.DownloadRefusedError`; a network failure that
+outlasted the resumptions is a plain :class:`~agent.errors.DownloadError`.
 
 The transport is untrusted: the bundle's signature is what makes it acceptable. Tests
 and users can plug another transport in through the :class:`Fetcher` protocol.
@@ -23,7 +26,7 @@ import urllib.parse
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from agent.errors import ConfigError, DownloadError
+from agent.errors import ConfigError, DownloadError, DownloadRefusedError
 from agent.install._config import FetchConfig
 from agent.install._store import partial_path
 from agent.plumbing.files import NotRegularFileError, open_regular
@@ -93,11 +96,13 @@ class UrlFetcher:
             path = urllib.parse.unquote(urllib.parse.urlsplit(source).path) if scheme else source
             _fetch_file(Path(path), partial, config)
         else:
-            raise DownloadError(f"cannot fetch {source!r}: use a local path or an http(s) URL")
+            raise DownloadRefusedError(
+                f"cannot fetch {source!r}: use a local path or an http(s) URL"
+            )
         actual = file_sha256(partial)
         if sha256 is not None and actual != sha256.lower():
             partial.unlink(missing_ok=True)
-            raise DownloadError(
+            raise DownloadRefusedError(
                 f"{source} has sha256 {actual}, but the request says {sha256}; the download"
                 " was corrupted or the URL serves another file"
             )
@@ -121,7 +126,7 @@ class UrlFetcher:
     def _connect(self, url: str, config: FetchConfig) -> tuple[http.client.HTTPConnection, str]:
         parts = urllib.parse.urlsplit(url)
         if not parts.hostname:
-            raise DownloadError(f"URL {url!r} has no host")
+            raise DownloadRefusedError(f"URL {url!r} has no host")
         conn: http.client.HTTPConnection
         if parts.scheme == "https":
             conn = http.client.HTTPSConnection(
@@ -140,7 +145,7 @@ class UrlFetcher:
             conn.close()
             if _transient_tls(exc):
                 raise _Interrupted(f"TLS with {parts.netloc} was cut: {exc}") from None
-            raise DownloadError(_tls_failure(parts.netloc, exc)) from None
+            raise DownloadRefusedError(_tls_failure(parts.netloc, exc)) from None
         except OSError as exc:
             conn.close()
             raise _Interrupted(f"cannot connect to {parts.netloc}: {exc}") from None
@@ -169,20 +174,20 @@ class UrlFetcher:
                     if _transient_tls(exc):
                         raise _Interrupted(f"request failed: {exc}") from None
                     netloc = urllib.parse.urlsplit(url).netloc
-                    raise DownloadError(_tls_failure(netloc, exc)) from None
+                    raise DownloadRefusedError(_tls_failure(netloc, exc)) from None
                 except (OSError, http.client.HTTPException) as exc:
                     raise _Interrupted(f"request failed: {exc}") from None
                 if resp.status in (301, 302, 303, 307, 308):
                     location = resp.getheader("Location")
                     if not location:
-                        raise DownloadError(f"{url} redirects without a Location")
+                        raise DownloadRefusedError(f"{url} redirects without a Location")
                     url = urllib.parse.urljoin(url, location)
                     continue
                 _receive(url, resp, partial, offset, config)
                 return
             finally:
                 conn.close()
-        raise DownloadError(f"{url}: more than {config.max_redirects} redirects")
+        raise DownloadRefusedError(f"{url}: more than {config.max_redirects} redirects")
 
 
 def _transient_tls(exc: ssl.SSLError) -> bool:
@@ -228,7 +233,7 @@ def _receive(
             return
         partial.unlink(missing_ok=True)
         raise _Interrupted("the server refused the resume range; starting over")
-    if resp.status >= 500 or resp.status == 429:
+    if resp.status >= 500 or resp.status in (408, 429):  # the server may answer later
         raise _Interrupted(f"HTTP {resp.status} {resp.reason}")
     if resp.status == 206:
         m = _CONTENT_RANGE_RE.match(resp.getheader("Content-Range") or "")
@@ -238,13 +243,13 @@ def _receive(
     elif resp.status == 200:
         offset = 0  # no range support (or no range asked): the body is the whole file
     else:
-        raise DownloadError(f"{url}: HTTP {resp.status} {resp.reason}; check the URL")
+        raise DownloadRefusedError(f"{url}: HTTP {resp.status} {resp.reason}; check the URL")
 
     length_header = resp.getheader("Content-Length")
     remaining = int(length_header) if length_header and length_header.isdigit() else None
     if remaining is not None and offset + remaining > config.max_bundle_bytes:
         partial.unlink(missing_ok=True)
-        raise DownloadError(
+        raise DownloadRefusedError(
             f"{url} is {offset + remaining} bytes; max_bundle_bytes is {config.max_bundle_bytes}"
         )
     _check_free_space(partial.parent, remaining or 0, config)
@@ -263,7 +268,7 @@ def _receive(
             if offset + received > config.max_bundle_bytes:
                 out.close()
                 partial.unlink(missing_ok=True)
-                raise DownloadError(
+                raise DownloadRefusedError(
                     f"{url} is larger than max_bundle_bytes ({config.max_bundle_bytes})"
                 )
             _write(out, chunk, partial)

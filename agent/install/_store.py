@@ -25,6 +25,7 @@ import re
 import secrets
 import shutil
 import stat
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -44,6 +45,7 @@ __all__ = [
     "Pending",
     "Phase",
     "Store",
+    "absolute_source",
     "partial_path",
 ]
 
@@ -235,6 +237,13 @@ def _parse_state(data: bytes) -> AgentState:
     )
     d.done()
     return state
+
+
+def absolute_source(source: str) -> str:
+    """A local path made absolute: the pending install is resumed from any directory."""
+    if urllib.parse.urlsplit(source).scheme:
+        return source
+    return str(Path(source).expanduser().resolve())
 
 
 def partial_path(dest: Path) -> Path:

@@ -26,17 +26,23 @@ import hashlib
 import logging
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-from agent.bundle import DeviceInfo, Limits, check_compatibility, verify_bundle
+from agent.bundle import DeviceInfo, Limits, verify_bundle
 from agent.bundle.manifest import Manifest
 from agent.bundle.signing import TrustPolicy
-from agent.errors import BundleError, ConfigError, DownloadError, EdgeshipError, StateError
+from agent.errors import (
+    BundleError,
+    ConfigError,
+    DownloadError,
+    DownloadRefusedError,
+    EdgeshipError,
+    StateError,
+)
 from agent.install import faults
 from agent.install._config import UpdaterConfig
 from agent.install._decisions import (
@@ -45,17 +51,24 @@ from agent.install._decisions import (
     resume_action,
     rollback_state,
 )
-from agent.install._gate import ChildGate, load_and_check
 from agent.install._health import HealthReport
-from agent.install._store import AgentState, Failure, Pending, Phase, Store, partial_path
+from agent.install._loading import ModelLoader, ModelLoading
+from agent.install._store import (
+    AgentState,
+    Failure,
+    Pending,
+    Phase,
+    Store,
+    absolute_source,
+    partial_path,
+)
 from agent.serve._slot import ModelSlot, ProbationMonitor, ProbationVerdict, ServingModel
-from agent.serve.runtimes import installed_runtimes, load_model
+from agent.serve.runtimes import installed_runtimes
 
 if TYPE_CHECKING:
-    from agent.bundle.crypto import DeviceKey
     from agent.install._fetch import Fetcher
 
-__all__ = ["EventSink", "InstallResult", "ModelLoader", "Updater"]
+__all__ = ["EventSink", "InstallResult", "Updater"]
 
 
 _log = logging.getLogger("edgeship.agent")
@@ -67,9 +80,6 @@ class EventSink(Protocol):
     def __call__(self, kind: str, fields: Mapping[str, Any], /) -> None: ...
 
 
-ModelLoader = Callable[[Manifest, Path, str], ServingModel]
-
-
 @dataclass(frozen=True)
 class InstallResult:
     digest: str
@@ -78,10 +88,6 @@ class InstallResult:
     sequence: int
     outcome: Literal["probation", "already-current"]
     health: HealthReport | None = None
-
-
-def _default_device() -> DeviceInfo:
-    return DeviceInfo(runtimes=installed_runtimes())
 
 
 class Updater:
@@ -112,13 +118,8 @@ class Updater:
         )
         self._device = device
         self._fetcher = fetcher
-        self.key: DeviceKey | None = None
-        if self.config.decryption_key is not None:
-            from agent.bundle.crypto import DeviceKey  # noqa: PLC0415 - with a device key only
-
-            self.key = DeviceKey.load(self.config.decryption_key)
-        self._custom_loader = loader is not None
-        self.loader: ModelLoader = loader or self._default_loader
+        self.models = ModelLoading(self.config, lambda: self.device, loader)
+        self.key = self.models.key
         self.slot = slot
         self._events = events
         self._wall_clock = wall_clock or (lambda: datetime.now(UTC))
@@ -136,7 +137,7 @@ class Updater:
     @property
     def device(self) -> DeviceInfo:
         if self._device is None:
-            self._device = _default_device()
+            self._device = DeviceInfo(runtimes=installed_runtimes())
         return self._device
 
     # --- public operations -----------------------------------------------------------
@@ -158,7 +159,7 @@ class Updater:
             BundleError: the bundle is refused (verification, rollback floor, health).
             StateError: a version is in probation, or the loop budget is used up.
         """
-        source = _absolute(source)
+        source = absolute_source(source)
         with self._lock, self.store.lock():
             self.store.init()
             state = self.store.load()
@@ -312,7 +313,14 @@ class Updater:
                 # Keep the install pending: the partial file stays and the next try resumes.
                 failure = Failure("failed", str(exc), time.time(), phase="downloading")
                 self._save(replace(state, last_failure=failure), crash_point=None)
-                self._emit("download-failed", source=p.source, reason=str(exc))
+                # The digest is not known yet: sha256 names the bundle for the fleet.
+                self._emit(
+                    "download-failed",
+                    source=p.source,
+                    sha256=p.sha256,
+                    permanent=isinstance(exc, DownloadRefusedError),
+                    reason=str(exc),
+                )
                 raise
         faults.crash_point("downloaded")
         self._emit("downloaded", source=p.source)
@@ -416,46 +424,20 @@ class Updater:
     # --- helpers ---------------------------------------------------------------------
 
     def _gate(self, manifest: Manifest, digest: str) -> tuple[ServingModel, HealthReport]:
-        """Load the candidate and run the health gate on it (in a child process by default).
+        """Load the candidate and run the health gate on it.
 
         Raises:
             EdgeshipError: incompatible, does not load, or fails the gate.
         """
-        update = self.config.update
-        model_dir = self.store.version_dir(digest)
-        started = time.monotonic()
-        runtime = check_compatibility(manifest, self.device)
-        child = None
-        if update.health_gate == "process" and not self._custom_loader:
-            child = ChildGate(
-                runtime,
-                self.config.runtime,
-                update.health_gate_timeout_s,
-                self.config.decryption_key,
-            )
-        model, report = load_and_check(
-            lambda: self._load(manifest, model_dir, runtime),
-            manifest,
-            model_dir,
-            runs=update.health_runs,
-            priority=update.health_gate_priority,
-            child=child,
-            key=self.key,
-        )
+        passed = self.models.gate(manifest, self.store.version_dir(digest))
         self._emit(
             "health-check-passed",
             digest=digest,
-            p95_ms=report.p95_ms,
-            gate="process" if child is not None else "thread",
-            seconds=round(time.monotonic() - started, 3),  # the gate and the load, together
+            p95_ms=passed.report.p95_ms,
+            gate=passed.gate,
+            seconds=passed.seconds,
         )
-        return model, report
-
-    def _load(self, manifest: Manifest, model_dir: Path, runtime: str) -> ServingModel:
-        return self.loader(manifest, model_dir, runtime)
-
-    def _default_loader(self, manifest: Manifest, model_dir: Path, runtime: str) -> ServingModel:
-        return load_model(manifest, model_dir, runtime, self.config.runtime, key=self.key)
+        return passed.model, passed.report
 
     def _serve(self, digest: str | None) -> None:
         if self.slot is None:
@@ -466,8 +448,7 @@ class Updater:
         if self.slot.digest == digest and self.slot.monitor() is None:
             return
         manifest = self.store.manifest(digest)
-        runtime = check_compatibility(manifest, self.device)
-        self.slot.swap(self._load(manifest, self.store.version_dir(digest), runtime), digest)
+        self.slot.swap(self.models.load(manifest, self.store.version_dir(digest)), digest)
 
     def _rollback(self, state: AgentState, reason: str) -> AgentState:
         new = rollback_state(state, reason, time.time())
@@ -476,7 +457,8 @@ class Updater:
         new = self._save(new, crash_point=None)
         self._serve(new.current)
         self._collect(new)
-        self._emit("rolled-back", digest=new.current, reason=reason)
+        rolled = None if new.last_failure is None else new.last_failure.digest  # rolled away from
+        self._emit("rolled-back", digest=rolled, current=new.current, reason=reason)
         return new
 
     def _fail(self, state: AgentState, reason: str) -> AgentState:
@@ -492,7 +474,8 @@ class Updater:
             crash_point=None,
         )
         self._collect(new)
-        self._emit("failed", digest=digest, phase=phase, reason=reason)
+        sha256 = None if p is None else p.sha256  # names the bundle before it is verified
+        self._emit("failed", digest=digest, sha256=sha256, phase=phase, reason=reason)
         return new
 
     def _collect(self, state: AgentState) -> None:
@@ -514,10 +497,3 @@ class Updater:
     def _emit(self, kind: str, **fields: Any) -> None:
         if self._events is not None:
             self._events(kind, fields)
-
-
-def _absolute(source: str) -> str:
-    """A local path made absolute: the pending install is resumed from any directory."""
-    if urllib.parse.urlsplit(source).scheme:
-        return source
-    return str(Path(source).expanduser().resolve())

@@ -16,6 +16,8 @@ set, and read here and nowhere else:
     checking the candidate.
 
 With neither set (every real deployment), :func:`crash_point` is one dictionary lookup.
+The fleet side's rollout runner stops through the same seam, at its own points
+(:data:`sdk.fleet._rollout_run.CRASH_POINTS`).
 """
 
 from __future__ import annotations

@@ -23,35 +23,41 @@ What differs between a device and the fleet side are options of this one client:
   connection starts clean: the device's outbox is its session.
 * Shared subscriptions (``$share/<group>/<filter>``) deliver under the plain topic:
   every message is routed by its topic through one table of topic -> handlers.
-
-A caller that must fail fast (the CLI) calls :meth:`MqttClient.connect`: it waits for the
-first connection and raises :class:`~agent.errors.BrokerError` saying why there is none.
+* ``manual_ack``: a received message is acknowledged only by :meth:`MqttClient.ack`
+  (the collector's, once its row is committed), on the connection it came on; the broker
+  redelivers what was not to a kept session. ``max_unacked`` bounds what it holds: an
+  MQTT 5 broker is asked for half as many (Receive Maximum), and the client stops reading
+  at ``max_unacked`` (brokers that send more, 3.1.1): the broker queues the rest.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 import random
-import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
-from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from agent.errors import BrokerError
+from agent.plumbing._paho import (
+    connect_properties,
+    loop_without_reading,
+    new_paho_client,
+    publish_properties,
+    quick_ack,
+    received,
+)
 from agent.plumbing._routes import Routes
 from agent.plumbing.backoff import Backoff
 from agent.plumbing.broker import BrokerConfig
 from agent.plumbing.tls import TlsConfig  # still importable from here (CHANGELOG)
-from agent.plumbing.transport import PUBLISH_WINDOW, AckCallback, Message, MessageHandler
+from agent.plumbing.transport import AckCallback, Message, MessageHandler
 
 __all__ = ["MqttClient", "Presence", "TlsConfig"]
 
@@ -72,11 +78,6 @@ class Presence:
     document: Callable[[str, str | None], bytes]
 
 
-# paho's own window of unacknowledged QoS 1 messages. mosquitto's default receive
-# maximum is 20; paho 2.2 does not read the broker's value, so stay at or below it.
-_MAX_INFLIGHT = PUBLISH_WINDOW
-
-
 class MqttClient:
     """:class:`~agent.plumbing.transport.Transport` over paho-mqtt 2.x. Thread-safe.
 
@@ -85,12 +86,13 @@ class MqttClient:
 
     ``tcp_nodelay`` (default on) sends every small message at once: a device answering
     requests must not hold one back for the previous one's ACK. A client that mostly
-    receives (the collector) turns it off, so that the kernel coalesces its PUBACKs:
-    draining a backlog, that halved the broker's CPU per message and ran ~20 % faster.
+    receives (the collector) turns it off so the kernel coalesces its PUBACKs: draining a
+    backlog, that halved the broker's CPU per message and ran ~20 % faster.
 
     Raises (constructor):
         ConfigError: the TLS files or the password file are unusable.
-        ValueError: ``session_expiry_s`` is negative, or set without a ``client_id``.
+        ValueError: ``session_expiry_s`` is negative, or set without a ``client_id``;
+            ``max_unacked`` is outside 1..65535 or set without ``manual_ack``.
     """
 
     def __init__(
@@ -101,17 +103,23 @@ class MqttClient:
         client_id: str | None = None,
         session_expiry_s: int = 0,
         tcp_nodelay: bool = True,
+        manual_ack: bool = False,
+        max_unacked: int | None = None,
         rand: Callable[[], float] = random.random,
     ) -> None:
         if client_id is None and presence is not None:
             client_id = presence.client_id
         if session_expiry_s < 0 or (session_expiry_s and not client_id):
             raise ValueError("session_expiry_s must be >= 0, and a kept session needs a client_id")
+        if max_unacked is not None and not (manual_ack and 1 <= max_unacked <= 65535):
+            raise ValueError(f"max_unacked needs manual_ack and 1..65535, not {max_unacked}")
         self.config = config
         self.presence = presence
         self.client_id = client_id or ""
         self.session_expiry_s = session_expiry_s
         self.tcp_nodelay = tcp_nodelay
+        self.manual_ack = manual_ack
+        self.max_unacked = max_unacked
         self._rand = rand
         self._password = config.password()
         self._ssl = config.ssl_context()
@@ -125,6 +133,9 @@ class MqttClient:
         self._thread: threading.Thread | None = None
         self._pending: dict[int, AckCallback] = {}
         self._early: dict[int, bool] = {}
+        # Unacknowledged (manual_ack) by packet id: the broker reuses one only once acked.
+        self._delivered: dict[int, Message] = {}
+        self._acked = threading.Event()  # set by ack(): reading may go on
         self._listeners: list[Callable[[], None]] = []
         self._routes = Routes()
         self.last_error: str | None = None
@@ -173,14 +184,8 @@ class MqttClient:
         if client is None:
             return False
         props = None
-        if self.config.protocol == "5" and (expiry_s or response_topic or correlation_data):
-            props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-            if expiry_s:
-                props.MessageExpiryInterval = max(1, math.ceil(expiry_s))
-            if response_topic:
-                props.ResponseTopic = response_topic
-            if correlation_data:
-                props.CorrelationData = correlation_data
+        if self.config.protocol == "5":
+            props = publish_properties(expiry_s, response_topic, correlation_data)
         info = client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             return False
@@ -196,6 +201,25 @@ class MqttClient:
                 self._pending[info.mid] = callback
         if accepted is not None:
             callback(accepted)
+        return True
+
+    def ack(self, message: Message) -> bool:
+        """Acknowledge a message received with ``manual_ack``, on the connection it came on.
+
+        False when that connection is gone (a kept session gets the message again) or the
+        message was acknowledged already: a packet id is never acknowledged twice. Without
+        ``manual_ack``, and for QoS 0, paho has done it: True.
+        """
+        if not self.manual_ack or message.qos == 0:
+            return True
+        with self._lock:
+            client = self._client
+            if client is None or self._delivered.get(message.mid) is not message:
+                return False
+            del self._delivered[message.mid]
+        # Outside our lock (see publish); the connection thread writes the packet.
+        client.ack(message.mid, message.qos)
+        self._acked.set()
         return True
 
     def start(self) -> None:
@@ -287,20 +311,22 @@ class MqttClient:
         try:
             if cfg.protocol == "3.1.1":
                 client.connect(url.host, url.port, cfg.keepalive_s)
-            elif self.session_expiry_s:
-                props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-                props.SessionExpiryInterval = self.session_expiry_s
-                client.connect(
-                    url.host, url.port, cfg.keepalive_s, clean_start=False, properties=props
-                )
             else:
-                client.connect(url.host, url.port, cfg.keepalive_s, clean_start=True)
+                window = None if self.max_unacked is None else max(1, self.max_unacked // 2)
+                props = connect_properties(self.session_expiry_s, window)
+                client.connect(
+                    url.host,
+                    url.port,
+                    cfg.keepalive_s,
+                    clean_start=not self.session_expiry_s,
+                    properties=props,
+                )
         except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
             self.last_error = (
                 f"cannot reach {url}: {e}; check the URL, that the broker runs there,"
                 " and the TLS settings"
             )
-            log.info("%s", self.last_error)
+            log.warning("%s", self.last_error)
             return False
         while time.monotonic() < deadline and not self._stopping.is_set():
             rc = client.loop(timeout=0.05)
@@ -330,7 +356,14 @@ class MqttClient:
 
     def _serve(self, client: paho.Client) -> None:
         while not self._stopping.is_set() and self.connected:
-            rc = client.loop(timeout=0.05)
+            if self.max_unacked is None or len(self._delivered) < self.max_unacked:
+                rc = client.loop(timeout=0.05)
+            else:
+                # Read no more, so that the broker keeps the rest: it may send more than
+                # the Receive Maximum once acks come (mosquitto 2.0.11 does).
+                rc = loop_without_reading(client)
+                self._acked.wait(0.05)
+                self._acked.clear()
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 self.last_error = f"connection lost ({rc.name})"
                 log.info("mqtt %s", self.last_error)
@@ -344,54 +377,44 @@ class MqttClient:
 
     def _new_client(self) -> paho.Client:
         cfg = self.config
-        protocol = paho.MQTTv5 if cfg.protocol == "5" else paho.MQTTv311
-        client = paho.Client(
-            CallbackAPIVersion.VERSION2,
+        client = new_paho_client(
+            cfg,
             client_id=self.client_id,
-            protocol=protocol,
-            # 3.1.1 without a kept session: no broker-side state; the caller is the session.
-            clean_session=None if protocol == paho.MQTTv5 else not self.session_expiry_s,
+            keep_session=bool(self.session_expiry_s),
+            manual_ack=self.manual_ack,
+            tcp_nodelay=self.tcp_nodelay,
+            ssl=self._ssl,
+            password=self._password,
+            will=None
+            if self.presence is None
+            else (self.presence.topic, self.presence.document("offline", "connection-lost")),
         )
-        client.connect_timeout = cfg.connect_timeout_s
-        client.max_inflight_messages_set(_MAX_INFLIGHT)
-        if self._ssl is not None:
-            client.tls_set_context(self._ssl)
-        if cfg.username is not None:
-            client.username_pw_set(cfg.username, self._password)
-        if self.presence is not None:
-            client.will_set(
-                self.presence.topic,
-                self.presence.document("offline", "connection-lost"),
-                qos=1,
-                retain=True,
-            )
         self._refused = None
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_message = self._on_message
-        client.on_socket_register_write = _written_by_the_loop
-        if self.tcp_nodelay:
-            client.on_socket_open = _no_delay
-        with self._lock:
-            self._client = client
-            self._pending.clear()
-            self._early.clear()
+        self._forget_connection(client)
         return client
 
     def _drop(self, client: paho.Client) -> None:
         self._connected.clear()
-        with self._lock:
-            if self._client is client:
-                self._client = None
-            self._pending.clear()
-            self._early.clear()
+        self._forget_connection(None, client)
         try:
             sock = client.socket()
             if sock is not None:
                 sock.close()
         except OSError:
             pass
+
+    def _forget_connection(self, new: paho.Client | None, old: paho.Client | None = None) -> None:
+        """Publishes and deliveries of the last connection are gone with it."""
+        with self._lock:
+            if old is None or self._client is old:
+                self._client = new
+            self._pending.clear()
+            self._early.clear()
+            self._delivered.clear()
 
     # --- paho callbacks (on the connection thread) ---------------------------------
 
@@ -450,23 +473,19 @@ class MqttClient:
         if callback is not None:
             callback(accepted)
 
-    def _on_message(self, _client: paho.Client, _userdata: object, msg: paho.MQTTMessage) -> None:
+    def _on_message(self, client: paho.Client, _userdata: object, msg: paho.MQTTMessage) -> None:
         topic = msg.topic
-        props = getattr(msg, "properties", None)
-        message = Message(
-            topic=topic,
-            payload=bytes(msg.payload),
-            retain=bool(msg.retain),
-            response_topic=getattr(props, "ResponseTopic", None),
-            correlation_data=getattr(props, "CorrelationData", None),
-            qos=msg.qos,
-            mid=msg.mid,
-            session=self._session,
-        )
+        message = received(msg, self._session)
         handlers = self._routes.handlers(topic)
         if not handlers:
-            # paho has acknowledged it already; it can only be reported.
+            # Acknowledged (by paho, or here: nobody else will), so it can only be reported.
             log.warning("message on %s matched no subscription and was dropped", topic)
+            if self.manual_ack and msg.qos:
+                client.ack(msg.mid, msg.qos)
+        elif self.manual_ack and msg.qos:
+            with self._lock:
+                self._delivered[msg.mid] = message
+            quick_ack(client)
         for handler in handlers:
             try:
                 handler(message)
@@ -474,23 +493,5 @@ class MqttClient:
                 log.exception("handler for %s failed", topic)
 
 
-def _written_by_the_loop(_client: paho.Client, _userdata: object, _sock: object) -> None:
-    """Leave every socket write to the connection thread (paho's socket pair wakes it).
-
-    Without this hook paho writes a publish in the caller's thread, holding its message
-    lock across the system call, which stalls the thread handling acknowledgements: a
-    window of publishes went ~25 % slower, while reply latency did not improve."""
-
-
 def _ignore_ack(_accepted: bool) -> None:
     """Acks of messages nobody waits for (birth, retained state)."""
-
-
-def _no_delay(_client: paho.Client, _userdata: object, sock: object) -> None:
-    """Turn Nagle's algorithm off: telemetry and inference replies are small messages,
-    and holding each back for the previous one's ACK cost a 40 ms delayed-ACK stall per
-    request in bench/serving.py."""
-    setsockopt = getattr(sock, "setsockopt", None)
-    if setsockopt is not None:
-        with contextlib.suppress(OSError):
-            setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

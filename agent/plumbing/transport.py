@@ -44,7 +44,7 @@ class Message:
 
     ``qos``, ``mid`` and ``session`` identify the delivery: the packet id on the
     connection numbered ``session`` (see :attr:`Transport.session`), which is what
-    acknowledging the message to the broker takes.
+    acknowledging the message to the broker takes (:meth:`Transport.ack`).
     """
 
     topic: str
@@ -96,6 +96,16 @@ class Transport(Protocol):
         ``session`` set, the message is sent only on that connection: a caller that
         re-sends unacknowledged messages in order after a reconnect uses it so that no
         newer message slips onto a new connection ahead of the re-sends.
+        """
+        ...
+
+    def ack(self, message: Message) -> bool:
+        """Acknowledge a received message to the broker once it has been handled.
+
+        Only a transport that leaves acknowledging to its caller sends anything (the
+        collector's acknowledges a message once its row is committed); others have done
+        it on receipt and return True. False when the connection the message came on is
+        gone (the broker redelivers it to a kept session) or it was acknowledged already.
         """
         ...
 

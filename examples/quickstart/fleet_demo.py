@@ -380,8 +380,8 @@ def main() -> int:
                 "2",
                 "--wave-timeout",
                 "90",
-                "--state-dir",
-                out / "rollouts",
+                "--db",
+                out / "fleet.sqlite",
                 check=False,
             )
             halted = result.returncode == 2

@@ -1,8 +1,8 @@
 """``edgeship``: the build and fleet CLI. Thin: parse, call the library, print.
 
-The commands live in :mod:`sdk.cli._build` (keygen, trust, build, inspect, verify) and
-:mod:`sdk.cli._fleet` (serve, publish, collect, fleet, rollout). Results print as tables
-for people and as JSON with ``--json`` for scripts. Only
+The commands live in :mod:`sdk.cli._build` (keygen, trust, build, inspect, verify),
+:mod:`sdk.cli._fleet` (serve, publish, collect, fleet) and :mod:`sdk.cli._rollout`
+(rollout). Results print as tables for people and as JSON with ``--json`` for scripts. Only
 :class:`~agent.errors.EdgeshipError` is caught; its text is the whole message.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 
 from agent.errors import EdgeshipError
 from sdk import __version__
-from sdk.cli import _build, _fleet
+from sdk.cli import _build, _fleet, _rollout
 
 __all__ = ["main"]
 
@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _build.register(command)
     _fleet.register(command)
+    _rollout.register(command)
     return parser
 
 

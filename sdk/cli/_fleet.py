@@ -1,6 +1,7 @@
-"""The fleet commands of ``edgeship``: serve, publish, collect, fleet status|report, rollout.
+"""The fleet commands of ``edgeship``: serve, publish, collect, fleet status|report.
 
-:func:`register` adds them to the parser that :mod:`sdk.cli` builds.
+:func:`register` adds them to the parser that :mod:`sdk.cli` builds; ``rollout`` is in
+:mod:`sdk.cli._rollout`, which shares the MQTT and device-selection options defined here.
 """
 
 from __future__ import annotations
@@ -23,19 +24,17 @@ from typing import Any
 from rich.table import Table
 
 from agent.bundle.signing import TrustPolicy
-from agent.errors import ConfigError, StateError
-from agent.messages.topics import check_id
+from agent.errors import ConfigError
 from agent.plumbing.broker import BrokerConfig, BrokerUrl
 from agent.plumbing.mqtt import MqttClient
 from agent.plumbing.tls import TlsConfig
 from agent.plumbing.transport import Transport
 from sdk.cli._output import emit
-from sdk.fleet._rollout_run import RolloutFiles, revert, run_rollout
-from sdk.fleet.collect import Collector
+from sdk.errors import StoreError
+from sdk.fleet.collect import MAX_HELD, Collector
 from sdk.fleet.groups import discover_devices, load_groups, parse_where, select_devices
-from sdk.fleet.publish import bundle_ref, publish_desired
+from sdk.fleet.publish import BundleRef, bundle_ref, publish_desired
 from sdk.fleet.report import render_report
-from sdk.fleet.rollout import Decision, Rollout, RolloutPlan, parse_waves, wave_order
 from sdk.fleet.serve import BundleServer
 from sdk.fleet.status import fleet_status
 from sdk.fleet.store import open_store
@@ -46,7 +45,8 @@ CommandFn = Callable[[str, Any, str], argparse.ArgumentParser]
 
 _DEFAULT_BROKER = os.environ.get("EDGESHIP_BROKER", "mqtt://127.0.0.1:1883")
 _DEFAULT_DB = "edgeship-fleet.sqlite"
-_DEFAULT_ROLLOUTS = Path(".edgeship/rollouts")
+# How long the broker keeps a collector's session (with --client-id) while it is away.
+_KEPT_SESSION_S = 3600
 
 
 @contextmanager
@@ -152,14 +152,18 @@ def _select(args: argparse.Namespace, transport: Transport) -> list[str]:
     )
 
 
-def _bundle(args: argparse.Namespace) -> Any:
-    policy = None
-    if args.trust is not None:
-        try:
-            policy = TrustPolicy.from_toml(args.trust.read_bytes())
-        except OSError as e:
-            raise ConfigError(f"cannot read trust policy {args.trust}: {e.strerror}") from None
-    return bundle_ref(args.bundle, args.url, policy=policy, now=datetime.now(UTC))
+def _policy(args: argparse.Namespace) -> TrustPolicy | None:
+    """The ``--trust`` policy, if given. Raises: ConfigError when it cannot be read."""
+    if args.trust is None:
+        return None
+    try:
+        return TrustPolicy.from_toml(args.trust.read_bytes())
+    except OSError as e:
+        raise ConfigError(f"cannot read trust policy {args.trust}: {e.strerror}") from None
+
+
+def _bundle(args: argparse.Namespace) -> BundleRef:
+    return bundle_ref(args.bundle, args.url, policy=_policy(args), now=datetime.now(UTC))
 
 
 # --- serve ---------------------------------------------------------------------------------
@@ -205,28 +209,57 @@ def cmd_publish(args: argparse.Namespace) -> int:
 # --- collect -------------------------------------------------------------------------------
 
 
-def cmd_collect(args: argparse.Namespace) -> int:
-    client_id = args.client_id or f"edgeship-collector-{uuid.uuid4().hex[:8]}"
-    # Mostly receiving: let the kernel coalesce the PUBACKs (see MqttClient).
-    client = _client(
-        args, client_id=client_id, session_expiry_s=args.session_expiry, tcp_nodelay=False
+def _collector_client(args: argparse.Namespace) -> MqttClient:
+    """The collector's client: acknowledging only what is stored, holding at most MAX_HELD.
+
+    Raises:
+        ConfigError: as :func:`_broker`, or ``--session-expiry`` without ``--client-id``.
+    """
+    if args.session_expiry is not None and args.client_id is None:
+        raise ConfigError("--session-expiry needs --client-id: a broker session is a client id's")
+    if args.connect_timeout <= 0:
+        raise ConfigError("--connect-timeout must be positive")
+    expiry = args.session_expiry
+    if expiry is None:
+        expiry = _KEPT_SESSION_S if args.client_id else 0
+    return MqttClient(
+        # Back within ~0.1 s of a broker restart: mosquitto 2.0.11 drops what is published
+        # to a shared subscription until a member subscribes again (docs/scaling.md).
+        replace(_broker(args), connect_timeout_s=args.connect_timeout, backoff_initial_s=0.1),
+        client_id=args.client_id or f"edgeship-collector-{uuid.uuid4().hex[:8]}",
+        session_expiry_s=expiry,
+        # Mostly receiving: let the kernel coalesce the PUBACKs (see MqttClient).
+        tcp_nodelay=False,
+        manual_ack=True,
+        max_unacked=MAX_HELD,
     )
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    client = _collector_client(args)
     store = open_store(args.db)
-    collector = Collector(client, store, fleet=args.fleet, share_group=args.group)
-    # Subscribe before connecting: a persistent session's queue arrives right after the
-    # CONNACK, and a message with no handler yet would be acknowledged and lost.
-    collector.start()
-    try:
-        client.connect()
-        if not args.json:
-            print(f"collecting {args.fleet} from {client.config.url} into {args.db}", flush=True)
-        with _until_signal() as stop:
+    with _until_signal() as stop:
+        collector = Collector(
+            client, store, fleet=args.fleet, share_group=args.group, on_fatal=lambda _: stop.set()
+        )
+        # Subscribe before connecting: a persistent session's queue arrives right after
+        # the CONNACK, and a message with no handler yet would be acknowledged and lost.
+        collector.start()
+        try:
+            client.connect()
+            if not args.json:
+                print(
+                    f"collecting {args.fleet} from {client.config.url} into {args.db}"
+                    f" (group {collector.share_group})",
+                    flush=True,
+                )
             stop.wait(args.duration)
-    finally:
-        client.stop()
-        collector.stop()
-        store.close()
+        finally:
+            collector.stop()  # stores and acknowledges what came, then disconnects
+            store.close()
     emit(args, collector.stats.to_json(), json.dumps(collector.stats.to_json()))
+    if collector.fatal is not None:
+        raise StoreError(collector.fatal)
     return 0
 
 
@@ -287,96 +320,6 @@ def _fleet_report(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- rollout -------------------------------------------------------------------------------
-
-
-def _rollout_table(r: Rollout) -> Table:
-    c = r.counts()
-    table = Table(title=f"rollout {r.id}: {r.bundle.name} {r.bundle.version} -> {r.fleet}")
-    table.add_column("field", style="bold")
-    table.add_column("value")
-    table.add_row("status", r.status + (f" ({r.reason})" if r.reason else ""))
-    waves = ",".join(f"{w:.0%}" for w in r.plan.waves)
-    table.add_row("wave", f"{r.wave + 1} of {len(r.plan.waves)} ({waves})")
-    table.add_row(
-        "devices",
-        f"{c['published']}/{c['devices']} published, {c['succeeded']} succeeded,"
-        f" {c['failed']} failed, {c['pending']} pending",
-    )
-    for device, p in sorted(r.progress.items()):
-        if p.outcome == "failed":
-            table.add_row(f"failed: {device}", p.reason or "")
-    return table
-
-
-def _drive(args: argparse.Namespace, files: RolloutFiles, rollout: Rollout) -> int:
-    def on_change(r: Rollout, d: Decision) -> None:
-        if not args.json:
-            extra = f": {', '.join(d.devices)}" if d.devices else ""
-            print(
-                f"[{r.id}] {d.action}{extra}" + (f" ({d.reason})" if d.reason else ""), flush=True
-            )
-
-    with _client(args) as client, _until_signal() as stop:
-        result = run_rollout(
-            client, files, rollout, poll_s=args.poll, on_change=on_change, stop=stop
-        )
-    emit(args, result.to_json(), _rollout_table(result))
-    return {"completed": 0, "running": 0, "halted": 2, "aborted": 3}[result.status]
-
-
-def cmd_rollout(args: argparse.Namespace) -> int:
-    files = RolloutFiles(args.state_dir)
-    action, rest = args.target[0], args.target[1:]
-    if action in {"status", "resume", "abort"}:
-        if len(rest) != 1:
-            raise ConfigError(f"usage: edgeship rollout {action} ID")
-        rollout = files.load(rest[0])
-        if action == "status":
-            emit(args, rollout.to_json(), _rollout_table(rollout))
-            return 0
-        if action == "resume":
-            if rollout.status != "running":
-                raise StateError(f"rollout {rollout.id} is {rollout.status}; it cannot resume")
-            return _drive(args, files, rollout)
-        aborted = replace(rollout, status="aborted", reason="aborted by user")
-        files.save(aborted)
-        if args.revert_on_halt:
-            with _client(args) as client:
-                revert(client, aborted)
-        emit(args, aborted.to_json(), _rollout_table(aborted))
-        return 0
-    if rest:
-        raise ConfigError("usage: edgeship rollout BUNDLE --url URL --group NAME ...")
-    if args.url is None or args.fleet is None:
-        raise ConfigError("a new rollout needs --url and --fleet")
-    args.bundle = Path(action)
-    ref = _bundle(args)
-    plan = RolloutPlan(
-        waves=parse_waves(args.waves),
-        max_failure_rate=args.max_failure_rate,
-        min_healthy_s=args.min_healthy_time,
-        wave_timeout_s=args.wave_timeout,
-        revert_on_halt=args.revert_on_halt,
-    )
-    rollout_id = args.id or f"{ref.name}-{ref.version}-{uuid.uuid4().hex[:6]}"
-    check_id("rollout", rollout_id)
-    with _client(args) as client:
-        devices = _select(args, client)
-    rollout = Rollout(
-        id=rollout_id,
-        fleet=args.fleet,
-        bundle=ref,
-        devices=wave_order(rollout_id, tuple(devices)),
-        plan=plan,
-        created_at=time.time(),
-    )
-    files.save(rollout)
-    if not args.json:
-        print(f"rollout {rollout_id}: {len(devices)} devices, waves {args.waves}", flush=True)
-    return _drive(args, files, rollout)
-
-
 # --- registration ------------------------------------------------------------------------------
 
 
@@ -384,7 +327,6 @@ def register(command: CommandFn) -> None:
     """Add the fleet commands; ``command(name, func, help)`` makes one subcommand parser."""
     _register_serve_publish(command)
     _register_collect_fleet(command)
-    _register_rollout(command)
 
 
 def _register_serve_publish(command: CommandFn) -> None:
@@ -408,16 +350,29 @@ def _register_collect_fleet(command: CommandFn) -> None:
     p.add_argument("--db", default=_DEFAULT_DB, help="SQLite path or postgresql:// URL")
     p.add_argument(
         "--group",
-        default="edgeship-collectors",
-        help="shared-subscription group: collectors in one group split the load",
+        help="shared-subscription group: collectors in one group split the messages"
+        " (default: named after --db, so collectors writing one database share the work"
+        " and collectors writing different ones each get every message)",
     )
-    p.add_argument("--client-id", help="fixed client id (keeps the broker session)")
+    p.add_argument(
+        "--client-id",
+        help="fixed client id, one per collector and the same across its restarts: the"
+        " broker keeps its session, queueing its messages while it is away, and delivers"
+        " again what it held unstored when it was killed",
+    )
     p.add_argument(
         "--session-expiry",
         type=int,
-        default=0,
         metavar="S",
-        help="keep the broker session this long while disconnected (needs --client-id)",
+        help=f"how long the broker keeps the session while the collector is away"
+        f" (needs --client-id; default {_KEPT_SESSION_S} with one)",
+    )
+    p.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="give up when the broker does not answer within this (default 10)",
     )
     p.add_argument("--duration", type=float, help="stop after this many seconds")
 
@@ -432,52 +387,3 @@ def _register_collect_fleet(command: CommandFn) -> None:
     p.add_argument("--db", default=_DEFAULT_DB, help="SQLite path or postgresql:// URL")
     p.add_argument("--fleet", help="only this fleet")
     p.add_argument("--window", type=float, default=900.0, help="error-rate window in seconds")
-
-
-def _register_rollout(command: CommandFn) -> None:
-    p = command(
-        "rollout",
-        cmd_rollout,
-        "roll a bundle out in waves: rollout BUNDLE ... | rollout status|resume|abort ID",
-    )
-    p.add_argument("target", nargs="+", metavar="BUNDLE | status|resume|abort ID")
-    p.add_argument("--url", help="where devices download the bundle")
-    p.add_argument("--trust", type=Path, help="verify the bundle against this trust policy first")
-    _mqtt_options(p, fleet_required=False)
-    p.add_argument("--fleet", help="fleet id")
-    _selection_options(p)
-    p.add_argument("--waves", default="1%,10%,50%,100%", help="cumulative share per wave")
-    p.add_argument(
-        "--max-failure-rate",
-        type=float,
-        default=0.0,
-        metavar="R",
-        help="halt when failed / published devices exceeds R (default 0)",
-    )
-    p.add_argument(
-        "--min-healthy-time",
-        type=float,
-        default=60.0,
-        metavar="S",
-        help="seconds a device stays committed before the next wave",
-    )
-    p.add_argument(
-        "--wave-timeout",
-        type=float,
-        default=600.0,
-        metavar="S",
-        help="a device not committed this long after publishing counts as failed",
-    )
-    p.add_argument(
-        "--revert-on-halt",
-        action="store_true",
-        help="on a halt (or abort), restore the devices' previous desired state",
-    )
-    p.add_argument(
-        "--state-dir",
-        type=Path,
-        default=_DEFAULT_ROLLOUTS,
-        help="where rollout records are kept (default .edgeship/rollouts)",
-    )
-    p.add_argument("--id", help="rollout id (default NAME-VERSION-random)")
-    p.add_argument("--poll", type=float, default=0.5, help=argparse.SUPPRESS)

@@ -1,93 +1,72 @@
 """The rollout runner: the I/O around :func:`sdk.fleet.rollout.step`.
 
-It watches the fleet's retained ``state`` and ``desired`` and the ``events`` stream
-(a plain subscription: it must see every device's messages), turns them into
-:class:`DeviceView` per device, publishes desired states when a wave starts, reverts on
-a halt if asked, and writes the rollout record after every change, atomically, to
-``<state_dir>/<id>.json``. Events missed while no runner was running are covered by the
-retained state (``probation``, ``last_failure``), so ``resume`` picks up where it was.
+It watches the fleet's retained ``state`` and ``desired`` and the ``events`` stream (a
+plain subscription: it must see every device's messages), turns them into a
+:class:`~sdk.fleet.rollout.DeviceView` per device (:mod:`sdk.fleet._reported`), publishes
+desired states when a wave starts, reverts on a halt if asked, and saves the record in
+the fleet store (:mod:`sdk.fleet._rollout_store`) before every action.
+
+Publishing survives a crash at any point without a device published twice or skipped:
+
+1. the wave's devices are recorded (with their previous desired state, and the
+   ``published_at`` that is also the payload's ``ts``, so a payload is the same bytes
+   whenever it is made);
+2. their desired states are published, pipelined, each acknowledged by the broker;
+3. the wave is recorded as acknowledged (``acked_wave``).
+
+A runner that starts on a record whose last wave is not acknowledged publishes it again,
+but only to the devices whose retained ``desired`` is not already that payload: what the
+broker acknowledged, it retains. A revert goes the same way (``revert`` pending, then
+done). Events missed while no runner ran come back from the collector's ``events`` table
+when a collector stores them, else from the retained state (``last_failure``,
+``probation``), else the device waits out the wave timeout.
+
+Crash tests stop the runner through the agent's one fault seam (:mod:`agent.install.faults`,
+``EDGESHIP_CRASH_AT``) at :data:`CRASH_POINTS`.
 """
 
 from __future__ import annotations
 
-import fcntl
-import json
+import collections
+import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
-from pathlib import Path
-from typing import Any
 
-from agent.errors import ConfigError, StateError
+from agent.install import faults
 from agent.messages.topics import PREFIX, Topics
-from agent.plumbing.files import atomic_write
 from agent.plumbing.transport import Message, Transport, publish_many
+from sdk.fleet._reported import ReportedState, Signal, device_view, parse_event, parse_state
+from sdk.fleet._rollout_lease import Runner
 from sdk.fleet.publish import desired_payload
 from sdk.fleet.rollout import Decision, DeviceProgress, DeviceView, Rollout, step
 
-__all__ = ["FleetWatcher", "RolloutFiles", "revert", "run_rollout"]
+__all__ = ["CRASH_POINTS", "FleetWatcher", "finish_pending", "run_rollout"]
 
+log = logging.getLogger(__name__)
 
-class RolloutFiles:
-    """Rollout records, one JSON file each, written atomically."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-
-    def path(self, rollout_id: str) -> Path:
-        if not rollout_id or "/" in rollout_id or rollout_id.startswith("."):
-            raise ConfigError(f"invalid rollout id {rollout_id!r}")
-        return self.directory / f"{rollout_id}.json"
-
-    def load(self, rollout_id: str) -> Rollout:
-        """Raises: ConfigError when there is no such rollout or its record is malformed."""
-        try:
-            doc = json.loads(self.path(rollout_id).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"no rollout {rollout_id!r} in {self.directory}") from None
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"cannot read rollout {rollout_id!r}: {e}") from None
-        return Rollout.from_json(doc)
-
-    def save(self, rollout: Rollout, *, unless_aborted: bool = False) -> bool:
-        """Write the record (temp file, fsync, rename, fsync the directory); True if written.
-
-        With ``unless_aborted`` nothing is written when the record on disk says aborted:
-        ``edgeship rollout abort`` from another process wins over a running runner. A lock
-        file serialises the check and the write between processes.
-
-        Raises:
-            ConfigError: on I/O errors.
-        """
-        target = self.path(rollout.id)
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            with (self.directory / f".{rollout.id}.lock").open("a") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                if unless_aborted and target.exists() and self.load(rollout.id).status == "aborted":
-                    return False
-                payload = json.dumps(rollout.to_json(), indent=2, sort_keys=True).encode()
-                atomic_write(target, payload)
-        except OSError as e:
-            raise ConfigError(f"cannot write rollout record {target}: {e.strerror}") from None
-        return True
-
-    def list(self) -> list[str]:
-        if not self.directory.is_dir():
-            return []
-        return sorted(p.stem for p in self.directory.glob("[!.]*.json"))
+# Where a crash test may stop the runner (``{k}``: the wave's index).
+CRASH_POINTS = (
+    "rollout-started",  # the record exists; nothing is published
+    "rollout-wave-{k}-recorded",  # wave k is recorded; none of it is published
+    "rollout-wave-{k}-published",  # wave k is acknowledged by the broker, not yet recorded so
+    "rollout-reverting",  # the revert is recorded; none of it is published
+)
+_SIGNALS_KEPT = 64  # per device: the newest events that decide a rollout
 
 
 class FleetWatcher:
     """The latest ``state`` and ``desired`` of each device of a fleet, and its events."""
 
-    def __init__(self, transport: Transport, fleet: str) -> None:
+    def __init__(
+        self, transport: Transport, fleet: str, *, clock: Callable[[], float] = time.time
+    ) -> None:
         self._lock = threading.Lock()
-        self.states: dict[str, dict[str, Any]] = {}
-        self.desired: dict[str, bytes] = {}
-        self.committed: set[tuple[str, str]] = set()  # (device, digest)
-        self.failures: dict[tuple[str, str], str] = {}
+        self._clock = clock
+        self._states: dict[str, ReportedState] = {}
+        self._desired: dict[str, bytes] = {}
+        self._signals: dict[str, collections.deque[Signal]] = {}
         self._last = time.monotonic()
         base = f"{PREFIX}/{fleet}/+"
         transport.subscribe(f"{base}/state", self._on_state)
@@ -103,157 +82,193 @@ class FleetWatcher:
                     return
             time.sleep(0.05)
 
-    @staticmethod
-    def _doc(msg: Message) -> dict[str, Any] | None:
-        try:
-            doc = json.loads(msg.payload)
-        except ValueError:
-            return None
-        return doc if isinstance(doc, dict) else None
-
     def _on_state(self, msg: Message) -> None:
-        doc = self._doc(msg)
+        device = msg.topic.split("/")[3]
+        try:
+            state = parse_state(msg.payload, device) if msg.payload else None
+        except ValueError as e:
+            log.warning("ignoring the state of %s: %s", device, e)
+            state = None
         with self._lock:
             self._last = time.monotonic()
-            if doc is not None:
-                self.states[msg.topic.split("/")[3]] = doc
+            if state is None:
+                self._states.pop(device, None)
+            else:
+                self._states[device] = state
 
     def _on_desired(self, msg: Message) -> None:
         with self._lock:
             self._last = time.monotonic()
             device = msg.topic.split("/")[3]
             if msg.payload:
-                self.desired[device] = msg.payload
+                self._desired[device] = msg.payload
             else:
-                self.desired.pop(device, None)
+                self._desired.pop(device, None)
 
     def _on_event(self, msg: Message) -> None:
-        doc = self._doc(msg)
-        if doc is None or not isinstance(doc.get("digest"), str):
-            return
-        key = (msg.topic.split("/")[3], doc["digest"])
-        with self._lock:
-            if doc.get("event") == "committed":
-                self.committed.add(key)
-            elif doc.get("event") in {"rolled-back", "failed"}:
-                self.failures[key] = f"{doc['event']}: {doc.get('reason') or 'no reason given'}"
+        self.replay([(msg.topic.split("/")[3], self._clock(), msg.payload)])
 
-    def views(self, digest: str) -> dict[str, DeviceView]:
-        """Each device's report about the bundle ``digest``."""
+    def replay(self, events: Iterable[tuple[str, float, bytes]]) -> None:
+        """Take (device, received_at, payload) events, live or read back from the store."""
+        for device, received_at, payload in events:
+            try:
+                signal = parse_event(payload, device, received_at)
+            except ValueError as e:
+                log.warning("ignoring an event of %s: %s", device, e)
+                continue
+            if signal is None:
+                continue
+            with self._lock:
+                kept = self._signals.setdefault(device, collections.deque(maxlen=_SIGNALS_KEPT))
+                # The same event, live and from the store: keep one.
+                if signal.seq is None or all(s.seq != signal.seq for s in kept):
+                    kept.append(signal)
+
+    def state(self, device: str) -> ReportedState | None:
         with self._lock:
-            devices = set(self.states) | {d for d, _ in self.committed | set(self.failures)}
-            out = {}
-            for device in devices:
-                state = self.states.get(device, {})
-                current = state.get("current") if isinstance(state.get("current"), dict) else {}
-                probation = state.get("probation")
-                last_failure = state.get("last_failure")
-                failure = self.failures.get((device, digest))
-                if (
-                    failure is None
-                    and isinstance(last_failure, dict)
-                    and last_failure.get("digest") == digest
-                ):
-                    failure = f"failed: {last_failure.get('reason') or 'no reason given'}"
-                runs = isinstance(current, dict) and current.get("digest") == digest
-                passed = (device, digest) in self.committed or (
-                    isinstance(probation, dict)
-                    and probation.get("digest") == digest
-                    and probation.get("passed") is True
+            return self._states.get(device)
+
+    def desired(self, device: str) -> bytes | None:
+        """The device's retained desired payload (None: there is none)."""
+        with self._lock:
+            return self._desired.get(device)
+
+    def views(self, rollout: Rollout) -> dict[str, DeviceView]:
+        """What each device published so far reports about the rollout's bundle."""
+        with self._lock:
+            return {
+                device: device_view(
+                    rollout.bundle,
+                    self._states.get(device),
+                    tuple(self._signals.get(device, ())),
+                    since=p.published_at,
+                    max_download_failures=rollout.plan.max_download_failures,
                 )
-                out[device] = DeviceView(
-                    current=digest if runs else None,
-                    probation_passed=bool(runs and passed),
-                    failure=failure,
-                )
-            return out
-
-    def desired_of(self, device: str) -> str | None:
-        with self._lock:
-            payload = self.desired.get(device)
-        return None if payload is None else payload.decode("utf-8", "replace")
+                for device, p in rollout.progress.items()
+            }
 
 
-def revert(transport: Transport, rollout: Rollout, devices: list[str] | None = None) -> list[str]:
-    """Publish each touched device's desired state from before the rollout (or clear it).
+def _publish_missing(
+    transport: Transport, watcher: FleetWatcher, fleet: str, payloads: Mapping[str, bytes]
+) -> int:
+    """Publish each device's payload (empty: clear) unless the broker already retains it.
 
     Raises:
         BrokerError: a publish was not acknowledged.
     """
-    reverted = list(devices if devices is not None else sorted(rollout.progress))
-    # No previous desired state: an empty retained payload clears it.
-    messages = []
-    for device in reverted:
-        previous = rollout.progress[device].previous
-        payload = b"" if previous is None else previous.encode()
-        messages.append((Topics(rollout.fleet, device).desired, payload))
-    publish_many(transport, messages, retain=True)
-    return reverted
+    messages = [
+        (Topics(fleet, device).desired, payload)
+        for device, payload in sorted(payloads.items())
+        if watcher.desired(device) != (payload or None)
+    ]
+    return publish_many(transport, messages, retain=True)
 
 
-def _start_wave(
-    watcher: FleetWatcher, rollout: Rollout, devices: tuple[str, ...], now: float
-) -> tuple[Rollout, list[tuple[str, bytes]]]:
-    """The rollout with ``devices`` recorded as published, and the messages to publish."""
-    progress = dict(rollout.progress)
-    messages = []
-    for device in devices:
-        # Recorded (with what to revert to) before it is published.
-        progress[device] = DeviceProgress(
-            device=device, wave=rollout.wave, published_at=now, previous=watcher.desired_of(device)
+def _payload(rollout: Rollout, p: DeviceProgress) -> bytes:
+    return desired_payload(
+        rollout.fleet, p.device, rollout.bundle, rollout=rollout.id, ts=p.published_at
+    )
+
+
+def _save(runner: Runner, rollout: Rollout) -> Rollout:
+    """The rollout as saved: itself, or the record as another process left it (aborted)."""
+    return rollout if runner.save(rollout) else runner.reload()
+
+
+def finish_pending(
+    transport: Transport, runner: Runner, watcher: FleetWatcher, rollout: Rollout
+) -> Rollout:
+    """Publish what the record says was decided and not acknowledged: a running rollout's
+    last wave, a pending revert. Returns the rollout as saved afterwards.
+
+    Raises:
+        BrokerError: a publish was not acknowledged.
+        RolloutError: the lease is lost.
+    """
+    if rollout.status == "running" and rollout.acked_wave < rollout.wave:
+        k = rollout.wave
+        faults.crash_point(f"rollout-wave-{k}-recorded")
+        devices = rollout.unacknowledged
+        _publish_missing(
+            transport,
+            watcher,
+            rollout.fleet,
+            {d: _payload(rollout, rollout.progress[d]) for d in devices},
         )
-        payload = desired_payload(rollout.fleet, device, rollout.bundle, rollout=rollout.id, ts=now)
-        messages.append((Topics(rollout.fleet, device).desired, payload))
-    return replace(rollout, progress=progress), messages
+        faults.crash_point(f"rollout-wave-{k}-published")
+        rollout = _save(runner, replace(rollout, acked_wave=k))
+    if rollout.revert == "pending":
+        faults.crash_point("rollout-reverting")
+        previous = {d: (p.previous or "").encode() for d, p in rollout.progress.items()}
+        _publish_missing(transport, watcher, rollout.fleet, previous)
+        rollout = _save(runner, replace(rollout, revert="done"))
+    return rollout
+
+
+def _record_wave(
+    watcher: FleetWatcher, rollout: Rollout, devices: tuple[str, ...], now: float
+) -> Rollout:
+    progress = dict(rollout.progress)
+    for device in devices:
+        # What to revert to is recorded before anything is published.
+        previous = watcher.desired(device)
+        progress[device] = DeviceProgress(
+            device=device,
+            wave=rollout.wave,
+            published_at=now,
+            previous=None if previous is None else previous.decode("utf-8", "replace"),
+        )
+    return replace(rollout, progress=progress)
+
+
+def _advance(
+    runner: Runner, watcher: FleetWatcher, rollout: Rollout, now: float
+) -> tuple[Rollout, Decision]:
+    """One decision, saved before anything is done about it."""
+    before = rollout
+    rollout, decision = step(rollout, watcher.views(rollout), now)
+    if decision.action == "publish":
+        rollout = _record_wave(watcher, rollout, decision.devices, now)
+    if decision.action == "halt" and rollout.plan.revert_on_halt:
+        rollout = replace(rollout, revert="pending")
+    if rollout != before:
+        rollout = _save(runner, rollout)
+    return rollout, decision
 
 
 def run_rollout(
     transport: Transport,
-    files: RolloutFiles,
+    runner: Runner,
     rollout: Rollout,
     *,
+    watcher: FleetWatcher | None = None,
     poll_s: float = 0.5,
     clock: Callable[[], float] = time.time,
     on_change: Callable[[Rollout, Decision], None] | None = None,
     stop: threading.Event | None = None,
 ) -> Rollout:
-    """Drive ``rollout`` until it completes, halts or is aborted (or ``stop`` is set).
+    """Drive ``rollout``, held by ``runner``, until it completes, halts or is aborted (or
+    ``stop`` is set). A pending wave or revert of an earlier runner is finished first.
 
     Raises:
         BrokerError: the broker did not acknowledge a publish.
-        ConfigError: the rollout record cannot be written.
-        StateError: the rollout is not running.
+        ConfigError: the store failed.
+        RolloutError: the runner lost its lease to another.
     """
-    if rollout.status != "running":
-        raise StateError(f"rollout {rollout.id} is {rollout.status}; only a running one can run")
-    watcher = FleetWatcher(transport, rollout.fleet)
-    watcher.settle()
-
-    def aborted() -> Rollout:
-        return files.load(rollout.id)
-
-    if not files.save(rollout, unless_aborted=True):
-        return aborted()
-    while stop is None or not stop.is_set():
-        now = clock()
-        before = rollout
-        rollout, decision = step(rollout, watcher.views(rollout.bundle.digest), now)
-        messages: list[tuple[str, bytes]] = []
-        if decision.action == "publish":
-            rollout, messages = _start_wave(watcher, rollout, decision.devices, now)
-        # Persist the decision (and what to revert to) before acting on it.
-        if rollout != before and not files.save(rollout, unless_aborted=True):
-            return aborted()
-        # Pipelined, but every publish is acknowledged before the wave counts as published.
-        publish_many(transport, messages, retain=True)
-        if decision.action == "halt" and rollout.plan.revert_on_halt:
-            revert(transport, rollout)
+    if watcher is None:
+        watcher = FleetWatcher(transport, rollout.fleet, clock=clock)
+        watcher.settle()
+    faults.crash_point("rollout-started")
+    rollout = finish_pending(transport, runner, watcher, rollout)
+    stop = stop or threading.Event()
+    while rollout.status == "running" and not stop.is_set():
+        rollout, decision = _advance(runner, watcher, rollout, clock())
+        rollout = finish_pending(transport, runner, watcher, rollout)
         if decision.action != "wait" and on_change is not None:
             on_change(rollout, decision)
-        if rollout.status != "running":
-            return rollout
-        time.sleep(poll_s)
-        # Another CLI may have aborted it meanwhile: the file is the authority.
-        if files.load(rollout.id).status == "aborted":
-            return aborted()
+        if rollout.status != "running" or stop.wait(poll_s):
+            break
+        # Another process may have aborted it meanwhile: the store is the authority.
+        if runner.aborted():
+            rollout = runner.reload()
     return rollout

@@ -9,6 +9,9 @@ Tables (JSON kept as text so the SQL stays portable):
   payload in ``raw``. ``UNIQUE (fleet, device, seq)`` drops at-least-once duplicates.
 * ``gaps``: ranges of ``seq`` not (yet) received. A late message — another collector of
   the shared subscription may have been slower — shrinks or removes its gap.
+* ``rollouts`` and ``rollout_devices``: rollout records beside the telemetry, so any host
+  that reaches the database can see and resume a rollout (:mod:`sdk.fleet._rollout_store`).
+* ``schema_version``: the migrations applied (:data:`MIGRATIONS`, :func:`apply_migrations`).
 
 :class:`SqlStore` is the batch writer both databases share; :mod:`sdk.fleet.store` says
 how each one connects, opens a transaction and locks.
@@ -17,10 +20,11 @@ how each one connects, opens a transaction and locks.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol, TypeAlias
 
+from agent.errors import ConfigError
 from sdk.fleet.records import (
     EventRecord,
     Record,
@@ -30,7 +34,7 @@ from sdk.fleet.records import (
     WriteResult,
 )
 
-__all__ = ["SCHEMA", "Cursor", "SqlStore"]
+__all__ = ["MIGRATIONS", "SCHEMA", "Cursor", "SqlStore", "apply_migrations"]
 
 
 SCHEMA = """
@@ -61,6 +65,71 @@ CREATE TABLE IF NOT EXISTS gaps (
 CREATE INDEX IF NOT EXISTS telemetry_ts ON telemetry (ts);
 CREATE INDEX IF NOT EXISTS events_digest ON events (digest)
 """
+
+# Rollout records (sdk.fleet._rollout_store): one row per rollout with its lease (runner,
+# heartbeat), one row per device in wave order.
+_ROLLOUTS = """
+CREATE TABLE rollouts (
+  id TEXT PRIMARY KEY, fleet TEXT NOT NULL, bundle TEXT NOT NULL, plan TEXT NOT NULL,
+  created_at DOUBLE PRECISION NOT NULL, updated_at DOUBLE PRECISION NOT NULL,
+  status TEXT NOT NULL, wave INTEGER NOT NULL, acked_wave INTEGER NOT NULL,
+  revert_state TEXT NOT NULL, reason TEXT, runner_timeout_s DOUBLE PRECISION NOT NULL,
+  runner TEXT, runner_since DOUBLE PRECISION, heartbeat_at DOUBLE PRECISION);
+CREATE TABLE rollout_devices (
+  rollout TEXT NOT NULL, device TEXT NOT NULL, ordinal INTEGER NOT NULL,
+  wave INTEGER, published_at DOUBLE PRECISION, previous TEXT,
+  outcome TEXT, healthy_since DOUBLE PRECISION, reason TEXT,
+  PRIMARY KEY (rollout, device));
+CREATE INDEX rollout_devices_order ON rollout_devices (rollout, ordinal);
+CREATE INDEX events_received ON events (fleet, received_at)
+"""
+
+# Each migration is applied once, in order, and recorded in schema_version. Number 1 is
+# the collector's first schema, all IF NOT EXISTS: a database made before versioning is
+# adopted as it is. Never edit a published migration; add the next one.
+MIGRATIONS: tuple[tuple[int, str, str], ...] = (
+    (1, "collector tables", SCHEMA),
+    (2, "rollout records", _ROLLOUTS),
+)
+_VERSION_TABLE = (
+    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY,"
+    " name TEXT NOT NULL, applied_at DOUBLE PRECISION NOT NULL)"
+)
+
+
+def apply_migrations(cur: Cursor, sql: Callable[[str], str], now: float) -> list[int]:
+    """Apply the migrations the database lacks, in order; returns their numbers.
+
+    Runs in the caller's transaction, which must hold the database's schema lock
+    (SQLite ``BEGIN IMMEDIATE``, a PostgreSQL advisory lock): a second process starting
+    at the same moment waits, then finds every migration applied.
+
+    Raises:
+        ConfigError: the database has a schema newer than this edgeship knows.
+    """
+    cur.execute(_VERSION_TABLE)
+    cur.execute("SELECT version FROM schema_version")
+    done = {int(row[0]) for row in cur.fetchall()}
+    latest = MIGRATIONS[-1][0]
+    if done and max(done) > latest:
+        raise ConfigError(
+            f"the database has schema version {max(done)}, newer than this edgeship knows"
+            f" ({latest}); upgrade edgeship to use it"
+        )
+    applied = []
+    for version, name, script in MIGRATIONS:
+        if version in done:
+            continue
+        # One statement per execute: psycopg's extended protocol refuses several.
+        for statement in script.split(";"):
+            if statement.strip():
+                cur.execute(statement)
+        cur.execute(
+            sql("INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)"),
+            (version, name, now),
+        )
+        applied.append(version)
+    return applied
 
 
 _Row: TypeAlias = tuple[Any, ...]
@@ -173,7 +242,12 @@ class SqlStore:
         raise NotImplementedError
 
     def write(self, records: Sequence[Record], received_at: float) -> WriteResult:
-        """Store a batch in one transaction. Raises: ConfigError when the database fails."""
+        """Store a batch in one transaction, or nothing.
+
+        Raises:
+            StoreUnavailableError: the database is out of reach or busy for now.
+            StoreError: it refused for good (schema, permission).
+        """
         statuses: list[StatusRecord] = []
         states: list[StateRecord] = []
         events: list[EventRecord] = []

@@ -1,9 +1,14 @@
-"""What the collector stores: one record per kind of device message, and a batch's result."""
+"""What the collector stores: one record per kind of device message, how a message
+becomes one (:func:`parse_message`), and a batch's result."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from agent.messages.topics import PREFIX, SCHEMA_VERSION
+from agent.plumbing.strict import Doc, load_json
 
 __all__ = [
     "EventRecord",
@@ -12,6 +17,7 @@ __all__ = [
     "StatusRecord",
     "TelemetryRecord",
     "WriteResult",
+    "parse_message",
 ]
 
 
@@ -75,3 +81,141 @@ class WriteResult:
     stored: int = 0
     duplicates: int = 0
     gaps: list[tuple[str, str, int, int]] = field(default_factory=list)  # new missing ranges
+
+
+# Both databases store integers as signed 64-bit: a larger one in a message would fail the
+# whole batch it came in.
+_INT64 = range(-(2**63), 2**63)
+
+
+def _num(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _int(value: object) -> int | None:
+    if isinstance(value, int) and not isinstance(value, bool) and value in _INT64:
+        return value
+    return None
+
+
+def _str(value: object) -> str | None:
+    # PostgreSQL's text cannot hold NUL; a JSON "\u0000" would fail the whole batch.
+    return value if isinstance(value, str) and "\x00" not in value else None
+
+
+def _text(value: object) -> str:
+    """A column that must have a value: what was sent, as text, without NUL."""
+    return str(value).replace("\x00", "\ufffd")
+
+
+def _dict(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _status(fleet: str, device: str, ts: float, doc: dict[str, Any], raw: str) -> Record:
+    attributes = doc.get("attributes")
+    return StatusRecord(
+        fleet,
+        device,
+        ts,
+        _text(doc.get("status")),
+        attributes if isinstance(attributes, dict) else None,
+        raw,
+    )
+
+
+def _state(fleet: str, device: str, ts: float, doc: dict[str, Any], raw: str) -> Record:
+    current = _dict(doc.get("current"))
+    return StateRecord(
+        fleet,
+        device,
+        ts,
+        _str(current.get("digest")),
+        _str(current.get("name")),
+        _str(current.get("version")),
+        raw,
+    )
+
+
+def _seq(doc: dict[str, Any]) -> int:
+    seq = _int(doc.get("seq"))
+    if seq is None or seq < 1:
+        raise ValueError("telemetry and events need a positive 64-bit integer seq")
+    return seq
+
+
+def _event(fleet: str, device: str, ts: float, doc: dict[str, Any], raw: str) -> Record:
+    return EventRecord(
+        fleet,
+        device,
+        _seq(doc),
+        ts,
+        _text(doc.get("event")),
+        _str(doc.get("digest")),
+        _str(doc.get("reason")),
+        raw,
+    )
+
+
+def _telemetry(fleet: str, device: str, ts: float, doc: dict[str, Any], raw: str) -> Record:
+    metrics = _dict(doc.get("metrics"))
+    latency = _dict(metrics.get("latency_ms"))
+    model = _dict(metrics.get("model"))
+    drift = _dict(doc.get("drift"))
+    psis = [
+        p for i in drift.get("inputs") or [] if (p := _num(_dict(i).get("psi_max"))) is not None
+    ]
+    return TelemetryRecord(
+        fleet=fleet,
+        device=device,
+        seq=_seq(doc),
+        ts=ts,
+        model_name=_str(model.get("name")),
+        model_version=_str(model.get("version")),
+        model_sequence=_int(model.get("sequence")),
+        requests=_int(metrics.get("requests")),
+        error_count=_int(metrics.get("error_count")),
+        p50_ms=_num(latency.get("p50")),
+        p95_ms=_num(latency.get("p95")),
+        p99_ms=_num(latency.get("p99")),
+        drift_band=_str(drift.get("band")),
+        psi_max=max(psis) if psis else None,
+        raw=raw,
+    )
+
+
+# The record each leaf's payload becomes: (fleet, device, ts, document, raw JSON) -> record.
+_RECORDS: dict[str, Callable[[str, str, float, dict[str, Any], str], Record]] = {
+    "status": _status,
+    "state": _state,
+    "events": _event,
+    "telemetry": _telemetry,
+}
+
+
+def parse_message(topic: str, payload: bytes) -> Record | None:
+    """The record a message on a v1 topic stands for; None for an empty (cleared) retained one.
+
+    Raises:
+        ValueError: not a v1 fleet topic, not a JSON object, an unknown schema version,
+            sender fields that disagree with the topic, or a missing ``seq`` / ``ts``.
+    """
+    parts = topic.split("/")
+    if len(parts) != 5 or "/".join(parts[:2]) != PREFIX or parts[4] not in _RECORDS:
+        raise ValueError(f"not an edgeship v1 device topic: {topic}")
+    fleet, device, leaf = parts[2], parts[3], parts[4]
+    if not payload:
+        return None
+    # The header is checked strictly; the body is summarised leniently (a field of a
+    # newer or odd agent becomes None), and kept whole in the row's raw JSON. The
+    # duplicate-key check is off: it doubled the parse time (docs/benchmarks.md, "Fleet").
+    parsed = load_json(payload, what="payload", error=ValueError, duplicate_keys=True)
+    doc = Doc(parsed, leaf, error=ValueError)
+    doc.strict = False
+    if doc.raw("v") != SCHEMA_VERSION:
+        raise ValueError(f"unknown payload schema version {doc.raw('v')!r}")
+    sender = (doc.text("fleet", fleet, max_len=128), doc.text("device", device, max_len=128))
+    if sender != (fleet, device):
+        raise ValueError(f"payload sender {sender[0]}/{sender[1]} != topic")
+    ts = doc.number("ts")
+    return _RECORDS[leaf](fleet, device, ts, doc.value, payload.decode("utf-8"))

@@ -1,7 +1,8 @@
 """``edgeship fleet report``: one self-contained HTML page with inline SVG charts.
 
 No JavaScript and no external files: the page opens anywhere, from a file or an email
-attachment. Charts: latency percentiles per model version over time, error rate per
+attachment. Tables: the devices, and the rollouts recorded in the store (status, counts,
+runner). Charts: latency percentiles per model version over time, error rate per
 version, drift (PSI) per input feature, and rollout progress (devices that committed or
 failed each bundle, cumulative).
 """
@@ -16,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from sdk.fleet._rollout_store import rollout_summaries
 from sdk.fleet.status import fleet_status
 from sdk.fleet.store import Store
 
@@ -145,6 +147,19 @@ def _device_rows(store: Store, now: float) -> str:
     )
 
 
+def _rollout_rows(store: Store, now: float) -> str:
+    rows = []
+    for r in rollout_summaries(store, now=now):
+        c = r["counts"]
+        status = r["status"] + (f" ({r['reason']})" if r["reason"] else "")
+        cells = (
+            r["id"], r["fleet"], r["bundle"], status, f"{c['published']}/{c['devices']}",
+            c["succeeded"], c["failed"], r["runner"]["text"],
+        )  # fmt: skip
+        rows.append("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in cells) + "</tr>")
+    return "".join(rows)
+
+
 def render_report(store: Store, *, bucket_s: float = 60.0, now: float | None = None) -> str:
     """The whole report as an HTML string."""
     now = time.time() if now is None else now
@@ -177,6 +192,10 @@ table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding
 <h2>Devices</h2>
 <table id="devices"><tr><th>fleet</th><th>device</th><th>status</th><th>model</th>
 <th>p95 ms</th><th>errors</th><th>drift</th></tr>{_device_rows(store, now)}</table>
+<h2>Rollouts</h2>
+<table id="rollouts"><tr><th>rollout</th><th>fleet</th><th>bundle</th><th>status</th>
+<th>published</th><th>succeeded</th><th>failed</th><th>runner</th></tr>
+{_rollout_rows(store, now)}</table>
 <h2>Charts</h2>
 {"".join(charts)}
 </body></html>

@@ -4,14 +4,16 @@ A rollout publishes one bundle's desired state to a growing share of a device li
 waves ``1%,10%,50%,100%`` are cumulative fractions. The next wave starts only when every
 device published so far has *settled*: it reported the bundle as current, passed
 probation (a ``committed`` event or ``state.probation.passed``) and stayed so for
-``min_healthy_s`` — or it failed (a ``rolled-back`` / ``failed`` event for the digest,
-``state.last_failure`` naming it, no success within ``wave_timeout_s``, or it stopped
-running the bundle). When failed devices exceed ``max_failure_rate`` of the devices
-published so far, the rollout halts (and the runner may revert them).
+``min_healthy_s`` — or it failed (it refused the bundle, could not download it, failed
+to verify or health-check it, rolled it back, did not succeed within ``wave_timeout_s``,
+or stopped running it; :mod:`sdk.fleet._reported` reads that from what it reports).
+When failed devices exceed ``max_failure_rate`` of the devices published so far, the
+rollout halts (and the runner may revert them).
 
 Everything here is pure: :func:`step` takes a rollout, what each device reports, and
 ``now``, and returns the next rollout and what to do. The runner
-(:mod:`sdk.fleet._rollout_run`) does the MQTT and the file writes.
+(:mod:`sdk.fleet._rollout_run`) does the MQTT; the record lives in the fleet store
+(:mod:`sdk.fleet._rollout_store`).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ __all__ = [
 
 Status = Literal["running", "halted", "completed", "aborted"]
 Outcome = Literal["pending", "succeeded", "failed"]
+Revert = Literal["none", "pending", "done"]
 
 
 def parse_waves(text: str) -> tuple[float, ...]:
@@ -81,12 +84,43 @@ class RolloutPlan:
     min_healthy_s: float
     wave_timeout_s: float = 600.0
     revert_on_halt: bool = False
+    # Transient download failures (network, HTTP 5xx) a device may report for the bundle
+    # before it counts as failed; a refused download (HTTP 4xx, another file) counts at once.
+    max_download_failures: int = 3
+    # A runner heartbeats every quarter of this; one silent for longer is gone.
+    runner_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.max_failure_rate < 1:
             raise ConfigError("--max-failure-rate must be in [0, 1)")
         if self.min_healthy_s < 0 or self.wave_timeout_s <= 0:
             raise ConfigError("--min-healthy-time must be >= 0 and --wave-timeout > 0")
+        if self.max_download_failures < 1 or self.runner_timeout_s <= 0:
+            raise ConfigError("--download-failures must be >= 1 and --runner-timeout > 0")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "waves": list(self.waves),
+            "max_failure_rate": self.max_failure_rate,
+            "min_healthy_s": self.min_healthy_s,
+            "wave_timeout_s": self.wave_timeout_s,
+            "revert_on_halt": self.revert_on_halt,
+            "max_download_failures": self.max_download_failures,
+            "runner_timeout_s": self.runner_timeout_s,
+        }
+
+    @classmethod
+    def from_json(cls, doc: Mapping[str, Any]) -> RolloutPlan:
+        """Raises: KeyError, TypeError or ValueError when a field is missing or wrong."""
+        return cls(
+            waves=tuple(float(w) for w in doc["waves"]),
+            max_failure_rate=float(doc["max_failure_rate"]),
+            min_healthy_s=float(doc["min_healthy_s"]),
+            wave_timeout_s=float(doc["wave_timeout_s"]),
+            revert_on_halt=bool(doc["revert_on_halt"]),
+            max_download_failures=int(doc["max_download_failures"]),
+            runner_timeout_s=float(doc["runner_timeout_s"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -95,18 +129,29 @@ class DeviceView:
 
     current: str | None = None  # digest of the bundle it runs
     probation_passed: bool = False  # for the rollout's digest
-    failure: str | None = None  # reason, when it rolled back or refused the rollout's digest
+    failure: str | None = None  # reason, when it refused, could not get, or rolled back the bundle
+    note: str | None = None  # the latest trouble short of a failure, for a timeout's reason
 
 
 @dataclass(frozen=True)
 class DeviceProgress:
     device: str
     wave: int
-    published_at: float
+    published_at: float  # also the desired payload's ts: a re-publish is byte-identical
     previous: str | None = None  # the desired payload before the rollout (None: there was none)
     outcome: Outcome = "pending"
     healthy_since: float | None = None
     reason: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "wave": self.wave,
+            "published_at": self.published_at,
+            "previous": self.previous,
+            "outcome": self.outcome,
+            "healthy_since": self.healthy_since,
+            "reason": self.reason,
+        }
 
 
 @dataclass(frozen=True)
@@ -118,14 +163,23 @@ class Rollout:
     plan: RolloutPlan
     created_at: float
     status: Status = "running"
-    wave: int = -1  # index of the last wave published
+    wave: int = -1  # index of the last wave recorded (its devices are in ``progress``)
     progress: Mapping[str, DeviceProgress] = field(default_factory=dict)
     reason: str | None = None  # why it halted or was aborted
+    # The last wave whose every publish the broker acknowledged; between it and ``wave``
+    # the runner stopped after recording a wave and before knowing it was published.
+    acked_wave: int = -1
+    revert: Revert = "none"  # "pending": recorded, not yet acknowledged by the broker
 
     @property
     def failure_rate(self) -> float:
         failed = sum(p.outcome == "failed" for p in self.progress.values())
         return failed / len(self.progress) if self.progress else 0.0
+
+    @property
+    def unacknowledged(self) -> list[str]:
+        """Devices recorded as published in a wave the broker has not acknowledged yet."""
+        return sorted(d for d, p in self.progress.items() if p.wave > self.acked_wave)
 
     def counts(self) -> dict[str, int]:
         counts = {"devices": len(self.devices), "published": len(self.progress)}
@@ -139,57 +193,16 @@ class Rollout:
             "fleet": self.fleet,
             "bundle": self.bundle.to_json(),
             "devices": list(self.devices),
-            "plan": {
-                "waves": list(self.plan.waves),
-                "max_failure_rate": self.plan.max_failure_rate,
-                "min_healthy_s": self.plan.min_healthy_s,
-                "wave_timeout_s": self.plan.wave_timeout_s,
-                "revert_on_halt": self.plan.revert_on_halt,
-            },
+            "plan": self.plan.to_json(),
             "created_at": self.created_at,
             "status": self.status,
             "wave": self.wave,
+            "acked_wave": self.acked_wave,
+            "revert": self.revert,
             "reason": self.reason,
-            "progress": {
-                d: {
-                    "wave": p.wave,
-                    "published_at": p.published_at,
-                    "previous": p.previous,
-                    "outcome": p.outcome,
-                    "healthy_since": p.healthy_since,
-                    "reason": p.reason,
-                }
-                for d, p in sorted(self.progress.items())
-            },
+            "counts": self.counts(),
+            "progress": {d: p.to_json() for d, p in sorted(self.progress.items())},
         }
-
-    @classmethod
-    def from_json(cls, doc: dict[str, Any]) -> Rollout:
-        """Raises: ConfigError when the record is not a rollout this version wrote."""
-        try:
-            plan = doc["plan"]
-            return cls(
-                id=str(doc["id"]),
-                fleet=str(doc["fleet"]),
-                bundle=BundleRef.from_json(doc["bundle"]),
-                devices=tuple(doc["devices"]),
-                plan=RolloutPlan(
-                    waves=tuple(float(w) for w in plan["waves"]),
-                    max_failure_rate=float(plan["max_failure_rate"]),
-                    min_healthy_s=float(plan["min_healthy_s"]),
-                    wave_timeout_s=float(plan["wave_timeout_s"]),
-                    revert_on_halt=bool(plan["revert_on_halt"]),
-                ),
-                created_at=float(doc["created_at"]),
-                status=doc["status"],
-                wave=int(doc["wave"]),
-                reason=doc.get("reason"),
-                progress={
-                    d: DeviceProgress(device=d, **p) for d, p in dict(doc["progress"]).items()
-                },
-            )
-        except (KeyError, TypeError, ValueError) as e:
-            raise ConfigError(f"rollout record is malformed: {e!r}") from None
 
 
 @dataclass(frozen=True)
@@ -217,10 +230,11 @@ def _settle(p: DeviceProgress, view: DeviceView, plan: RolloutPlan, now: float) 
             return replace(p, outcome="succeeded", healthy_since=since)
         return replace(p, healthy_since=since)
     if now - p.published_at > plan.wave_timeout_s:
+        last = f" (last reported: {view.note})" if view.note else ""
         return replace(
             p,
             outcome="failed",
-            reason=f"timeout: not committed within {plan.wave_timeout_s:g}s",
+            reason=f"timeout: not committed within {plan.wave_timeout_s:g}s{last}",
         )
     return p
 

@@ -5,10 +5,18 @@ What is stored is in :mod:`sdk.fleet.records`; the tables and the batch-writing 
 transaction that locks each device's row first (``BEGIN IMMEDIATE`` in SQLite;
 ``SELECT ... FOR UPDATE`` in PostgreSQL, in (fleet, device) order so two collectors
 cannot deadlock), so several collectors can write to the same database.
+
+A failed write changes nothing (its transaction is rolled back) and raises one of two
+errors: :class:`~sdk.errors.StoreUnavailableError` for what passes (PostgreSQL restarting
+or out of reach, a dropped connection, SQLite busy or locked past the busy timeout, a
+full disk), after which the next call reconnects first; :class:`~sdk.errors.StoreError`
+for what does not (a missing table or column, no permission). The caller decides how
+long to wait: the collector waits any outage out.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
 import sqlite3
 import time
@@ -18,7 +26,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from agent.errors import ConfigError
-from sdk.fleet._sql import SCHEMA, Cursor, SqlStore
+from sdk.errors import StoreError, StoreUnavailableError
+from sdk.fleet._sql import Cursor, SqlStore, apply_migrations
 from sdk.fleet.records import Record, WriteResult
 
 __all__ = ["PostgresStore", "SqliteStore", "Store", "open_store"]
@@ -29,18 +38,60 @@ __all__ = ["PostgresStore", "SqliteStore", "Store", "open_store"]
 _SCHEMA_LOCK = 0x65646765736869
 
 
+# How long a PostgreSQL (re)connection may take before the attempt counts as failed.
+_CONNECT_TIMEOUT_S = 10
+# SQLite's primary result codes that pass: BUSY, LOCKED, NOMEM, IOERR, FULL, PROTOCOL.
+_SQLITE_PASSING = frozenset({5, 6, 7, 10, 13, 15})
+# PostgreSQL error classes that pass: connection exception, transaction rollback
+# (serialization, deadlock), insufficient resources, object not in prerequisite state
+# (lock not available), operator intervention (shutdown, restart), system error.
+_PG_PASSING = frozenset({"08", "40", "53", "55", "57", "58"})
+
+
 class Store(Protocol):
-    """Storage for the collector and the reports."""
+    """Storage for the collector and the reports.
+
+    ``location`` names the database without secrets (the SQLite file's resolved path, or
+    PostgreSQL's host, port and database name): collectors on one store share work.
+    """
+
+    location: str
 
     def write(self, records: Sequence[Record], received_at: float) -> WriteResult:
-        """Store a batch in one transaction. Raises: ConfigError when the database fails."""
+        """Store a batch in one transaction, or nothing.
+
+        Raises:
+            StoreUnavailableError: the database is out of reach or busy for now.
+            StoreError: it refused for good (schema, permission).
+        """
         ...
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        """Run a read-only query written with ``?`` placeholders; rows as dicts."""
+        """Run a read-only query written with ``?`` placeholders; rows as dicts.
+
+        Raises:
+            StoreError: as :meth:`write`.
+        """
         ...
 
     def close(self) -> None: ...
+
+
+def _migrate_sqlite(db: sqlite3.Connection) -> None:
+    """Apply the schema migrations under SQLite's write lock: a second process opening the
+    file at the same moment waits (busy timeout), then finds them applied.
+
+    Raises:
+        ConfigError: the database's schema is newer than this edgeship.
+        sqlite3.Error: the lock was not granted in time, or a statement failed.
+    """
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        apply_migrations(db.cursor(), lambda sql: sql, time.time())
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
 
 
 class SqliteStore(SqlStore):
@@ -49,11 +100,14 @@ class SqliteStore(SqlStore):
     Raises (constructor): ConfigError when the file cannot be opened or created.
     """
 
-    def __init__(self, path: Path, *, open_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, path: Path, *, open_timeout_s: float = 30.0, busy_timeout_s: float = 10.0
+    ) -> None:
         deadline = time.monotonic() + open_timeout_s
+        self.location = str(path.resolve())
         while True:
             try:
-                self._db = self._open(path)
+                self._db = self._open(path, busy_timeout_s)
                 return  # noqa: TRY300 - the loop retries only the failures
             except sqlite3.OperationalError as e:
                 # Two processes opening one *new* file at once: switching it to WAL takes
@@ -67,15 +121,15 @@ class SqliteStore(SqlStore):
                 raise ConfigError(f"cannot open SQLite database {path}: {e}") from None
 
     @staticmethod
-    def _open(path: Path) -> sqlite3.Connection:
+    def _open(path: Path, busy_timeout_s: float) -> sqlite3.Connection:
         db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         try:
-            db.execute("PRAGMA busy_timeout=10000")
+            db.execute(f"PRAGMA busy_timeout={round(busy_timeout_s * 1000)}")
             db.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL: a power cut may lose the last commits but never corrupts the
-            # file; fsync per batch would cap ingest at the disk's flush rate.
-            db.execute("PRAGMA synchronous=NORMAL")
-            db.executescript(SCHEMA)
+            # FULL: a commit is on the disk before the collector acknowledges the batch to
+            # the broker, power cut or not. One fsync per batch (up to 1,000 messages).
+            db.execute("PRAGMA synchronous=FULL")
+            _migrate_sqlite(db)
         except BaseException:
             db.close()
             raise
@@ -89,20 +143,27 @@ class SqliteStore(SqlStore):
             yield cur
             cur.execute("COMMIT")
         except sqlite3.Error as e:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
-            raise ConfigError(f"SQLite write failed: {e}") from None
+            self._rollback()
+            raise _sqlite_error(e, "write to", self.location) from None
         except BaseException:
-            if self._db.in_transaction:
-                self._db.execute("ROLLBACK")
+            self._rollback()
             raise
         finally:
             cur.close()
 
+    def _rollback(self) -> None:
+        if self._db.in_transaction:
+            # A failed ROLLBACK (the disk went away) leaves SQLite to roll back itself.
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        cur = self._db.execute(sql, tuple(params))
-        names = [d[0] for d in cur.description or ()]
-        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+        try:
+            cur = self._db.execute(sql, tuple(params))
+            names = [d[0] for d in cur.description or ()]
+            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+        except sqlite3.Error as e:
+            raise _sqlite_error(e, "query", self.location) from None
 
     def close(self) -> None:
         self._db.close()
@@ -122,63 +183,101 @@ class PostgresStore(SqlStore):
                 "a postgresql:// database needs psycopg 3: pip install 'psycopg[binary]>=3.1'"
             ) from None
         self._psycopg = psycopg
+        self._url = url
         try:
-            self._db = psycopg.connect(url)
+            self._db = self._connect()
         except psycopg.Error as e:
             raise ConfigError(f"cannot open PostgreSQL database: {e}") from None
+        info = self._db.info
+        self.location = f"postgresql://{info.host}:{info.port}/{info.dbname}"
         try:
             self._create_schema(deadline=time.monotonic() + open_timeout_s)
         except psycopg.Error as e:
             self._db.close()
             raise ConfigError(f"cannot create the tables in the PostgreSQL database: {e}") from None
+        except ConfigError:
+            self._db.close()
+            raise
 
     def _create_schema(self, deadline: float) -> None:
-        """``CREATE ... IF NOT EXISTS`` every table, safe against a collector doing the same.
+        """Apply the schema migrations, safe against another process doing the same.
 
         Two sessions creating one table at once both pass the "not exists" check and the
         second fails on a unique index of the catalog (pg_type). A transaction-scoped
-        advisory lock serialises the creation; the retry covers a process that creates
-        the tables without taking it (an older collector).
+        advisory lock serialises the migrations (the second finds them applied); the
+        retry covers a process that creates the tables without taking it (an older
+        collector).
 
         Raises:
             psycopg.Error: the server refused, or the race outlasted the deadline.
+            ConfigError: the database's schema is newer than this edgeship.
         """
         errors = self._psycopg.errors
         while True:
             try:
                 with self._db.transaction(), self._db.cursor() as cur:
                     cur.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
-                    # One statement per execute: psycopg's extended protocol refuses several.
-                    for statement in SCHEMA.split(";"):
-                        cur.execute(statement)
+                    apply_migrations(cur, self._sql, time.time())
                 return  # noqa: TRY300 - the loop retries only the failures
             except (errors.UniqueViolation, errors.DuplicateTable, errors.DuplicateObject):
                 if time.monotonic() >= deadline:
                     raise
                 time.sleep(random.uniform(0.01, 0.05))  # noqa: S311 - jitter, not crypto
 
+    def _connect(self) -> Any:
+        """A new connection (psycopg.Connection). Raises: psycopg.Error."""
+        return self._psycopg.connect(self._url, connect_timeout=_CONNECT_TIMEOUT_S)
+
     def _sql(self, sql: str) -> str:
         return sql.replace("?", "%s")
 
     @contextmanager
     def _transaction(self) -> Iterator[Cursor]:
+        with self._connected("write to"), self._db.transaction(), self._db.cursor() as cur:
+            yield cur
+
+    @contextmanager
+    def _connected(self, what: str) -> Iterator[None]:
+        """Reconnect first if the connection was lost; turn psycopg's errors into ours."""
         try:
-            with self._db.transaction(), self._db.cursor() as cur:
-                yield cur
+            if self._db.closed or self._db.broken:
+                self._db.close()
+                self._db = self._connect()
+            yield
         except self._psycopg.Error as e:
-            raise ConfigError(f"PostgreSQL write failed: {e}") from None
+            raise self._error(e, what) from None
+
+    def _error(self, e: Exception, what: str) -> StoreError:
+        """Whether ``e`` passes: no answer from the server (the network, a lost
+        connection), or an answer of a class that passes (shutting down, starting up)."""
+        state = getattr(e, "sqlstate", None)
+        message = f"cannot {what} PostgreSQL database {self.location}: {e}"
+        if (state or "")[:2] in _PG_PASSING or (
+            state is None and isinstance(e, self._psycopg.OperationalError)
+        ):
+            return StoreUnavailableError(f"{message}; the server may be restarting or out of reach")
+        return StoreError(f"{message}; fix the database or the --db settings, then restart")
 
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        try:
-            with self._db.transaction(), self._db.cursor() as cur:
-                cur.execute(self._sql(sql), tuple(params))
-                names = [d.name for d in cur.description or ()]
-                return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
-        except self._psycopg.Error as e:
-            raise ConfigError(f"PostgreSQL query failed: {e}") from None
+        with (
+            self._connected("query"),
+            self._db.transaction(),
+            self._db.cursor() as cur,
+        ):
+            cur.execute(self._sql(sql), tuple(params))
+            names = [d.name for d in cur.description or ()]
+            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
     def close(self) -> None:
         self._db.close()
+
+
+def _sqlite_error(e: sqlite3.Error, what: str, location: str) -> StoreError:
+    code = getattr(e, "sqlite_errorcode", None)
+    message = f"cannot {what} SQLite database {location}: {e}"
+    if code is not None and code & 0xFF in _SQLITE_PASSING:
+        return StoreUnavailableError(f"{message}; another process may hold it, or the disk is full")
+    return StoreError(f"{message}; fix the file (schema, permissions), then restart")
 
 
 def open_store(db: str) -> SqliteStore | PostgresStore:

@@ -5,6 +5,11 @@ its retained ``desired`` topic and answers like the updater would: events
 ``install-started`` -> ``activated`` -> ``committed`` (or ``rolled-back`` for digests it
 is told to fail, or nothing for ``silent`` devices), and a retained ``state`` after each
 step. ``send_telemetry`` publishes telemetry messages with the shared ``seq`` counter.
+
+:class:`ReportingDevice` is a device's real telemetry path instead: the agent's
+``Reporter`` with its durable ``Outbox`` and ``MqttClient``. A message leaves the outbox
+only on the broker's PUBACK, so :meth:`ReportingDevice.acked` says which ``seq`` the
+broker acknowledged without asking the collector.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import json
 import threading
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from agent.messages.status import device_presence
@@ -20,8 +26,9 @@ from agent.messages.topics import Topics, encode_json
 from agent.plumbing.broker import BrokerConfig, BrokerUrl
 from agent.plumbing.mqtt import MqttClient
 from agent.plumbing.transport import Message
+from agent.telemetry import Outbox, Reporter, TelemetryConfig
 
-__all__ = ["FakeDevice", "start_devices"]
+__all__ = ["FakeDevice", "ReportingDevice", "start_devices"]
 
 
 class FakeDevice:
@@ -170,3 +177,51 @@ def start_devices(
     host: str, port: int, fleet: str, names: Iterable[str], **kwargs: Any
 ) -> list[FakeDevice]:
     return [FakeDevice(host, port, fleet, n, **kwargs).start() for n in names]
+
+
+class ReportingDevice:
+    """The agent's telemetry path for one device: Reporter + Outbox + MqttClient.
+
+    Raises (start): RuntimeError when it cannot connect.
+    """
+
+    def __init__(self, host: str, port: int, fleet: str, device: str, state_dir: Path) -> None:
+        self.device = device
+        topics = Topics(fleet, device)
+        self.outbox = Outbox(state_dir / f"{device}.outbox")
+        self.transport = MqttClient(
+            BrokerConfig(
+                BrokerUrl(host, port, tls=False), backoff_initial_s=0.1, backoff_max_s=0.5
+            ),
+            presence=device_presence(topics),
+        )
+        # The timer is the test's (report()); the reporter thread sends and deletes on ack.
+        self.reporter = Reporter(
+            topics, self.outbox, self.transport, config=TelemetryConfig(interval_s=3600.0)
+        )
+        self.sent: list[int] = []
+
+    def start(self, timeout_s: float = 10.0) -> ReportingDevice:
+        self.transport.start()
+        self.reporter.start()
+        if not self.transport.wait_connected(timeout_s):
+            raise RuntimeError(f"device {self.device} could not connect")
+        return self
+
+    def report(self) -> int:
+        """One telemetry message into the outbox (sent by the reporter); its ``seq``."""
+        seq = self.reporter.report_now()
+        assert seq is not None, "the outbox had no room"
+        self.sent.append(seq)
+        return seq
+
+    def acked(self) -> set[int]:
+        """The ``seq`` of every message reported so far that the broker acknowledged."""
+        assert self.outbox.stats().dropped_capacity == 0
+        pending = {r.seq for r in self.outbox.pending(limit=len(self.sent) + 1)}
+        return set(self.sent) - pending
+
+    def stop(self) -> None:
+        self.reporter.stop()
+        self.transport.stop()
+        self.outbox.close()

@@ -97,6 +97,28 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     behaviour: Behaviour
+    tls: ssl.SSLContext | None = None
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, address = super().get_request()
+        if self.tls is None:
+            return sock, address
+        tls = self.tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        try:
+            tls.do_handshake()
+        except (ssl.SSLError, OSError):
+            # As real servers do (nginx's lingering close): read what the client already
+            # sent before closing, so the kernel sends FIN, not RST, and the client reads
+            # the TLS alert instead of losing it to a reset.
+            raw = socket.socket(fileno=tls.detach())
+            with contextlib.suppress(OSError):
+                raw.shutdown(socket.SHUT_WR)
+                raw.settimeout(0.5)
+                while raw.recv(4096):
+                    pass
+            raw.close()
+            raise
+        return tls, address
 
 
 @dataclass
@@ -116,8 +138,7 @@ def serve_bundles(
 ) -> Iterator[BundleServer]:
     httpd = _Server((host, 0), _Handler)
     httpd.behaviour = Behaviour()
-    if context is not None:
-        httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    httpd.tls = context
     thread = threading.Thread(target=httpd.serve_forever, args=(0.02,), daemon=True)
     thread.start()
     try:

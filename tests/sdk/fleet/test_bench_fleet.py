@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.support.broker import mosquitto_path
+from tests.support.postgres import require_postgres
 
 pytestmark = pytest.mark.integration
 
@@ -30,12 +31,13 @@ PHASES = (
 @pytest.fixture(scope="module")
 def result() -> dict[str, Any]:
     mosquitto_path()  # skips without mosquitto, fails when CI=true
+    require_postgres()  # the fault run restarts a PostgreSQL
     done = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "fleet.py"), "--quick"],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=300,
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -91,3 +93,20 @@ def test_the_rollout_reaches_every_device_in_four_waves(result: dict[str, Any]) 
     assert sum(w["new_devices"] for w in waves) == 20
     assert all(w["all_committed_after_s"] is not None for w in waves)
     assert rollout["total_s"] >= sum(w["wave_s"] for w in waves)
+
+
+def test_the_fault_run_loses_no_message_the_broker_acknowledged(result: dict[str, Any]) -> None:
+    run = result["faults_postgres"]
+    assert run["published"] == 20 * 3 * 6  # 20 devices, 3 messages/s, 6 s
+    assert run["all_acked_by_broker"] is True
+    assert (run["lost"], run["unexpected"]) == (0, 0)
+    assert run["collector"]["exit_code"] == 0
+
+
+def test_the_fault_run_restarted_the_store_and_killed_the_collector(result: dict[str, Any]) -> None:
+    run = result["faults_postgres"]
+    faults = run["faults"]
+    assert faults["store_stopped_s"] < faults["store_started_s"] < faults["collector_killed_s"]
+    # The first collector logged the outage once, and its end once.
+    assert (run["collector"]["outages_logged"], run["collector"]["recoveries_logged"]) == (1, 1)
+    assert run["ratio_collector_to_bare"] > 0

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from agent.plumbing.broker import BrokerConfig
+from agent.plumbing.broker import BrokerConfig, BrokerUrl
 from agent.plumbing.mqtt import MqttClient
 from agent.plumbing.transport import Message, publish_many
 from sdk.cli import main
-from sdk.fleet.collect import Collector, parse_message
+from sdk.fleet.collect import Collector, default_group, parse_message
 from sdk.fleet.records import StatusRecord, TelemetryRecord
-from sdk.fleet.store import SqliteStore
+from sdk.fleet.store import PostgresStore, SqliteStore
 from tests.support.broker import Broker, free_port
 from tests.support.fake_device import start_devices
 
@@ -52,11 +52,24 @@ def test_an_empty_retained_payload_is_no_record() -> None:
     assert parse_message("edgeship/v1/f/d1/state", b"") is None
 
 
+def test_body_values_no_database_column_can_hold_become_none() -> None:
+    # A NUL in text (PostgreSQL refuses it) or an integer past 64 bits (both databases
+    # refuse it) would fail the whole batch it came in.
+    payload = body(
+        seq=3,
+        metrics={"requests": 2**63, "error_count": -(2**63), "model": {"name": "a\u0000b"}},
+    )
+    r = parse_message("edgeship/v1/f/d1/telemetry", payload)
+    assert isinstance(r, TelemetryRecord)
+    assert (r.requests, r.error_count, r.model_name) == (None, -(2**63), None)
+
+
 @pytest.mark.parametrize(
     ("topic", "payload"),
     [
         ("edgeship/v1/f/d1/telemetry", body()),  # no seq
         ("edgeship/v1/f/d1/telemetry", body(seq=0)),
+        ("edgeship/v1/f/d1/telemetry", body(seq=2**63)),  # past a 64-bit column
         ("edgeship/v1/f/d1/events", json.dumps({"v": 2, "ts": 1, "seq": 1}).encode()),
         ("edgeship/v1/f/other/events", body(seq=1)),  # sender differs from topic
         ("edgeship/v1/f/d1/events", b"[1]"),
@@ -116,14 +129,55 @@ def test_devices_telemetry_is_stored_deduplicated_with_gaps(broker: Broker, tmp_
     store.close()
 
 
+def test_the_default_group_is_named_after_the_store_however_its_path_is_spelled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    stores = [SqliteStore(Path(p)) for p in ("fleet.sqlite", "sub/../fleet.sqlite", "other.sqlite")]
+    try:
+        groups = [default_group(s.location) for s in stores]
+    finally:
+        for s in stores:
+            s.close()
+    assert groups[0] == groups[1] != groups[2]
+
+
 @pytest.mark.integration
-def test_two_collectors_in_one_group_split_the_messages(broker: Broker, tmp_path: Path) -> None:
+def test_the_default_group_of_a_postgres_store_holds_no_password(postgres_url: str) -> None:
+    with_password = postgres_url.replace("postgres@", "postgres:s3cr3t@")
+    stores = [PostgresStore(postgres_url), PostgresStore(with_password)]
+    try:
+        assert stores[0].location == stores[1].location
+        assert "s3cr3t" not in stores[1].location
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_an_explicit_group_wins_over_the_store_s(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "fleet.sqlite")
+    client = MqttClient(BrokerConfig(BrokerUrl("127.0.0.1", 1, tls=False)))
+    try:
+        filters = Collector(client, store, fleet="f", share_group="g").topic_filters()
+    finally:
+        store.close()
+    assert filters[:2] == [
+        "$share/g/edgeship/v1/f/+/telemetry",
+        "$share/g/edgeship/v1/f/+/events",
+    ]
+
+
+@pytest.mark.integration
+def test_two_collectors_on_one_store_split_the_messages_by_default(
+    broker: Broker, tmp_path: Path
+) -> None:
     db = tmp_path / "fleet.sqlite"
     collectors = []
     for _ in range(2):
         client = MqttClient(BrokerConfig(broker.url))
         client.connect()
-        c = Collector(client, SqliteStore(db), fleet="f", share_group="g")
+        c = Collector(client, SqliteStore(db), fleet="f")
         c.start()
         collectors.append((client, c))
     devices = start_devices(broker.host, broker.port, "f", [f"d{i}" for i in range(4)])
@@ -281,6 +335,8 @@ def test_collect_logs_in_with_a_user_name_and_a_password_file(
         (["--broker", "mqtt://127.0.0.1/fleet"], "must be mqtt://HOST[:PORT]"),
         (["--broker", "mqtt://127.0.0.1", "--ca-file", "ca.crt"], "need an mqtts:// --broker"),
         (["--broker", "mqtt://127.0.0.1", "--password-file", "pw"], "--password-file needs"),
+        (["--session-expiry", "60"], "--session-expiry needs --client-id"),
+        (["--connect-timeout", "0"], "--connect-timeout must be positive"),
     ],
 )
 def test_collect_refuses_broker_options_that_break_the_rules(

@@ -143,13 +143,34 @@ def test_a_stopped_rollout_does_nothing() -> None:
     assert step(r, {}, 0.0)[1].action == "none"
 
 
-def test_the_rollout_record_round_trips_through_json() -> None:
+def test_a_plan_round_trips_through_json() -> None:
+    plan = RolloutPlan(
+        (0.5, 1.0), 0.2, 3.0, 40.0, True, max_download_failures=5, runner_timeout_s=9
+    )
+    assert RolloutPlan.from_json(plan.to_json()) == plan
+
+
+@pytest.mark.parametrize(
+    "bad", [{"max_download_failures": 0}, {"runner_timeout_s": 0.0}, {"max_failure_rate": 1.0}]
+)
+def test_a_plan_refuses_settings_out_of_range(bad: dict[str, float]) -> None:
+    with pytest.raises(ConfigError):
+        RolloutPlan(**({"waves": (1.0,), "max_failure_rate": 0.0, "min_healthy_s": 0.0} | bad))  # type: ignore[arg-type]
+
+
+def test_a_timeout_says_what_the_device_reported_last() -> None:
+    r, d = step(make(rate=0.0), {}, 0.0)
+    r = publish(r, d.devices, 0.0)
+    view = DeviceView(note="installing (downloading)")
+    r, decision = step(r, {"d00": view}, now=61.0)
+    assert decision.action == "halt"
+    assert r.progress["d00"].reason == (
+        "timeout: not committed within 60s (last reported: installing (downloading))"
+    )
+
+
+def test_devices_of_a_wave_not_yet_acknowledged_are_listed_as_such() -> None:
     r, d = step(make(), {}, 0.0)
     r = publish(r, d.devices, 0.0)
-    r, _ = step(r, {"d00": OK}, now=1.0)
-    assert Rollout.from_json(r.to_json()) == r
-
-
-def test_a_malformed_record_is_a_config_error() -> None:
-    with pytest.raises(ConfigError):
-        Rollout.from_json({"id": "x"})
+    assert r.unacknowledged == ["d00"]
+    assert replace(r, acked_wave=0).unacknowledged == []

@@ -1,4 +1,5 @@
-"""A rollout wave is published pipelined: every device's desired state, acknowledged."""
+"""A rollout wave is published pipelined: every device's desired state, acknowledged;
+a revert the same way."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ import pytest
 from agent.plumbing.broker import BrokerConfig
 from agent.plumbing.mqtt import MqttClient
 from agent.plumbing.transport import PUBLISH_WINDOW
-from sdk.fleet._rollout_run import RolloutFiles, revert, run_rollout
+from sdk.fleet._rollout_run import FleetWatcher, finish_pending, run_rollout
+from sdk.fleet._rollout_store import RolloutRecords
 from sdk.fleet.publish import BundleRef
 from sdk.fleet.rollout import Rollout, RolloutPlan, wave_order
+from sdk.fleet.store import open_store
 from tests.support.broker import Broker, Subscriber
 
 pytestmark = pytest.mark.integration
@@ -41,32 +44,40 @@ def test_a_wave_larger_than_the_window_is_published_to_every_device_and_reverted
         plan=RolloutPlan(waves=(1.0,), max_failure_rate=0.1, min_healthy_s=0.0),
         created_at=time.time(),
     )
-    files = RolloutFiles(tmp_path / "rollouts")
+    store = open_store(str(tmp_path / "fleet.sqlite"))
+    records = RolloutRecords(store)
     client = MqttClient(BrokerConfig(broker.url))
     client.connect()
     stop = threading.Event()
-    # No device answers: the runner publishes the one wave, then waits for reports.
-    runner = threading.Thread(
-        target=run_rollout, args=(client, files, rollout), kwargs={"poll_s": 0.05, "stop": stop}
-    )
-    runner.start()
     try:
-        with Subscriber(broker, "edgeship/v1/f/+/desired", clean=True) as sub:
-            assert sub.wait_for(lambda m: len({x.topic for x in m}) == len(devices))
-            got = {m.topic.split("/")[3]: json.loads(m.payload) for m in sub.snapshot()}
+        with records.create(rollout) as runner:
+            # No device answers: the runner publishes the one wave, then waits for reports.
+            thread = threading.Thread(
+                target=run_rollout,
+                args=(client, runner, rollout),
+                kwargs={"poll_s": 0.05, "stop": stop},
+            )
+            thread.start()
+            with Subscriber(broker, "edgeship/v1/f/+/desired", clean=True) as sub:
+                assert sub.wait_for(lambda m: len({x.topic for x in m}) == len(devices))
+                got = {m.topic.split("/")[3]: json.loads(m.payload) for m in sub.snapshot()}
+            stop.set()
+            thread.join(30)
+        assert not thread.is_alive()
         assert sorted(got) == devices
         assert {d: m["device"] for d, m in got.items()} == {d: d for d in devices}
         assert {m["rollout"] for m in got.values()} == {"big"}
-    finally:
-        stop.set()
-        runner.join(30)
-    assert not runner.is_alive()
-    saved = files.load("big")
-    assert sorted(saved.progress) == devices  # recorded before it was published
-    try:
-        assert revert(client, saved) == devices
+        saved = records.load("big")[0]
+        assert sorted(saved.progress) == devices  # recorded before it was published
+        assert saved.acked_wave == 0  # and then recorded as acknowledged
+        records.abort("big", "test", revert=True)
+        with records.take_over("big") as runner:
+            watcher = FleetWatcher(client, "f")
+            watcher.settle()
+            assert finish_pending(client, runner, watcher, runner.rollout).revert == "done"
     finally:
         client.stop()
+        store.close()
     # No previous desired state: reverting clears every retained one.
     with Subscriber(broker, "edgeship/v1/f/+/desired", clean=True) as sub:
         time.sleep(0.3)
