@@ -22,6 +22,8 @@ from agent.bundle.manifest import (
     RUNTIMES,
     SCHEMA_MAJOR,
     SCHEMA_MINOR,
+    SCHEMA_VERSION_RE,
+    SCORES_OUTPUT_SINCE_MINOR,
     SHA256_RE,
     VERSION_RE,
     Compatibility,
@@ -64,7 +66,7 @@ def read_manifest(doc: object) -> Manifest:
     """
     root = Doc(doc, "manifest", error=MalformedManifestError)
     version = root.text("schema_version")
-    m = re.fullmatch(r"([0-9]+)\.([0-9]+)", version)
+    m = SCHEMA_VERSION_RE.fullmatch(version)
     if not m:
         raise MalformedManifestError(f"schema_version {version!r} is not MAJOR.MINOR")
     major, minor = int(m.group(1)), int(m.group(2))
@@ -85,7 +87,7 @@ def read_manifest(doc: object) -> Manifest:
         created=_time(root, "created"),
         expires=root.opt(partial(_time, root), "expires"),
         compatibility=_parse_compat(root.obj("compatibility")),
-        model=_parse_model(root.obj("model")),
+        model=_parse_model(root.obj("model"), minor),
         quantization=_parse_quant(root.obj("quantization")),
         health=_parse_health(root.obj("health")),
         drift_reference=_parse_drift(root.opt(root.obj, "drift_reference")),
@@ -198,17 +200,25 @@ def _parse_tensor(o: Doc) -> TensorSpec:
     return spec
 
 
-def _parse_model(o: Doc) -> ModelSpec:
+def _parse_model(o: Doc, minor: int) -> ModelSpec:
     fmt = o.choice("format", tuple(sorted(FORMAT_RUNTIMES)))
     spec = ModelSpec(
         format=cast(Literal["onnx", "tflite"], fmt),
         file=_member_path(o, "file"),
         inputs=tuple(_parse_tensor(t) for t in o.items("inputs", max_len=64)),
         outputs=tuple(_parse_tensor(t) for t in o.items("outputs", max_len=64)),
+        # Not read from an older minor: there the strict reader refuses it as unknown.
+        scores_output=(
+            o.opt(o.text, "scores_output", max_len=256)
+            if minor >= SCORES_OUTPUT_SINCE_MINOR
+            else None
+        ),
     )
     o.done()
     if not spec.inputs or not spec.outputs:
         raise MalformedManifestError(f"{o.where} needs at least one input and one output")
+    if spec.scores_output is not None and spec.scores_output not in {t.name for t in spec.outputs}:
+        raise MalformedManifestError(f"{o.where}.scores_output must name one of its outputs")
     return spec
 
 

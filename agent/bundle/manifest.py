@@ -4,7 +4,9 @@ The manifest is the signed statement of what a bundle is. :meth:`Manifest.from_b
 accepts only well-formed UTF-8 JSON that follows the schema exactly; a manifest written
 for a newer *minor* schema may carry fields this version does not know, which are kept in
 :attr:`Manifest.extensions` (and nested unknown fields ignored); a newer *major* schema is
-refused with :class:`~agent.errors.SchemaVersionError`.
+refused with :class:`~agent.errors.SchemaVersionError`. A manifest of an older minor is
+held to that minor: it may not carry fields added since (1.1 added ``model.scores_output``),
+and it is written back without them, so its canonical bytes do not change.
 
 See docs/bundle-format.md for the normative description.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 import base64
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -46,11 +48,17 @@ __all__ = [
     "Tolerance",
     "format_time",
     "is_safe_member_path",
+    "scores_output",
 ]
 
 SCHEMA_MAJOR = 1
-SCHEMA_MINOR = 0
+# 1.1 added model.scores_output.
+SCHEMA_MINOR = 1
 SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
+SCHEMA_VERSION_RE = re.compile(r"([0-9]+)\.([0-9]+)")
+# The first minor whose manifests carry model.scores_output (absent before: a strict
+# reader of an older minor refuses it as unknown).
+SCORES_OUTPUT_SINCE_MINOR = 1
 PAYLOAD_TYPE = "application/vnd.edgeship.manifest+json"
 MANIFEST_PATH = "manifest.json"
 SIGNATURE_PATH = "manifest.sig"
@@ -84,6 +92,12 @@ def is_safe_member_path(path: str) -> bool:
     return all(_PATH_COMPONENT_RE.fullmatch(part) for part in path.split("/"))
 
 
+def _schema_minor(version: str) -> int | None:
+    """The minor number of a ``MAJOR.MINOR`` schema version; None if it is not one."""
+    m = SCHEMA_VERSION_RE.fullmatch(version)
+    return int(m.group(2)) if m else None
+
+
 def format_time(t: datetime) -> str:
     """RFC 3339 UTC with a trailing ``Z`` and whole seconds: the manifest's time format."""
     return t.astimezone(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -111,12 +125,37 @@ class TensorSpec:
     quantization: QuantParams | None = None
 
 
+def _is_scores(t: TensorSpec) -> bool:
+    # Callers receive quantized outputs as floats, so those count as float here.
+    return (
+        (t.dtype.startswith("float") or t.quantization is not None)
+        and len(t.shape) == 2
+        and isinstance(t.shape[1], int)
+        and t.shape[1] >= 2
+    )
+
+
+def scores_output(outputs: Sequence[TensorSpec]) -> TensorSpec | None:
+    """The first output shaped like class scores: floats (as callers receive them) of
+    shape ``(batch, k)`` with a fixed ``k >= 2``; None if there is none.
+
+    The one definition of "the classifier's scores": the SDK applies it to a model's
+    actual outputs (evaluation, ``model.scores_output``), the agent to a manifest without
+    that field. Not simply the first output: a converter may put the predicted label
+    first (skl2onnx writes ``label``, then ``probabilities``).
+    """
+    return next((t for t in outputs if _is_scores(t)), None)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     format: Literal["onnx", "tflite"]
     file: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    # The output carrying class scores, by name (schema 1.1); None: none does, or the
+    # manifest predates the field.
+    scores_output: str | None = None
 
 
 @dataclass(frozen=True)
@@ -289,12 +328,7 @@ class Manifest:
                     "arch": list(self.compatibility.arch),
                     "device_classes": list(self.compatibility.device_classes),
                 },
-                "model": {
-                    "format": self.model.format,
-                    "file": self.model.file,
-                    "inputs": [_tensor_to_json(t) for t in self.model.inputs],
-                    "outputs": [_tensor_to_json(t) for t in self.model.outputs],
-                },
+                "model": self._model_json(),
                 "quantization": {
                     "scheme": self.quantization.scheme,
                     "calibration_sha256": self.quantization.calibration_sha256,
@@ -346,6 +380,24 @@ class Manifest:
                 ],
                 "nonces": {path: _b64(n) for path, n in sorted(e.nonces.items())},
             }
+        return out
+
+    def _model_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "format": self.model.format,
+            "file": self.model.file,
+            "inputs": [_tensor_to_json(t) for t in self.model.inputs],
+            "outputs": [_tensor_to_json(t) for t in self.model.outputs],
+        }
+        # Left out of older minors, whose canonical bytes must not change; written when
+        # set even there, so that such a manifest is refused before it is signed.
+        minor = _schema_minor(self.schema_version)
+        if (
+            minor is None
+            or minor >= SCORES_OUTPUT_SINCE_MINOR
+            or self.model.scores_output is not None
+        ):
+            out["scores_output"] = self.model.scores_output
         return out
 
     def to_bytes(self) -> bytes:

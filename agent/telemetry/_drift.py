@@ -16,8 +16,12 @@ that is not sampled costs one counter increment. The sampling rate is reported, 
 collector knows how many requests the numbers stand for.
 
 PSI = sum((a - e) * ln(a / e)) over bins, with reference fractions ``e`` and live
-fractions ``a`` both floored at ``1e-4`` so empty bins stay finite. The usual bands:
-below 0.1 stable, 0.1 to 0.25 moderate shift, 0.25 and above significant shift.
+fractions ``a`` both floored at ``1e-4`` so empty bins stay finite; it is reported per
+feature as it is classically defined. The band is not the classic band of the largest
+PSI, which sampling noise alone crosses with small samples and many features: it is
+the classic band of the largest PSI among features whose shift is beyond sampling
+noise, tested against both sample sizes with a family-wise correction
+(:mod:`agent.telemetry._bands`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import numpy.typing as npt
 
 from agent.bundle.drift import summarise
 from agent.bundle.manifest import DriftReference
+from agent.telemetry._bands import ALPHA, FeatureTest, sidak
 
 __all__ = ["PSI_BANDS", "PSI_FLOOR", "DriftMonitor", "psi", "psi_band"]
 
@@ -50,10 +55,11 @@ _OUTPUT_BUFFER_VALUES = 65_536
 
 
 # PSI estimated from n sampled rows carries a noise floor of about (bins - 1) / n (it is a
-# chi-square statistic divided by n), and the band is the worst of up to 64 features: with
-# 10 bins, 300 rows keep the worst feature's noise under ~0.09, below the 0.1 band, where
-# 30 rows would put identical data in the "significant" band. Fewer rows than this carry
-# over into the next telemetry interval instead of being reported.
+# chi-square statistic divided by n): with 10 bins, 300 rows keep a feature's noise
+# around 0.03, small against the classic bands people read PSI values by, where 30 rows
+# would put identical data near 0.3. (The band accounts for the noise at any row count.)
+# Fewer rows than this carry over into the next telemetry interval instead of being
+# reported.
 DEFAULT_MIN_ROWS_FOR_PSI = 300
 
 
@@ -82,6 +88,7 @@ def _psi_rows(e: npt.NDArray[np.float64], c: npt.NDArray[np.float64]) -> npt.NDA
 
 
 def psi_band(value: float) -> Band:
+    """The classic band of a PSI value: below 0.1 stable, below 0.25 moderate, else significant."""
     if value < PSI_BANDS[0]:
         return "stable"
     if value < PSI_BANDS[1]:
@@ -102,6 +109,7 @@ class _InputState:
     expected: npt.NDArray[np.float64]  # (G, E + 1) reference fractions, padded with 0
     counts: npt.NDArray[np.int64]
     buf: npt.NDArray[np.float64]  # (_BUFFER_ROWS, G) sampled features not yet folded
+    test: FeatureTest | None  # None: the reference does not say how many rows it summarises
     fill: int = 0
     n: int = 0
     nonfinite: int = 0
@@ -157,9 +165,11 @@ class DriftMonitor:
     """Sampled, bounded-memory input drift and output confidence over one reporting interval.
 
     ``reference`` may be None (a bundle without a drift reference): then only outputs are
-    summarised. ``classifier`` chooses the output summary: a histogram of the top score
-    for classifiers (softmax applied when a row is not already a probability vector),
-    count/mean/std/min/max of all output values otherwise.
+    summarised. Each input's band allows for the reference's own sample size
+    (``reference.sample_count``; 0 gives no band). ``classifier`` chooses the output
+    summary: a histogram of the top score for classifiers (softmax applied when a row is
+    not already a probability vector), count/mean/std/min/max of all output values
+    otherwise.
     """
 
     def __init__(
@@ -353,6 +363,8 @@ class DriftMonitor:
 
     def _inputs_json(self) -> list[dict[str, Any]]:
         out = []
+        # (entry, PSI per feature, p-value per feature) of each input tested in this window
+        tested = []
         for name, st in sorted(self._inputs.items()):
             entry: dict[str, Any] = {
                 "input": name,
@@ -360,6 +372,7 @@ class DriftMonitor:
                 "index": st.index.tolist(),
                 "psi": None,
                 "psi_max": None,
+                "p": None,
                 "band": None,
                 "mean": None,
                 "std": None,
@@ -368,11 +381,19 @@ class DriftMonitor:
                 entry["mean"] = _round(st.mean)
                 entry["std"] = _round(np.sqrt(st.m2 / st.n))
             if st.n >= self.min_samples_for_psi:
-                values = _psi_rows(st.expected, st.counts.astype(np.float64))
+                counts = st.counts.astype(np.float64)
+                values = _psi_rows(st.expected, counts)
                 entry["psi"] = _round(values)
                 entry["psi_max"] = float(f"{values.max():.4g}")
-                entry["band"] = psi_band(float(values.max()))
+                if st.test is not None:
+                    tested.append((entry, values, st.test.p_values(counts)))
             out.append(entry)
+        # The band is the worst over every feature compared in this message: correct for all.
+        features = sum(len(values) for _, values, _ in tested)
+        for entry, values, p in tested:
+            family = sidak(p, features)
+            entry["p"] = float(f"{family.min():.4g}")
+            entry["band"] = psi_band(float(np.where(family < ALPHA, values, 0.0).max()))
         return out
 
 
@@ -388,6 +409,10 @@ def _build_states(reference: DriftReference) -> dict[str, _InputState]:
         for row, f in enumerate(refs):
             edges[row, : len(f.edges)] = f.edges
             expected[row, : len(f.fractions)] = f.fractions
+        test = None
+        if reference.sample_count > 0:
+            bins = [len(f.fractions) for f in refs]
+            test = FeatureTest(expected, bins, reference_rows=reference.sample_count)
         st = _InputState(
             groups=groups,
             index=np.array([f.index for f in refs], dtype=np.intp),
@@ -395,6 +420,7 @@ def _build_states(reference: DriftReference) -> dict[str, _InputState]:
             expected=expected,
             counts=np.zeros((len(refs), width + 1), dtype=np.int64),
             buf=np.empty((_BUFFER_ROWS, len(refs))),
+            test=test,
         )
         st.reset()
         states[name] = st

@@ -15,34 +15,35 @@ from typing import Any, Literal
 
 import numpy.typing as npt
 
-from agent.bundle.manifest import Manifest
+from agent.bundle.manifest import Manifest, scores_output
 from agent.errors import StateError, error_code
 from agent.serve._cache import Predictor, predict_versioned
 from agent.telemetry._drift import DriftMonitor
 from agent.telemetry._metrics import Metrics
 
-__all__ = ["ObservedPredictor", "OutputKind", "is_classifier"]
+__all__ = ["ObservedPredictor", "OutputKind", "watched_output"]
 
 log = logging.getLogger("edgeship.agent")
 
 OutputKind = Literal["auto", "top_score", "values"]
 
 
-def is_classifier(manifest: Manifest, kind: OutputKind) -> bool:
-    """Whether the first output is class scores (summarised as a top-score histogram).
+def watched_output(manifest: Manifest, kind: OutputKind) -> tuple[str, bool]:
+    """The output telemetry summarises, and whether as class scores (a top-score histogram).
 
-    ``auto`` treats a (batch, k >= 2) float output as scores, anything else as values.
+    The manifest's ``model.scores_output`` names it; without one (a bundle older than
+    schema 1.1), the first output shaped like class scores
+    (:func:`agent.bundle.manifest.scores_output`); failing both, the first output. With
+    ``auto`` an output of class scores is summarised as such, anything else as values;
+    ``top_score`` and ``values`` choose the summary whatever the output.
     """
-    if kind != "auto":
-        return kind == "top_score"
-    out = manifest.model.outputs[0]
-    shape = out.shape
-    return (
-        out.dtype.startswith("float")
-        and len(shape) == 2
-        and isinstance(shape[1], int)
-        and shape[1] >= 2
-    )
+    model = manifest.model
+    named = model.scores_output
+    if named is None:
+        found = scores_output(model.outputs)
+        named = None if found is None else found.name
+    name = model.outputs[0].name if named is None else named
+    return name, (named is not None if kind == "auto" else kind == "top_score")
 
 
 class ObservedPredictor:
@@ -109,8 +110,7 @@ class ObservedPredictor:
             self._drift = None
             return None
         self.metrics.set_model(manifest.name, manifest.version, manifest.sequence)
-        drift = DriftMonitor(
-            manifest.drift_reference, classifier=is_classifier(manifest, self._output_kind)
-        )
-        self._drift = (digest, drift, manifest.model.outputs[0].name)
+        output, classifier = watched_output(manifest, self._output_kind)
+        drift = DriftMonitor(manifest.drift_reference, classifier=classifier)
+        self._drift = (digest, drift, output)
         return drift

@@ -41,7 +41,7 @@ from agent.bundle.manifest import (
 from agent.errors import ConfigError
 from agent.plumbing.files import atomic_replace
 from agent.serve.runtimes import installed_runtimes
-from sdk.build._evaluate import Gates, evaluate
+from sdk.build._evaluate import Gates, evaluate, scores_index
 from sdk.build._metadata import BuildMetadata, creation_time, load_metadata, parse_target
 from sdk.build._quantize import Scheme
 from sdk.build._quantize import quantize as run_quantizer
@@ -148,7 +148,7 @@ def build_bundle(
         golden_in = _golden_inputs(src, golden_count)
         expected, tolerance, how = _golden(bundled, golden_in, src.runner, metadata, report)
         evaluation["golden"] = how
-        spec = replace(model_spec(bundled), file=bundled.relative_to(stage).as_posix())
+        spec = _model_section(bundled, stage, expected)
         payload, encryption = _payload(stage, spec.file, golden_in, expected, encrypt_for)
         manifest = _manifest(
             src,
@@ -280,6 +280,18 @@ def _golden(
         else golden.tolerance
     )
     return expected, tolerance, {"spread": golden.spread, **dict(golden.details)}
+
+
+def _model_section(bundled: Path, stage: Path, expected: Arrays) -> ModelSpec:
+    """The manifest's model section, naming the output that carries class scores (found on
+    the outputs the bundled model computed for the golden inputs)."""
+    spec = model_spec(bundled)
+    scores = scores_index(spec.outputs, [expected[o.name] for o in spec.outputs])
+    return replace(
+        spec,
+        file=bundled.relative_to(stage).as_posix(),
+        scores_output=None if scores is None else spec.outputs[scores].name,
+    )
 
 
 def _payload(

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from agent.bundle.manifest import TensorSpec, scores_output
 from agent.errors import ConfigError
 from agent.plumbing.stats import percentile
 from agent.serve.runtimes import Model, installed_runtimes
@@ -100,7 +101,8 @@ def evaluate(
             f"original and quantized models produce different outputs:"
             f" {[r.shape for r in ref]} vs {[o.shape for o in out]}"
         )
-    accuracy = _accuracy(paths[0], ref, out, data.labels)
+    scores = scores_index(models[0].spec.outputs, ref)
+    accuracy = _accuracy(paths[0], ref, out, data.labels, scores)
     measured = [
         ModelMeasurement(str(p), p.stat().st_size, acc, tuple(lat))
         for p, acc, lat in zip(paths, accuracy, latencies, strict=True)
@@ -110,7 +112,7 @@ def evaluate(
         labelled=data.labels is not None,
         original=measured[0],
         quantized=measured[1],
-        fidelity=_fidelity(ref, out),
+        fidelity=_fidelity(ref, out, scores),
         environment=_environment(),
     )
     return replace(report, gates=apply_gates(report, gates or Gates()))
@@ -132,16 +134,19 @@ def _outputs(
 
 
 def _accuracy(
-    original: Path, ref: Outputs, out: Outputs, labels: npt.NDArray[np.integer] | None
+    original: Path,
+    ref: Outputs,
+    out: Outputs,
+    labels: npt.NDArray[np.integer] | None,
+    scores: int | None,
 ) -> tuple[float | None, float | None]:
-    """Top-1 accuracy of both models; ``None`` without labels.
+    """Top-1 accuracy of both models on output ``scores``; ``None`` without labels.
 
     Raises:
         ConfigError: labels, but no classifier output to compare them with.
     """
     if labels is None:
         return None, None
-    scores = _scores_index(ref)
     if scores is None:
         raise ConfigError(
             f"labels need a classifier output of shape (N, classes); {original} has"
@@ -195,16 +200,18 @@ def _interleaved_latency(
     return [(percentile(t, 0.5), percentile(t, 0.95)) for t in times]
 
 
-def _scores_index(outputs: Sequence[npt.NDArray[np.float64]]) -> int | None:
-    """The first (N, classes) output: a converter may put a label output before it."""
-    return next(
-        (i for i, o in enumerate(outputs) if o.ndim == 2 and o.shape[1] > 1),
-        None,
-    )
+def scores_index(specs: Sequence[TensorSpec], outputs: Sequence[npt.NDArray[Any]]) -> int | None:
+    """Which of a model's ``outputs`` (in the order of ``specs``) carries class scores.
+
+    :func:`agent.bundle.manifest.scores_output` decides, on the shapes the model actually
+    produced (a file may leave the class dimension dynamic).
+    """
+    actual = [replace(s, shape=o.shape) for s, o in zip(specs, outputs, strict=True)]
+    found = scores_output(actual)
+    return None if found is None else actual.index(found)
 
 
-def _fidelity(ref: Outputs, out: Outputs) -> Fidelity:
-    scores = _scores_index(ref)
+def _fidelity(ref: Outputs, out: Outputs, scores: int | None) -> Fidelity:
     agreement = (
         None
         if scores is None

@@ -57,7 +57,7 @@ class ModelMeasurement:
 class Fidelity:
     """How closely the quantized model's outputs follow the original's."""
 
-    agreement: float | None  # top-1 agreement on the first (N, classes) output, else None
+    agreement: float | None  # top-1 agreement on the class scores output, else None
     max_abs_diff: float
     mean_cosine: float
     min_cosine: float

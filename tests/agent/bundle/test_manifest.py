@@ -11,12 +11,16 @@ from typing import Any
 import pytest
 
 from agent.bundle.manifest import (
+    SCHEMA_MINOR,
     SCHEMA_VERSION,
     FileEntry,
     Manifest,
     ModelCard,
+    ModelSpec,
     QuantParams,
+    TensorSpec,
     is_safe_member_path,
+    scores_output,
 )
 from agent.errors import MalformedManifestError, SchemaVersionError
 from tests.support.bundles import make_manifest
@@ -88,7 +92,7 @@ def test_created_and_expires_are_whole_seconds_utc() -> None:
 
 
 def test_default_schema_version_is_current() -> None:
-    assert make_manifest().schema_version == SCHEMA_VERSION == "1.0"
+    assert make_manifest().schema_version == SCHEMA_VERSION == "1.1"
 
 
 def _edited(edit: dict[str, Any]) -> bytes:
@@ -212,3 +216,80 @@ def test_control_characters_and_lone_surrogates_are_refused_anywhere(edit: dict[
 def test_non_ascii_digits_do_not_make_a_schema_version() -> None:
     with pytest.raises(MalformedManifestError, match=r"MAJOR\.MINOR"):
         Manifest.from_bytes(_edited({"schema_version": "\u0661.0"}))
+
+
+# --- model.scores_output (schema 1.1) ------------------------------------------------
+
+LABEL = TensorSpec("label", "int64", (None,))
+PROBS = TensorSpec("probabilities", "float32", (None, 10))
+
+
+def _classifier(scores: str | None = "probabilities", **overrides: Any) -> Manifest:
+    x = TensorSpec("x", "float32", (None, 64))
+    model = ModelSpec("onnx", "model/model.onnx", (x,), (LABEL, PROBS), scores_output=scores)
+    return make_manifest(model=model, **overrides)
+
+
+def test_scores_output_round_trips_and_is_written_in_the_model_section() -> None:
+    m = _classifier()
+    assert m.to_json()["model"]["scores_output"] == "probabilities"
+    assert Manifest.from_bytes(m.to_bytes()).model.scores_output == "probabilities"
+
+
+def test_a_current_manifest_without_scores_output_writes_null() -> None:
+    m = _classifier(scores=None)
+    assert m.to_json()["model"]["scores_output"] is None
+    assert Manifest.from_bytes(m.to_bytes()) == m
+
+
+def test_a_scores_output_naming_no_output_is_refused() -> None:
+    doc = _classifier().to_json()
+    doc["model"]["scores_output"] = "logits"
+    with pytest.raises(MalformedManifestError, match=r"model\.scores_output must name one"):
+        Manifest.from_bytes(json.dumps(doc).encode())
+
+
+def test_a_schema_1_0_manifest_is_written_without_scores_output() -> None:
+    # Its canonical bytes must stay what a 1.0 writer produced (the golden file checks it
+    # for the full manifest); reading it gives no scores output.
+    m = Manifest.from_bytes(_golden())
+    assert m.schema_version == "1.0"
+    assert m.model.scores_output is None
+    assert "scores_output" not in m.to_json()["model"]
+
+
+def test_a_schema_1_0_manifest_carrying_scores_output_is_refused() -> None:
+    doc = _classifier(schema_version="1.0").to_json()  # set, so written even for 1.0
+    with pytest.raises(MalformedManifestError, match=r"unknown key\(s\): manifest\.model\."):
+        Manifest.from_bytes(json.dumps(doc).encode())
+
+
+def test_a_newer_minor_with_unknown_model_fields_is_accepted_with_its_scores_output() -> None:
+    # What an agent that reads this schema meets when the SDK is newer than it.
+    doc = _classifier().to_json()
+    doc["schema_version"] = f"1.{SCHEMA_MINOR + 1}"
+    doc["model"]["future_field"] = {"anything": [1, 2]}
+    doc["future_section"] = True
+    m = Manifest.from_bytes(json.dumps(doc).encode())
+    assert m.model.scores_output == "probabilities"
+    assert m.extensions == {"future_section": True}
+
+
+@pytest.mark.parametrize(
+    ("outputs", "found"),
+    [
+        ((LABEL, PROBS), "probabilities"),  # skl2onnx: the label comes first
+        ((TensorSpec("logits", "float32", (1, 1000)),), "logits"),
+        ((TensorSpec("q", "int8", (None, 10), QuantParams(1 / 256, -128)),), "q"),  # floats out
+        ((TensorSpec("y", "float32", (None, 1)),), None),  # one value: a regression
+        ((TensorSpec("ids", "int64", (None, 10)),), None),
+        ((TensorSpec("p", "float32", (None, None)),), None),  # classes unknown
+        ((TensorSpec("img", "float32", (None, 3, 8)),), None),
+        ((TensorSpec("v", "float32", (10,)),), None),
+    ],
+)
+def test_scores_output_is_the_first_float_output_shaped_batch_by_classes(
+    outputs: tuple[TensorSpec, ...], found: str | None
+) -> None:
+    spec = scores_output(outputs)
+    assert (spec.name if spec is not None else None) == found

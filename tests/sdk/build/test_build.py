@@ -97,6 +97,16 @@ def test_onnx_bundle_verifies_and_expected_outputs_match_onnxruntime(
     )
 
 
+@pytest.mark.parametrize(("n_out", "scores"), [(10, "probs"), (1, None)])
+def test_the_manifest_names_the_class_scores_output_if_the_model_has_one(
+    tmp_path: Path, key: SigningKey, n_out: int, scores: str | None
+) -> None:
+    model = make_onnx_mlp(tmp_path / "mlp.onnx", n_out=n_out)
+    result = build_bundle(model, tmp_path / "b.edgeship", metadata=META, keys=[key])
+    assert result.manifest.model.scores_output == scores
+    assert result.manifest.to_json()["model"]["scores_output"] == scores  # null when none
+
+
 def test_tflite_bundle_verifies_with_litert_outputs(tmp_path: Path, key: SigningKey) -> None:
     model = make_tflite_mlp(tmp_path / "mlp.tflite")
     result = build_bundle(model, tmp_path / "b.edgeship", metadata=META, keys=[key])
@@ -302,6 +312,7 @@ def test_static_tflite_bundle_declares_int8_io_and_agent_reproduces_expected_out
     assert spec.inputs[0].dtype == "int8"
     assert spec.inputs[0].quantization is not None
     assert spec.outputs[0].quantization is not None
+    assert spec.scores_output == spec.outputs[0].name  # int8, but callers receive floats
     manifest = result.manifest
     with load_model(manifest, tmp_path / "x", "litert") as agent_model:
         golden = np.load(tmp_path / "x" / manifest.health.golden_inputs)

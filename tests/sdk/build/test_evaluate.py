@@ -11,10 +11,11 @@ import pytest
 from ai_edge_litert.interpreter import Interpreter
 from rich.console import Console
 
-from agent.bundle.manifest import Manifest
+from agent.bundle.manifest import Manifest, TensorSpec
 from agent.errors import ConfigError, InputValidationError
 from agent.plumbing.stats import percentile
 from sdk.build import Gates, evaluate, quantize
+from sdk.build._evaluate import scores_index
 from sdk.build.datasets import Dataset
 from sdk.build.golden import derive_golden
 from sdk.build.model_io import open_model, run_dataset
@@ -318,3 +319,12 @@ def test_tolerance_scales_with_the_measured_spread(
     assert base.tolerance.atol < wider.tolerance.atol
     # Float model, bit-identical runs: the tolerance is the float floor, small but not 0.
     assert 0 < base.tolerance.atol < 1e-4
+
+
+def test_the_scores_output_is_found_on_the_shapes_the_model_produced() -> None:
+    # An integer output of the right shape is no scores output, and a class dimension the
+    # file leaves dynamic is known once the model has run.
+    specs = (TensorSpec("ids", "int64", (None, 10)), TensorSpec("p", "float32", (None, None)))
+    outputs = [np.zeros((4, 10), np.int64), np.zeros((4, 3), np.float32)]
+    assert scores_index(specs, outputs) == 1
+    assert scores_index(specs[:1], outputs[:1]) is None
