@@ -247,6 +247,9 @@ def _http(t: Doc, base: Path) -> HttpServerConfig:
         rate_limit_per_s=t.number("rate_limit_per_s", d.rate_limit_per_s, positive=True),
         burst=t.integer("burst", d.burst, minimum=1),
         max_connections=t.integer("max_connections", d.max_connections, minimum=1),
+        max_connections_per_client=t.integer(
+            "max_connections_per_client", d.max_connections_per_client, minimum=1
+        ),
         read_timeout_s=t.number("read_timeout_s", d.read_timeout_s, positive=True),
         request_deadline_s=t.number("request_deadline_s", d.request_deadline_s, positive=True),
         tls=None if cert is None else ServerTls(cert, key, client_ca),

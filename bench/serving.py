@@ -11,7 +11,14 @@ Same run, same payload, same client and concurrency for each pair:
 The ratio ``agent / baseline`` is the figure to watch; absolute numbers depend on the
 machine. Both JSON and binary payloads are measured (one sample, 64 float32 values).
 
-    python bench/serving.py [--requests 3000] [--concurrency 8]
+Memory: a fresh child process serves the same model over HTTP (default settings:
+``max_request_bytes`` 8 MiB); after one small request, N clients send one maximal request
+each at once (JSON floats as ``tolist()`` writes them, typed JSON as dense as the decoder
+accepts, binary). Peak RSS growth (``VmHWM`` reset through ``/proc/<pid>/clear_refs``) per
+request in flight, and its ratio to ``max_request_bytes`` (target: at most 4), plus what
+stays resident after the answers.
+
+    python bench/serving.py [--requests 3000] [--concurrency 8] [--phases throughput,memory]
 """
 
 from __future__ import annotations
@@ -19,7 +26,9 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import socket
+import subprocess
 import sys
 import tempfile
 import threading
@@ -37,7 +46,6 @@ from paho.mqtt.properties import Properties
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.bundle.manifest import ModelSpec, TensorSpec
 from agent.messages.status import device_presence
 from agent.messages.topics import Topics
 from agent.plumbing.broker import BrokerConfig
@@ -45,11 +53,9 @@ from agent.plumbing.mqtt import MqttClient
 from agent.serve.codec import BINARY_CONTENT_TYPE, JSON_CONTENT_TYPE, encode_binary, encode_json
 from agent.serve.http import HttpServer, HttpServerConfig
 from agent.serve.mqtt import MqttInferenceServer, MqttServingConfig
-from agent.serve.runtimes import load_model
 from bench._machine import machine
 from tests.support.broker import Broker
-from tests.support.bundles import make_manifest
-from tests.support.models import make_onnx_mlp
+from tests.support.models import load_onnx_mlp
 
 TOKEN = "bench-token-0123456789abcdef"
 TOPICS = Topics("bench", "dev-1")
@@ -195,6 +201,111 @@ def _http_run(port: int, content_type: str, payload: bytes, n: int, concurrency:
     return per_client * concurrency / elapsed
 
 
+# --- memory ----------------------------------------------------------------------------
+
+
+def _child_serve() -> int:
+    """The measured process: the endpoint with default settings, until stdin closes."""
+    with tempfile.TemporaryDirectory(prefix="edgeship-bench-") as tmp:
+        model = load_onnx_mlp(Path(tmp))
+        config = HttpServerConfig(enabled=True, port=0, token=TOKEN)
+        with HttpServer(model, config) as server:
+            print(server.port, flush=True)
+            sys.stdin.read()
+        model.close()
+    return 0
+
+
+def _maximal_bodies(limit: int) -> dict[str, tuple[str, bytes]]:
+    """The largest request of each kind that fits ``limit`` bytes."""
+    rng = np.random.default_rng(1)
+    row = rng.standard_normal((1, 64)).astype(np.float32)
+    floats_row = len(json.dumps(row.tolist()[0])) + 2
+    rows = (limit - 64) // floats_row
+    floats = json.dumps({"inputs": {"x": np.repeat(row, rows, axis=0).tolist()}}).encode()
+    # The densest typed JSON the decoder takes: 4 bytes a value, as many as binary float32.
+    dense_rows = (limit - 100) // 256
+    head = f'{{"inputs":{{"x":{{"dtype":"float32","shape":[{dense_rows},64],"data":['
+    dense = (head + ",".join(["0.5"] * (dense_rows * 64)) + "]}}}").encode()
+    binary_rows = (limit - 128) // 256
+    binary = encode_binary({"x": np.repeat(row, binary_rows, axis=0)})
+    bodies = {
+        "json floats": (JSON_CONTENT_TYPE, floats),
+        "json typed, densest accepted": (JSON_CONTENT_TYPE, dense),
+        "binary": (BINARY_CONTENT_TYPE, binary),
+    }
+    assert all(len(body) <= limit for _, body in bodies.values())
+    return bodies
+
+
+def _proc_kib(pid: int, key: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {key} for process {pid}")
+
+
+def _post(port: int, content_type: str, body: bytes) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    headers = {"Content-Type": content_type, "Authorization": f"Bearer {TOKEN}"}
+    conn.request("POST", "/v1/predict", body=body, headers=headers)
+    response = conn.getresponse()
+    response.read()
+    conn.close()
+    if response.status != 200:
+        raise RuntimeError(f"HTTP {response.status} for a maximal request")
+
+
+def _memory_run(content_type: str, body: bytes, concurrent: int) -> dict[str, Any]:
+    """Peak RSS growth of a fresh serving process under ``concurrent`` maximal requests."""
+    child = subprocess.Popen(
+        [sys.executable, __file__, "--child-serve"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        port = int(child.stdout.readline())
+        _post(port, *_payloads()["json"])  # imports, first run of the model
+        time.sleep(0.5)
+        base = _proc_kib(child.pid, "VmRSS")
+        Path(f"/proc/{child.pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
+        clients = [
+            threading.Thread(target=_post, args=(port, content_type, body))
+            for _ in range(concurrent)
+        ]
+        for t in clients:
+            t.start()
+        for t in clients:
+            t.join()
+        peak = _proc_kib(child.pid, "VmHWM")
+        time.sleep(0.5)
+        after = _proc_kib(child.pid, "VmRSS")
+    finally:
+        if child.stdin is not None:
+            child.stdin.close()
+        child.wait(30)
+    per_request = (peak - base) * 1024 / concurrent
+    limit = HttpServerConfig().max_request_bytes
+    return {
+        "concurrent": concurrent,
+        "body_mib": round(len(body) / 2**20, 2),
+        "peak_growth_mib_per_request": round(per_request / 2**20, 1),
+        "ratio_to_max_request_bytes": round(per_request / limit, 2),
+        "resident_after_mib": round((after - base) / 1024, 1),
+    }
+
+
+def _memory(concurrency: tuple[int, ...]) -> dict[str, Any]:
+    limit = HttpServerConfig().max_request_bytes
+    runs = {
+        kind: [_memory_run(content_type, body, n) for n in concurrency]
+        for kind, (content_type, body) in _maximal_bodies(limit).items()
+    }
+    return {"max_request_bytes": limit, "target_ratio": 4, "runs": runs}
+
+
 def _pair(baseline: Callable[[], float], agent: Callable[[], float], reps: int) -> dict[str, Any]:
     baseline(), agent()  # warm up
     base_runs, agent_runs = [], []
@@ -210,24 +321,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--phases", default="throughput,memory")
+    parser.add_argument("--memory-concurrency", default="1,4")
+    parser.add_argument("--child-serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    n, c = args.requests, args.concurrency
+    if args.child_serve:
+        return _child_serve()
+    phases = set(args.phases.split(","))
+    results: dict[str, Any] = {"machine": machine(), "cpus_available": len(os.sched_getaffinity(0))}
+    if "throughput" in phases:
+        results["throughput"] = _throughput(args.requests, args.concurrency, args.reps)
+    if "memory" in phases:
+        concurrency = tuple(int(n) for n in args.memory_concurrency.split(","))
+        results["memory"] = _memory(concurrency)
+    print(json.dumps(results, indent=2))
+    return 0
 
+
+def _throughput(n: int, c: int, reps: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="edgeship-bench-") as tmp:
         directory = Path(tmp)
-        make_onnx_mlp(directory / "model" / "model.onnx")
-        manifest = make_manifest(
-            model=ModelSpec(
-                format="onnx",
-                file="model/model.onnx",
-                inputs=(TensorSpec("x", "float32", (None, 64)),),
-                outputs=(TensorSpec("probs", "float32", (None, 10)),),
-            )
-        )
-        model = load_model(manifest, directory, "onnxruntime")
+        model = load_onnx_mlp(directory)
         payloads = _payloads()
         results: dict[str, Any] = {
-            "machine": machine(),
             "requests": n,
             "concurrency": c,
             "model": "onnx mlp 64-32-10, batch 1",
@@ -250,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
                 kind: _pair(
                     lambda p=body: _mqtt_run(broker, ECHO_TOPIC, p, n, c),
                     lambda p=body: _mqtt_run(broker, TOPICS.infer_request, p, n, c),
-                    args.reps,
+                    reps,
                 )
                 for kind, (_, body) in payloads.items()
             }
@@ -272,15 +388,14 @@ def main(argv: list[str] | None = None) -> int:
                 kind: _pair(
                     lambda t=ctype, p=body: _http_run(baseline.server_address[1], t, p, n, c),
                     lambda t=ctype, p=body: _http_run(agent_http.port, t, p, n, c),
-                    args.reps,
+                    reps,
                 )
                 for kind, (ctype, body) in payloads.items()
             }
         baseline.shutdown()
         baseline.server_close()
         model.close()
-    print(json.dumps(results, indent=2))
-    return 0
+    return results
 
 
 if __name__ == "__main__":

@@ -41,6 +41,9 @@ class HttpServerConfig:
         max_tracked_clients: rate-limit buckets kept; the least recently seen client is
             forgotten first (it then starts with a full bucket).
         max_connections: connections served at once (one thread each).
+        max_connections_per_client: connections served at once from one client address
+            (and never more than ``max_connections``), so that one client cannot hold
+            every slot; on loopback, all local processes are one client.
         read_timeout_s: longest wait for one read or write on a connection.
         request_deadline_s: longest time from a connection (or the previous answer on
             it) to a complete request, headers and body.
@@ -59,6 +62,7 @@ class HttpServerConfig:
     burst: int = 200
     max_tracked_clients: int = 10_000
     max_connections: int = 32
+    max_connections_per_client: int = 8
     read_timeout_s: float = 5.0
     request_deadline_s: float = 30.0
     limits: CodecLimits = field(default_factory=CodecLimits)
@@ -86,7 +90,13 @@ class HttpServerConfig:
                 " spaces; generate one with:"
                 " python -c 'import secrets; print(secrets.token_urlsafe())'"
             )
-        for name in ("max_request_bytes", "burst", "max_tracked_clients", "max_connections"):
+        for name in (
+            "max_request_bytes",
+            "burst",
+            "max_tracked_clients",
+            "max_connections",
+            "max_connections_per_client",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"http.{name} must be at least 1")
         for name in ("rate_limit_per_s", "read_timeout_s", "request_deadline_s"):

@@ -1,13 +1,15 @@
 """The HTTP endpoint's request handler: admission, routing, bodies, answers.
 
 One :class:`Handler` per connection (a thread of :class:`http.server.ThreadingHTTPServer`).
-Every request passes, in order: rate limit, bearer token, ``Content-Length`` within
-``max_request_bytes`` before any body byte is read, content type; then the route. Every
-failure is a JSON error with its status; a traceback only ever reaches the log.
+Every request passes, in order: rate limit, bearer token, route and method,
+``Content-Length`` within ``max_request_bytes`` before any body byte is read, content
+type. Every failure is a JSON error with its status, a client's mistake always a 4xx; a
+traceback only ever reaches the log, for a bug.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -20,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 from agent.errors import EdgeshipError, InputValidationError, error_code
 from agent.serve._cache import predict_versioned
@@ -31,13 +33,21 @@ from agent.serve.codec import (
     decode_binary,
     decode_json,
     encode_binary,
-    encode_json,
+    encode_json_parts,
 )
 
 if TYPE_CHECKING:
     from agent.serve.http import Server
 
-__all__ = ["TOO_MANY_CONNECTIONS", "Handler", "HttpError", "TokenBuckets", "error_body"]
+__all__ = [
+    "TOO_MANY_CONNECTIONS",
+    "TOO_MANY_FROM_CLIENT",
+    "Handler",
+    "HttpError",
+    "TokenBuckets",
+    "error_body",
+    "shut_reading",
+]
 
 log = logging.getLogger("agent.serve.http")
 
@@ -101,14 +111,54 @@ def error_body(code: str, message: str) -> bytes:
     return json.dumps({"error": {"code": code, "message": message}}).encode()
 
 
-_BUSY_BODY = error_body("busy", "too many connections; retry shortly")
-TOO_MANY_CONNECTIONS = (
-    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-    b"Connection: close\r\nRetry-After: 1\r\nContent-Length: "
-    + str(len(_BUSY_BODY)).encode()
-    + b"\r\n\r\n"
-    + _BUSY_BODY
+def _unavailable(code: str, message: str) -> bytes:
+    """A complete 503 answer, sent without a handler thread."""
+    body = error_body(code, message)
+    return (
+        b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+        b"Connection: close\r\nRetry-After: 1\r\nContent-Length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
+
+
+TOO_MANY_CONNECTIONS = _unavailable("busy", "too many connections; retry shortly")
+TOO_MANY_FROM_CLIENT = _unavailable(
+    "busy", "too many connections from your address; reuse or close some, then retry"
 )
+
+Body = bytes | list[bytes]  # an answer, whole or in parts written one after the other
+_WRITE_BYTES = 1 << 16
+
+
+def shut_reading(sock: socket.socket, *, also_writing: bool = False) -> None:
+    """Make a blocked read on ``sock`` return at once (and a write fail, ``also_writing``).
+
+    Through the plain socket's method: an ``SSLSocket``'s own would drop its TLS state,
+    so an answer still to be written would go out in clear.
+    """
+    with contextlib.suppress(OSError):  # closed already
+        socket.socket.shutdown(sock, socket.SHUT_RDWR if also_writing else socket.SHUT_RD)
+
+
+def tls_refusal(exc: BaseException) -> str | None:
+    """What to check when a TLS handshake failed over trust; None when it failed otherwise
+    (plain HTTP on the TLS port, a timeout, a client going away)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (
+            "its client certificate does not verify against http.tls_client_ca_file"
+            f" ({exc.verify_message}); issue it from that CA, or check the setting"
+        )
+    reason = str(getattr(exc, "reason", None) or "").upper()
+    if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE":
+        return "it sent no client certificate, which http.tls_client_ca_file requires"
+    if "ALERT" in reason and any(w in reason for w in ("CERTIFICATE", "UNKNOWN_CA", "DECRYPT")):
+        return (
+            f"it refused this endpoint's certificate ({reason.lower()}); check"
+            " http.tls_cert_file (the whole chain) against the CA the client trusts"
+        )
+    return None
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -119,6 +169,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         self.endpoint = self.server.endpoint
+        self.connections = self.server.connections
         watchdog = self.endpoint._watchdog
         assert watchdog is not None  # started before the server accepts connections
         self.watchdog = watchdog
@@ -134,40 +185,74 @@ class Handler(BaseHTTPRequestHandler):
             try:
                 self.connection.do_handshake()
             except (OSError, ValueError) as exc:  # refused certificate, plain HTTP, timeout
-                log.info("TLS handshake with %s failed: %s", self.client_address[0], exc)
-                self.tls_failed = True
+                self._handshake_failed(exc)
             finally:
                 self.watchdog.disarm(self.connection)
+
+    def _handshake_failed(self, exc: BaseException) -> None:
+        self.tls_failed = True
+        peer = self.client_address[0]
+        refusal = tls_refusal(exc)
+        # A refusal is worth an operator's attention, but a client must not flood the log.
+        if refusal is not None and not self.endpoint.tls_warnings.take(peer):
+            log.warning("TLS handshake with %s refused: %s", peer, refusal)
+        else:
+            log.debug("TLS handshake with %s failed: %s", peer, exc)
 
     def handle(self) -> None:
         if not self.tls_failed:
             super().handle()
 
     def handle_one_request(self) -> None:
-        self.body_read = False
-        watchdog = self.watchdog
-        watchdog.arm(self.connection, time.monotonic() + self.endpoint.config.request_deadline_s)
+        """Read one request and answer it (http.server's loop, with our admission first)."""
+        self.body_read = self.responding = self.expect_continue = False
+        self.deadline = time.monotonic() + self.endpoint.config.request_deadline_s
+        self.watchdog.arm(self.connection, self.deadline)
+        started = False
         try:
-            super().handle_one_request()
-        except OSError:  # the watchdog shut the socket, or the client reset it
+            self.raw_requestline = self.rfile.readline(65537)
+            if not self.raw_requestline:
+                self.close_connection = True
+                return
+            started = True
+            self.connections.begin(self.connection)
+            if len(self.raw_requestline) > 65536:
+                self.requestline = self.request_version = self.command = ""
+                self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
+            elif self.parse_request():
+                self._dispatch()
+        except TimeoutError:
+            # An idle keep-alive connection just closes; a request stalled half-way gets 408.
+            self.close_connection = True
+            if started and not self.responding:
+                self._answer_too_slow()
+        except OSError:  # the client reset the connection, or a drain shut it
             self.close_connection = True
         finally:
-            watchdog.disarm(self.connection)
+            self.watchdog.disarm(self.connection)
+            if started and self.connections.end(self.connection):
+                self.close_connection = True
 
-    def do_POST(self) -> None:
-        self._dispatch(self._predict if self._path() == PREDICT_PATH else None)
+    def _answer_too_slow(self) -> None:
+        with contextlib.suppress(OSError):  # the client may be gone as well
+            self._send_json_error(
+                HTTPStatus.REQUEST_TIMEOUT,
+                "too-slow",
+                f"no byte of the request arrived for {self.endpoint.config.read_timeout_s} s",
+            )
 
-    def do_GET(self) -> None:
-        self._dispatch(self._health if self._path() == HEALTH_PATH else None)
+    def handle_expect_100(self) -> bool:
+        # 100 Continue only once the request is admitted (see _read_body), so that an
+        # unauthenticated or oversized request never has its body sent.
+        self.expect_continue = True
+        return True
 
-    # --- the routes ----------------------------------------------------------------------
+    # --- admission and routes ------------------------------------------------------------
 
-    def _dispatch(self, route: Callable[[], tuple[int, str, bytes]] | None) -> None:
+    def _dispatch(self) -> None:
         try:
-            if route is None:
-                self._not_found()
             self._admit()
-            status, content_type, body = route()
+            status, content_type, body = self._route()()
         except HttpError as exc:
             if not self.body_read and (
                 self.headers.get("Content-Length", "0") != "0"
@@ -185,24 +270,33 @@ class Handler(BaseHTTPRequestHandler):
             return
         self._send(status, content_type, body)
 
-    def _path(self) -> str:
-        return self.path.split("?", 1)[0]
-
-    def _not_found(self) -> NoReturn:
-        known = {PREDICT_PATH: "POST", HEALTH_PATH: "GET"}
-        path = self._path()
-        if path in known:
+    def _route(self) -> Callable[[], tuple[int, str, Body]]:
+        """The handler of the request's path and method; only ever for an admitted client."""
+        path = self.path.split("?", 1)[0]
+        routes = {PREDICT_PATH: ("POST", self._predict), HEALTH_PATH: ("GET", self._health)}
+        if path not in routes:
+            raise HttpError(
+                HTTPStatus.NOT_FOUND, "not-found", f"no such endpoint; use {', '.join(routes)}"
+            )
+        method, route = routes[path]
+        if self.command != method:
             raise HttpError(
                 HTTPStatus.METHOD_NOT_ALLOWED,
                 "method-not-allowed",
-                f"{path} takes {known[path]}",
-                {"Allow": known[path]},
+                f"{path} takes {method}",
+                {"Allow": method},
             )
-        raise HttpError(
-            HTTPStatus.NOT_FOUND, "not-found", f"no such endpoint; use {', '.join(known)}"
-        )
+        return route
 
     def _admit(self) -> None:
+        """Refuse a request too slow, too frequent or not authenticated, in that order."""
+        if time.monotonic() >= self.deadline:  # the watchdog ended the reading of its head
+            self.close_connection = True
+            raise HttpError(
+                HTTPStatus.REQUEST_TIMEOUT,
+                "too-slow",
+                f"the request did not arrive within {self.endpoint.config.request_deadline_s} s",
+            )
         wait = self.endpoint._buckets.take(self.client_address[0])
         if wait:
             raise HttpError(
@@ -223,13 +317,14 @@ class Handler(BaseHTTPRequestHandler):
                     {"WWW-Authenticate": 'Bearer realm="edgeship"'},
                 )
 
-    def _predict(self) -> tuple[int, str, bytes]:
+    def _predict(self) -> tuple[int, str, Body]:
         body, binary = self._read_body()
         limits = self.endpoint.config.limits
         try:
             message = decode_binary(body, limits) if binary else decode_json(body, "inputs", limits)
         except InputValidationError as exc:
             raise HttpError(HTTPStatus.BAD_REQUEST, "invalid-input", str(exc)) from None
+        del body  # JSON tensors do not refer to it (binary ones are views that keep it)
         try:
             version, outputs = predict_versioned(self.endpoint.predictor, message.tensors)
         except EdgeshipError as exc:
@@ -239,10 +334,11 @@ class Handler(BaseHTTPRequestHandler):
             status = _STATUS[code]
             retry = {"Retry-After": "1"} if status == HTTPStatus.SERVICE_UNAVAILABLE else {}
             raise HttpError(status, code, str(exc), retry) from None
+        del message  # the inputs are no longer needed while the answer is encoded
         meta = {} if version is None else {"model": version}
         if self._answer_binary(binary):
             return HTTPStatus.OK, BINARY_CONTENT_TYPE, encode_binary(outputs, meta)
-        return HTTPStatus.OK, JSON_CONTENT_TYPE, encode_json(outputs, "outputs", meta)
+        return HTTPStatus.OK, JSON_CONTENT_TYPE, encode_json_parts(outputs, "outputs", meta)
 
     def _health(self) -> tuple[int, str, bytes]:
         predictor = self.endpoint.predictor
@@ -256,32 +352,7 @@ class Handler(BaseHTTPRequestHandler):
     # --- request body --------------------------------------------------------------------
 
     def _read_body(self) -> tuple[bytes, bool]:
-        config = self.endpoint.config
-        if "Transfer-Encoding" in self.headers:
-            self.close_connection = True  # the body's end is unknown: never reuse
-            raise HttpError(
-                HTTPStatus.LENGTH_REQUIRED,
-                "length-required",
-                "chunked bodies are not accepted; send Content-Length",
-            )
-        raw_length = self.headers.get("Content-Length")
-        if raw_length is None:
-            self.close_connection = True
-            raise HttpError(HTTPStatus.LENGTH_REQUIRED, "length-required", "send Content-Length")
-        if not raw_length.isdigit() or len(raw_length) > 18:
-            self.close_connection = True
-            raise HttpError(
-                HTTPStatus.BAD_REQUEST, "bad-request", f"invalid Content-Length {raw_length!r}"
-            )
-        length = int(raw_length)
-        if length > config.max_request_bytes:
-            # The body stays unread; closing the connection discards it.
-            self.close_connection = True
-            raise HttpError(
-                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                "too-large",
-                f"the body is {length} bytes; at most {config.max_request_bytes} are accepted",
-            )
+        length = self._content_length()
         content_type = (self.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
         if content_type not in (JSON_CONTENT_TYPE, BINARY_CONTENT_TYPE):
             self.close_connection = True
@@ -290,19 +361,81 @@ class Handler(BaseHTTPRequestHandler):
                 "unsupported-media-type",
                 f"Content-Type must be {JSON_CONTENT_TYPE} or {BINARY_CONTENT_TYPE}",
             )
+        if self.expect_continue:
+            try:
+                self.send_response_only(HTTPStatus.CONTINUE)
+                self.end_headers()
+            except OSError:  # the client went away: no body will come
+                self.close_connection = True
+                raise HttpError(
+                    HTTPStatus.BAD_REQUEST, "truncated", "the connection failed"
+                ) from None
         # rfile.read(n) never reads past the declared length; the socket timeout and the
         # watchdog bound how long a slow sender can hold the connection.
-        body = self.rfile.read(length)
-        self.body_read = True
-        self.watchdog.disarm(self.connection)
+        try:
+            body = self.rfile.read(length)
+        except OSError as exc:  # a read timed out, or the client reset the connection
+            self.close_connection = True
+            if isinstance(exc, TimeoutError):
+                raise HttpError(
+                    HTTPStatus.REQUEST_TIMEOUT,
+                    "too-slow",
+                    f"the body stalled: no byte for {self.endpoint.config.read_timeout_s} s",
+                ) from None
+            raise HttpError(
+                HTTPStatus.BAD_REQUEST, "truncated", "the connection failed during the body"
+            ) from None
+        finally:
+            self.body_read = True
+            self.watchdog.disarm(self.connection)
         if len(body) != length:
             self.close_connection = True
+            if time.monotonic() >= self.deadline:  # the watchdog ended the reading
+                raise HttpError(
+                    HTTPStatus.REQUEST_TIMEOUT,
+                    "too-slow",
+                    f"the body did not arrive within {self.endpoint.config.request_deadline_s} s",
+                )
             raise HttpError(
                 HTTPStatus.BAD_REQUEST,
                 "truncated",
                 f"the body ended after {len(body)} of {length} bytes",
             )
         return body, content_type == BINARY_CONTENT_TYPE
+
+    def _content_length(self) -> int:
+        """The declared body length, checked before any body byte is read."""
+        if "Transfer-Encoding" in self.headers:
+            self.close_connection = True  # the body's end is unknown: never reuse
+            raise HttpError(
+                HTTPStatus.LENGTH_REQUIRED,
+                "length-required",
+                "chunked bodies are not accepted; send Content-Length",
+            )
+        values = self.headers.get_all("Content-Length") or []
+        if not values:
+            self.close_connection = True
+            raise HttpError(HTTPStatus.LENGTH_REQUIRED, "length-required", "send Content-Length")
+        raw = values[0]
+        # isdigit() alone takes "²" or Arabic-Indic digits, which int() then refuses.
+        if len(values) > 1 or not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
+            self.close_connection = True
+            raise HttpError(
+                HTTPStatus.BAD_REQUEST,
+                "bad-request",
+                f"send exactly one Content-Length of decimal digits, not {values!r}"[:200],
+            )
+        length = int(raw)
+        limit = self.endpoint.config.max_request_bytes
+        if length > limit:
+            # The body stays unread; closing the connection discards it.
+            self.close_connection = True
+            raise HttpError(
+                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                "too-large",
+                f"the body is {length} bytes; at most {limit} are accepted",
+            )
+        return length
 
     def _answer_binary(self, request_binary: bool) -> bool:
         accept = self.headers.get("Accept") or ""
@@ -315,19 +448,34 @@ class Handler(BaseHTTPRequestHandler):
     # --- responses -----------------------------------------------------------------------
 
     def _send(
-        self, status: int, content_type: str, body: bytes, headers: Mapping[str, str] = {}
+        self, status: int, content_type: str, body: Body, headers: Mapping[str, str] = {}
     ) -> None:
+        self.responding = True
+        parts = [body] if isinstance(body, bytes) else body
         self.send_response(status)
         self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(sum(len(part) for part in parts)))
         self.send_header("Cache-Control", "no-store")
         self.send_header("X-Content-Type-Options", "nosniff")
         for name, value in headers.items():
             self.send_header(name, value)
+        if self.connections.draining:
+            self.close_connection = True  # the server is stopping: this is the last answer
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(body)
+        # One write per 64 KiB or so: with TCP_NODELAY every write is a packet, and an
+        # answer is never joined whole.
+        pending: list[bytes] = []
+        size = 0
+        for part in parts:
+            pending.append(part)
+            size += len(part)
+            if size >= _WRITE_BYTES:
+                self.wfile.write(b"".join(pending))
+                pending, size = [], 0
+        if pending:
+            self.wfile.write(b"".join(pending))
 
     def _send_json_error(
         self, status: int, code: str, message: str, headers: Mapping[str, str] = {}

@@ -17,6 +17,15 @@ Answers are always typed, with flat data: ``{"outputs": {"probs": {"dtype": ...,
 (``reply_to``, ``correlation_id``, ``model``). Python's ``json`` reads and writes
 ``NaN``/``Infinity`` tokens; use the binary encoding where values must be exact.
 
+Plain integer tensors decode to the narrowest of int8, int16, int32 and int64 that holds
+every value (the input validator casts them to the model's dtype); plain floats to
+float64. Memory stays proportional to the message: arrays of plain numbers are read
+straight into numpy (:mod:`agent.serve._json_read`), everything else in a message (its
+*structure*: names, dtypes, shapes, metadata, and arrays of anything but plain numbers)
+is capped at ``max_header_bytes``, and the decoded tensors at ``max_decoded_per_byte``
+bytes per message byte (plus ``decoded_allowance_bytes``), every element counted at least
+4 bytes.
+
 **Binary** (``application/vnd.edgeship.tensors``), for speed and exact values::
 
     b"EST1" | uint32 little-endian H | H bytes of UTF-8 JSON header | tensor data
@@ -29,9 +38,10 @@ pads the header with spaces so the first tensor is aligned too. Decoding is zero
 the arrays are read-only views of the message.
 
 Decoding never trusts a length: header size, tensor count, names, dtypes, ranks and the
-total element count are checked against :class:`CodecLimits` before anything is
-allocated, and the data must fill the message exactly. Nothing is ever unpickled. Every
-refusal is an :class:`~agent.errors.InputValidationError` saying what was wrong.
+total element count (also of a tensor with a size 0: its other sizes count) are checked
+against :class:`CodecLimits` before anything is allocated, and the data must fill the
+message exactly. Nothing is ever unpickled. Every refusal is an
+:class:`~agent.errors.InputValidationError` saying what was wrong.
 """
 
 from __future__ import annotations
@@ -39,6 +49,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -48,6 +59,8 @@ import numpy.typing as npt
 
 from agent.bundle.manifest import DTYPES
 from agent.errors import InputValidationError
+from agent.serve import _json_read
+from agent.serve._json_read import Budget, NumericArray, holds_array
 
 __all__ = [
     "BINARY_CONTENT_TYPE",
@@ -62,7 +75,9 @@ __all__ = [
     "decode_json",
     "encode_binary",
     "encode_json",
+    "encode_json_parts",
     "is_binary",
+    "message_fields",
 ]
 
 JSON_CONTENT_TYPE = "application/json"
@@ -75,6 +90,7 @@ _ALIGN = 8
 WIRE_DTYPES: frozenset[str] = DTYPES | {"uint32", "uint64"}
 _LE = {name: np.dtype(name).newbyteorder("<") for name in WIRE_DTYPES}
 _RESERVED = frozenset({"inputs", "outputs", "tensors"})
+_ENCODE_CHUNK = 1 << 16  # elements turned into Python numbers at a time
 
 Arrays = dict[str, npt.NDArray[Any]]
 
@@ -87,8 +103,14 @@ class CodecLimits:
         max_tensors: most tensors one message may carry.
         max_elements: most elements of all tensors together (the validator's default).
         max_rank: most dimensions of one tensor.
-        max_header_bytes: largest binary header.
+        max_header_bytes: largest binary header, and largest JSON structure (everything
+            but arrays of plain numbers).
         max_name_chars: longest tensor name.
+        max_decoded_per_byte: bytes of decoded JSON tensors (each element counted at least
+            4 bytes, as the validator will widen it) per byte of message, beyond
+            ``decoded_allowance_bytes``: a JSON message of short numbers cannot make the
+            process allocate more for its tensors than it sent, as a binary one cannot.
+        decoded_allowance_bytes: what any JSON message may decode to, whatever its size.
     """
 
     max_tensors: int = 64
@@ -96,11 +118,18 @@ class CodecLimits:
     max_rank: int = 8
     max_header_bytes: int = 64 * 1024
     max_name_chars: int = 128
+    max_decoded_per_byte: float = 1.0
+    decoded_allowance_bytes: int = 1 << 20
 
     def __post_init__(self) -> None:
         for name in ("max_tensors", "max_elements", "max_rank", "max_header_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        # Elements times the widest item size must never overflow numpy's sizes.
+        if self.max_elements > sys.maxsize // 16:
+            raise ValueError(f"max_elements must be at most {sys.maxsize // 16}")
+        if not self.max_decoded_per_byte > 0 or self.decoded_allowance_bytes < 0:
+            raise ValueError("max_decoded_per_byte must be positive, decoded_allowance_bytes >= 0")
 
 
 @dataclass(frozen=True)
@@ -140,10 +169,8 @@ def decode_json(
             a malformed tensor, or ``limits`` exceeded.
     """
     limits = limits or CodecLimits()
-    try:
-        doc = json.loads(body)
-    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
-        _refuse(f"the request is not valid UTF-8 JSON: {_short(exc)}")
+    raw = _json_read.utf8(body)
+    doc = _json_read.load(raw, limits.max_header_bytes, limits.max_rank)
     if not isinstance(doc, dict):
         _refuse(f'the request must be a JSON object like {{"{key}": {{"name": ...}}}}')
     tensors = doc.get(key)
@@ -151,33 +178,68 @@ def decode_json(
         _refuse(f'the request needs a non-empty object "{key}" mapping tensor names to values')
     if len(tensors) > limits.max_tensors:
         _refuse(f"the request carries {len(tensors)} tensors; at most {limits.max_tensors}")
+    meta = {k: v for k, v in doc.items() if k != key}
+    if any(holds_array(v) for v in meta.values()):
+        _refuse(f'large arrays of numbers are accepted only as tensors under "{key}"')
+    allowance = int(limits.max_decoded_per_byte * len(raw)) + limits.decoded_allowance_bytes
+    budget = Budget(limits.max_elements, allowance)
     out: Arrays = {}
-    total = 0
     for name, value in tensors.items():
         _check_name(name, limits)
-        a = _typed_json(name, value, limits) if isinstance(value, dict) else _plain(name, value)
+        if isinstance(value, dict):
+            a = _typed_json(name, value, limits, budget)
+        else:
+            a = _plain(name, value, budget)
         if a.ndim > limits.max_rank:
             _refuse(f"tensor {name!r} has rank {a.ndim}; at most {limits.max_rank}")
-        total += a.size
-        if total > limits.max_elements:
-            _refuse(f"the request carries more than {limits.max_elements} elements (the limit)")
         out[name] = a
-    return TensorMessage(out, {k: v for k, v in doc.items() if k != key})
+    return TensorMessage(out, meta)
 
 
-def _plain(name: str, value: object) -> npt.NDArray[Any]:
+def message_fields(
+    body: bytes | memoryview, key: str = "inputs", limits: CodecLimits | None = None
+) -> dict[str, Any]:
+    """The top-level fields of a message in either encoding other than its tensors, without
+    decoding them: where to answer a request that failed. Large arrays of numbers in a JSON
+    message are left out.
+
+    Raises:
+        InputValidationError: the header or the JSON structure is malformed or too large.
+    """
+    limits = limits or CodecLimits()
+    if is_binary(body):
+        return {k: v for k, v in binary_header(body, limits).items() if k != "tensors"}
+    doc = _json_read.load(bytes(body), limits.max_header_bytes, limits.max_rank)
+    if not isinstance(doc, dict):
+        _refuse("the request must be a JSON object")
+    return {k: v for k, v in doc.items() if k != key and not holds_array(v)}
+
+
+def _plain(name: str, value: object, budget: Budget) -> npt.NDArray[Any]:
+    if isinstance(value, NumericArray):
+        dtype = value.natural_dtype()
+        budget.take(name, value.size, dtype.itemsize)
+        return value.parse(dtype, name).reshape(value.shape)
+    a = _json_read.narrowed(_numbers(name, value))
+    budget.take(name, a.size, a.itemsize)
+    return a
+
+
+def _numbers(name: str, value: object) -> npt.NDArray[Any]:
     if not isinstance(value, list | int | float) or isinstance(value, bool):
         _refuse(f"tensor {name!r} must be a (nested) list of numbers or a typed object")
     try:
         a = np.asarray(value)
-    except (ValueError, TypeError) as exc:  # ragged lists
+    except (ValueError, TypeError, RecursionError) as exc:  # ragged, or nested too deep
         _refuse(f"tensor {name!r} is not a rectangular array: {_short(exc)}")
     if a.dtype.kind not in "biuf":
         _refuse(f"tensor {name!r} must hold numbers only")
     return a
 
 
-def _typed_json(name: str, value: dict[str, Any], limits: CodecLimits) -> npt.NDArray[Any]:
+def _typed_json(
+    name: str, value: dict[str, Any], limits: CodecLimits, budget: Budget
+) -> npt.NDArray[Any]:
     unknown = set(value) - {"dtype", "shape", "data"}
     if unknown:
         _refuse(f"tensor {name!r} has unknown field(s) {sorted(unknown)}; use dtype, shape, data")
@@ -186,9 +248,20 @@ def _typed_json(name: str, value: dict[str, Any], limits: CodecLimits) -> npt.ND
     count = math.prod(shape)
     if count > limits.max_elements:
         _refuse(f"tensor {name!r} has {count} elements; at most {limits.max_elements}")
-    a = _plain(name, value.get("data"))
+    data = value.get("data")
+    if isinstance(data, NumericArray):
+        if data.size != count:
+            _refuse(
+                f"tensor {name!r} has {data.size} values; its shape {list(shape)} needs {count}"
+            )
+        if dtype.kind == "b":
+            _refuse(f"tensor {name!r} is declared bool but its data are not bool")
+        budget.take(name, count, dtype.itemsize)
+        return data.parse(dtype, name).reshape(shape)
+    a = _numbers(name, data)
     if a.size != count:
         _refuse(f"tensor {name!r} has {a.size} values; its shape {list(shape)} needs {count}")
+    budget.take(name, count, dtype.itemsize)
     if count == 0:  # `[]` parses as float64 whatever the declared dtype
         return np.empty(shape, dtype)
     src, dst = a.dtype.kind, dtype.kind
@@ -216,18 +289,45 @@ def encode_json(
     Raises:
         ValueError: a tensor's dtype has no wire name, or ``meta`` uses a reserved key.
     """
-    doc: dict[str, Any] = dict(meta or {})
-    if key in doc:
+    return b"".join(encode_json_parts(tensors, key, meta))
+
+
+def encode_json_parts(
+    tensors: Mapping[str, npt.NDArray[Any]],
+    key: str = "outputs",
+    meta: Mapping[str, Any] | None = None,
+) -> list[bytes]:
+    """:func:`encode_json`'s bytes in pieces, to be written one after the other: a large
+    answer is never held twice, and never as one Python number per value.
+
+    Raises:
+        ValueError: a tensor's dtype has no wire name, or ``meta`` uses a reserved key.
+    """
+    head: dict[str, Any] = dict(meta or {})
+    if key in head:
         raise ValueError(f"meta must not contain {key!r}")
-    doc[key] = {
-        name: {
-            "dtype": _wire_name(a),
-            "shape": list(a.shape),
-            "data": a.ravel().tolist(),
+    if sum(a.size for a in tensors.values()) <= _ENCODE_CHUNK:  # small: one json.dumps
+        head[key] = {
+            name: {"dtype": _wire_name(a), "shape": list(a.shape), "data": a.ravel().tolist()}
+            for name, a in tensors.items()
         }
-        for name, a in tensors.items()
-    }
-    return json.dumps(doc, separators=(",", ":")).encode()
+        return [_compact(head).encode()]
+    opening = _compact(head)[:-1]  # the same bytes json.dumps gives with `key` added last
+    parts = [f"{opening}{',' if head else ''}{_compact(key)}:{{".encode()]
+    for i, (name, a) in enumerate(tensors.items()):
+        fields = _compact({"dtype": _wire_name(a), "shape": list(a.shape)})[:-1]
+        parts.append(f'{"," if i else ""}{_compact(name)}:{fields},"data":['.encode())
+        flat = a.reshape(-1)
+        for start in range(0, flat.size, _ENCODE_CHUNK):
+            text = _compact(flat[start : start + _ENCODE_CHUNK].tolist())[1:-1]
+            parts.append(f"{',' if start else ''}{text}".encode())
+        parts.append(b"]}")
+    parts.append(b"}}")
+    return parts
+
+
+def _compact(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"))
 
 
 # --- binary ----------------------------------------------------------------------------
@@ -376,6 +476,13 @@ def _shape(name: str, value: object, limits: CodecLimits) -> tuple[int, ...]:
             _refuse(f"tensor {name!r} has shape {value!r}; sizes must be integers >= 0")
         if d > limits.max_elements:
             _refuse(f"tensor {name!r} has shape {value!r}; too large for the element limit")
+    # numpy refuses to create an array whose sizes other than 0 multiply beyond its index
+    # range, even an empty one: they must fit the element limit too.
+    if math.prod(d for d in value if d) > limits.max_elements:
+        _refuse(
+            f"tensor {name!r} has shape {value!r}; too large for the element limit"
+            f" ({limits.max_elements}), counting every size but 0"
+        )
     return tuple(value)
 
 

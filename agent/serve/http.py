@@ -11,26 +11,33 @@ for two routes.
   ``"no-model"`` while nothing is installed.
 
 Every request passes, in order: per-client rate limit (token bucket per client address,
-429 + ``Retry-After``), bearer-token check (constant time, 401), ``Content-Length``
-present and within ``max_request_bytes`` before any body byte is read (411/413), content
-type (415); the body is read to exactly its declared length. Errors are JSON
-``{"error": {"code": ..., "message": ...}}`` with 400 (bad input), 404/405, 429,
-500 (the model failed), 503 (overloaded, no model, too many connections); never a
-traceback.
+429 + ``Retry-After``), bearer-token check (constant time, 401), then the route (404,
+405: an unauthenticated client learns nothing about them), ``Content-Length`` present
+and within ``max_request_bytes`` before any body byte is read (411/413; a client that
+sent ``Expect: 100-continue`` gets its ``100 Continue`` only then), content type (415);
+the body is read to exactly its declared length. Errors are JSON
+``{"error": {"code": ..., "message": ...}}`` with 400 (bad input, a body cut short), 404,
+405, 408 (too slow), 429, 500 (the model failed, or a bug), 503 (overloaded, no model,
+too many connections); never a traceback.
 
 Against slow clients: each socket read times out after ``read_timeout_s``, and a
-watchdog closes any connection that has not delivered a complete request within
-``request_deadline_s`` (this also ends idle keep-alive connections); at most
-``max_connections`` connections are served at once, the next ones get an immediate 503.
+watchdog ends the reading of any request not complete within ``request_deadline_s``
+(408; an idle keep-alive connection is just closed). At most ``max_connections``
+connections are served at once, and at most ``max_connections_per_client`` from one
+client address; the next ones get an immediate 503.
+
+:meth:`HttpServer.stop` drains: it closes idle keep-alive connections at once, answers
+the requests already arriving with ``Connection: close``, and cuts what is still running
+at the drain timeout; the log says which.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import socket
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -40,7 +47,13 @@ from typing import Any
 from agent.errors import ConfigError, StateError
 from agent.serve._cache import Predictor
 from agent.serve._http_config import HttpServerConfig, ServerTls
-from agent.serve._http_handler import TOO_MANY_CONNECTIONS, Handler, TokenBuckets
+from agent.serve._http_handler import (
+    TOO_MANY_CONNECTIONS,
+    TOO_MANY_FROM_CLIENT,
+    Handler,
+    TokenBuckets,
+    shut_reading,
+)
 
 __all__ = ["HttpServer", "HttpServerConfig", "ServerTls", "TokenBuckets", "start_http_server"]
 
@@ -48,10 +61,12 @@ log = logging.getLogger(__name__)
 
 
 class _Watchdog:
-    """Closes connections that miss their deadline; one thread scans all armed connections.
+    """Ends the reading of requests that miss their deadline; one thread scans them all.
 
-    At most ``max_connections`` sockets are armed at once, so a scan is cheap; closing up
-    to one scan interval late is fine against clients that are already too slow.
+    At most ``max_connections`` sockets are armed at once, so a scan is cheap; acting up
+    to one scan interval late is fine against clients that are already too slow. Only the
+    reading side is shut: the handler's blocked read returns at once, and it can still
+    answer 408.
     """
 
     def __init__(self, interval_s: float) -> None:
@@ -83,8 +98,73 @@ class _Watchdog:
                 for sock in late:
                     del self._armed[sock]
             for sock in late:
-                with contextlib.suppress(OSError):  # already closed
-                    sock.shutdown(socket.SHUT_RDWR)  # the handler's blocked read returns at once
+                shut_reading(sock)
+
+
+class Connections:
+    """The connections being served: how many from each client address, and which are
+    between requests (a drain closes those at once). Thread-safe."""
+
+    def __init__(self, max_total: int, max_per_client: int) -> None:
+        self._max_total = max_total
+        self._max_per_client = max_per_client
+        self._lock = threading.Lock()
+        self._per_client: dict[str, int] = {}
+        self._idle: set[socket.socket] = set()
+        self._busy: set[socket.socket] = set()
+        self.draining = False
+
+    def admit(self, client: str, sock: socket.socket) -> bytes | None:
+        """None if ``sock`` may be served (it then counts as idle), else the answer refusing it."""
+        with self._lock:
+            if len(self._idle) + len(self._busy) >= self._max_total:
+                return TOO_MANY_CONNECTIONS
+            held = self._per_client.get(client, 0)
+            if held >= self._max_per_client:
+                return TOO_MANY_FROM_CLIENT
+            self._per_client[client] = held + 1
+            self._idle.add(sock)
+        return None
+
+    def release(self, client: str, sock: socket.socket) -> None:
+        with self._lock:
+            self._idle.discard(sock)
+            self._busy.discard(sock)
+            held = self._per_client.pop(client, 0) - 1
+            if held > 0:
+                self._per_client[client] = held
+
+    def begin(self, sock: socket.socket) -> None:
+        """A request started arriving on ``sock``."""
+        with self._lock:
+            self._idle.discard(sock)
+            self._busy.add(sock)
+
+    def end(self, sock: socket.socket) -> bool:
+        """The request on ``sock`` was answered; True if the connection must now close."""
+        with self._lock:
+            self._busy.discard(sock)
+            if not self.draining:
+                self._idle.add(sock)
+            return self.draining
+
+    def drain(self) -> int:
+        """Close the idle connections, make the busy ones close after their answer; returns
+        how many requests are in progress."""
+        with self._lock:
+            self.draining = True
+            idle, busy = list(self._idle), len(self._busy)
+        for sock in idle:
+            shut_reading(sock, also_writing=True)
+        return busy
+
+    def cut(self) -> int:
+        """Shut every connection still busy; returns how many there were."""
+        with self._lock:
+            busy = list(self._busy)
+        for sock in busy:
+            shut_reading(sock, also_writing=True)
+        return len(busy)
 
 
 class Server(ThreadingHTTPServer):
@@ -95,7 +175,8 @@ class Server(ThreadingHTTPServer):
     def __init__(self, endpoint: HttpServer, address: tuple[str, int]) -> None:
         self.endpoint = endpoint
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        self._slots = threading.BoundedSemaphore(endpoint.config.max_connections)
+        config = endpoint.config
+        self.connections = Connections(config.max_connections, config.max_connections_per_client)
         # Connection threads are daemons (a stuck client never blocks exit); they are
         # tracked here so that stop() can let requests already received finish.
         self.active: set[threading.Thread] = set()
@@ -109,12 +190,13 @@ class Server(ThreadingHTTPServer):
             )
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._slots.acquire(blocking=False):
+        refusal = self.connections.admit(client_address[0], request)
+        if refusal is not None:
             # Answer without a thread: a flood of slow connections cannot take them all.
             if not isinstance(request, ssl.SSLSocket):  # no TLS session to answer in yet
                 try:
                     request.setblocking(False)
-                    request.send(TOO_MANY_CONNECTIONS)
+                    request.send(refusal)
                 except OSError:
                     pass
             self.shutdown_request(request)
@@ -122,7 +204,7 @@ class Server(ThreadingHTTPServer):
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._slots.release()
+            self.connections.release(client_address[0], request)
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
@@ -134,9 +216,12 @@ class Server(ThreadingHTTPServer):
         finally:
             with self.active_lock:
                 self.active.discard(me)
-            self._slots.release()
+            self.connections.release(client_address[0], request)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], OSError):  # the client went away before a request
+            log.debug("HTTP connection from %s failed", client_address, exc_info=True)
+            return
         log.exception("HTTP connection from %s failed", client_address)
 
 
@@ -166,6 +251,9 @@ class HttpServer:
         self._buckets = TokenBuckets(
             config.rate_limit_per_s, config.burst, config.max_tracked_clients, clock
         )
+        # Refused TLS handshakes are logged as warnings: a few at once, then one a minute
+        # per client address, so that no client can flood the log.
+        self.tls_warnings = TokenBuckets(1 / 60, 3, 1024, clock)
         self._watchdog: _Watchdog | None = None
         self._server: Server | None = None
         self._thread: threading.Thread | None = None
@@ -215,30 +303,38 @@ class HttpServer:
         log.info("HTTP endpoint listening on %s", self.url)
 
     def stop(self, drain_timeout_s: float = 0.0) -> bool:
-        """Stop accepting and close the listening socket.
+        """Stop accepting, close idle connections, and drain the requests in progress.
 
-        Requests already received get up to ``drain_timeout_s`` to finish (a handler idle
-        on a keep-alive connection ends at its read timeout). Returns False if some were
-        still running when that time was up.
+        Requests already arriving are read, answered with ``Connection: close`` and their
+        connections closed; after ``drain_timeout_s`` the ones still running are cut.
+        Returns False if some were cut. The log says which.
         """
         server, self._server = self._server, None
         if server is None:
             return True
         server.shutdown()
         server.server_close()
+        in_progress = server.connections.drain()
         deadline = time.monotonic() + drain_timeout_s
         with server.active_lock:
             running = list(server.active)
         for thread in running:
             thread.join(max(0.0, deadline - time.monotonic()))
-        drained = not any(t.is_alive() for t in running)
+        cut = server.connections.cut()
         if self._watchdog is not None:
             self._watchdog.stop()
             self._watchdog = None
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        return drained
+        fields = {"in_progress": in_progress, "cut": cut, "drain_timeout_s": drain_timeout_s}
+        if cut:
+            log.warning(
+                "HTTP endpoint stopped: requests cut at the drain timeout", extra={"fields": fields}
+            )
+        else:
+            log.info("HTTP endpoint drained", extra={"fields": fields})
+        return cut == 0
 
     def __enter__(self) -> HttpServer:
         self.start()

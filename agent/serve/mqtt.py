@@ -44,11 +44,11 @@ from agent.plumbing.transport import Message, Transport
 from agent.serve._cache import Predictor, predict_versioned
 from agent.serve.codec import (
     CodecLimits,
-    binary_header,
     decode,
     encode_binary,
     encode_json,
     is_binary,
+    message_fields,
 )
 
 __all__ = ["MqttInferenceServer", "MqttServingConfig", "ServingStats", "check_reply_topic"]
@@ -311,8 +311,9 @@ class MqttInferenceServer:
 
 
 def _payload_fields(payload: bytes, limits: CodecLimits) -> Any:
-    """Top-level fields of a request that may be malformed (to find where to answer)."""
+    """Top-level fields of a request that may be malformed (to find where to answer); with
+    the decoder's bounds, so that an answer to a hostile request costs no more memory."""
     try:
-        return binary_header(payload, limits) if is_binary(payload) else json.loads(payload)
-    except (InputValidationError, ValueError, RecursionError):
+        return message_fields(payload, "inputs", limits)
+    except InputValidationError:
         return {}

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import struct
+import tracemalloc
 from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -23,6 +24,8 @@ from agent.serve.codec import (
     decode_json,
     encode_binary,
     encode_json,
+    encode_json_parts,
+    message_fields,
 )
 
 
@@ -132,7 +135,8 @@ def _typed(dtype: object = "float32", shape: object = (2,), data: object = (1.0,
 HOSTILE_JSON: list[tuple[str, bytes, str]] = [
     ("not json", b"{nope", "not valid UTF-8 JSON"),
     ("not utf-8", b'{"inputs": "\xff"}', "not valid UTF-8 JSON"),
-    ("deep nesting", b"[" * 100_000 + b"]" * 100_000, "not valid UTF-8 JSON"),
+    ("deep nesting", b"[" * 30_000 + b"]" * 30_000, "not valid UTF-8 JSON"),
+    ("deep nesting, large", b"[" * 100_000 + b"]" * 100_000, "bytes outside arrays of numbers"),
     ("top-level list", b"[1, 2]", "must be a JSON object"),
     ("no inputs", b'{"x": [1]}', 'non-empty object "inputs"'),
     ("empty inputs", b'{"inputs": {}}', 'non-empty object "inputs"'),
@@ -148,6 +152,8 @@ HOSTILE_JSON: list[tuple[str, bytes, str]] = [
     ("shape not list", _typed(shape="2"), "needs a shape"),
     ("count mismatch", _typed(shape=(3,)), "has 2 values"),
     ("huge shape", _typed(shape=(2**40, 2**40)), "too large"),
+    ("zero beside huge sizes", _typed(shape=(0, 2**24, 2**24, 2**24), data=()), "too large"),
+    ("zero after huge sizes", _typed(shape=(2**24,) * 4 + (0,), data=()), "too large"),
     ("floats declared int", _typed(dtype="int8"), "data are not int8"),
     ("int out of range", _typed(dtype="uint8", data=(1, 300)), "outside the uint8 range"),
     ("ints declared bool", _typed(dtype="bool", data=(1, 0)), "data are not bool"),
@@ -204,6 +210,16 @@ HOSTILE_BINARY: list[tuple[str, bytes, str]] = [
     ("negative dim", _binary({"tensors": [{**_ENTRY, "shape": [-1]}]}), "integers >= 0"),
     ("rank too high", _binary({"tensors": [{**_ENTRY, "shape": [1] * 9}]}), "at most 8 sizes"),
     ("huge dims", _binary({"tensors": [{**_ENTRY, "shape": [2**62, 2**62]}]}), "too large"),
+    (
+        "zero beside huge dims",
+        _aligned({"tensors": [{**_ENTRY, "shape": [0, 2**24, 2**24, 2**24]}]}, b""),
+        "too large",
+    ),
+    (
+        "zero after huge dims",
+        _aligned({"tensors": [{**_ENTRY, "shape": [2**24] * 4 + [0]}]}, b""),
+        "too large",
+    ),
     ("data truncated", _aligned({"tensors": [_ENTRY]}, _X[:-1]), "truncated: tensor 'x'"),
     (
         "trailing bytes",
@@ -255,3 +271,204 @@ def test_a_mutated_binary_message_decodes_or_is_refused_cleanly(data: st.DataObj
     except InputValidationError:
         return
     assert sum(a.nbytes for a in decoded.tensors.values()) <= len(body)
+
+
+# --- empty tensors whose other sizes numpy cannot hold -----------------------------------
+
+# Every shape here with one size 0 holds no element, yet numpy refuses to create it: the
+# sizes other than 0 multiply beyond its index range (found by trying; numpy 2.4).
+UNALLOCATABLE_SHAPES = [
+    [0, 2**24, 2**24, 2**24],
+    [2**24, 2**24, 2**24, 2**24, 0],
+    [0, 2**24, 2**24, 2**15],
+    [0] + [2**24] * 7,
+]
+
+
+@pytest.mark.parametrize("shape", UNALLOCATABLE_SHAPES)
+@pytest.mark.parametrize("dtype", ["float32", "int8", "bool"])
+def test_an_empty_tensor_numpy_cannot_allocate_is_refused_in_both_encodings(
+    shape: list[int], dtype: str
+) -> None:
+    with pytest.raises(InputValidationError, match="too large for the element limit"):
+        decode_json(_typed(dtype=dtype, shape=shape, data=()))
+    entry = {"name": "x", "dtype": dtype, "shape": shape}
+    with pytest.raises(InputValidationError, match="too large for the element limit"):
+        decode_binary(_aligned({"tensors": [entry]}, b""))
+
+
+def test_an_empty_tensor_within_the_element_limit_still_decodes() -> None:
+    decoded = decode_json(_typed(shape=(0, 2**12, 2**12), data=()))
+    assert decoded.tensors["x"].shape == (0, 2**12, 2**12)
+
+
+def test_limits_refuse_an_element_count_numpy_sizes_could_overflow() -> None:
+    with pytest.raises(ValueError, match="max_elements"):
+        CodecLimits(max_elements=2**62)
+
+
+# --- large JSON messages: arrays of numbers read straight into numpy ----------------------
+
+# A structure cap this low makes the decoder lift every array of 128 bytes or more.
+LIFTING = CodecLimits(max_header_bytes=512)
+
+
+def _json_text(value: Any, indent: int | None) -> bytes:
+    return json.dumps(value, indent=indent).encode()
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    a=hnp.arrays(
+        dtype=st.sampled_from([np.float64, np.float32, np.int32, np.int16, np.uint8]),
+        shape=hnp.array_shapes(min_dims=1, max_dims=4, min_side=1, max_side=9),
+        elements={"allow_nan": False, "allow_infinity": False},
+    ),
+    typed=st.booleans(),
+    indent=st.sampled_from([None, 0, 2]),
+    declared=st.sampled_from(["float32", "float64", "int16", "uint8", "int64"]),
+)
+def test_a_large_json_message_decodes_as_a_small_one_would(
+    a: np.ndarray, typed: bool, indent: int | None, declared: str
+) -> None:
+    assume(len(json.dumps(a.tolist())) >= 128)  # else it stays in the structure
+    tensor: Any = (
+        {"dtype": declared, "shape": list(a.shape), "data": a.tolist()} if typed else a.tolist()
+    )
+    body = _json_text({"inputs": {"x": tensor}, "correlation_id": "c-[1, 2]"}, indent)
+    outcomes = []
+    for limits in (LIFTING, CodecLimits(max_header_bytes=len(body) + 1)):
+        try:
+            decoded = decode_json(body, limits=limits)
+        except InputValidationError as exc:
+            outcomes.append(("refused", str(exc).split(";")[0]))
+            continue
+        got = decoded.tensors["x"]
+        assert decoded.meta == {"correlation_id": "c-[1, 2]"}
+        outcomes.append(("decoded", got.dtype.name, got.shape, got.tobytes()))
+    assert outcomes[0] == outcomes[1]
+
+
+def test_plain_integers_decode_to_the_narrowest_type_holding_them() -> None:
+    for values, dtype in [([99, -99], "int8"), ([100, 0], "int16"), ([-(10**9) + 1], "int32")]:
+        small = decode_json(json.dumps({"inputs": {"x": values}}).encode())
+        large = decode_json(json.dumps({"inputs": {"x": values * 100}}).encode(), limits=LIFTING)
+        assert small.tensors["x"].dtype == large.tensors["x"].dtype == np.dtype(dtype)
+    assert decode_json(b'{"inputs": {"x": [10000000000]}}').tensors["x"].dtype == np.int64
+
+
+def test_an_integer_beyond_18_digits_among_floats_is_refused_large_or_small() -> None:
+    # Found by tests/fuzz/codec_json.py: lifted, it was read as a float; json reads a
+    # Python int, which numpy cannot put beside floats.
+    values = ", ".join(["-44.1"] * 100 + ["-3333333333333333333333333333333"])
+    body = f'{{"inputs": {{"x": [{values}]}}}}'.encode()
+    assert len(body) > LIFTING.max_header_bytes  # read only if lifted
+    for limits in (LIFTING, CodecLimits()):
+        with pytest.raises(InputValidationError):
+            decode_json(body, limits=limits)
+
+
+def test_long_fractions_are_no_long_integers() -> None:
+    body = json.dumps({"inputs": {"x": [0.00012345678901234567] * 100}}).encode()
+    assert len(body) > LIFTING.max_header_bytes  # read only if lifted
+    assert decode_json(body, limits=LIFTING).tensors["x"].shape == (100,)
+
+
+def test_an_array_of_numbers_inside_a_string_stays_a_string() -> None:
+    text = json.dumps(list(range(200)))
+    body = json.dumps({"inputs": {"x": list(range(200))}, "note": text}).encode()
+    decoded = decode_json(body, limits=CodecLimits(max_header_bytes=1200))
+    assert decoded.meta == {"note": text}
+    np.testing.assert_array_equal(decoded.tensors["x"], np.arange(200))
+
+
+_RANGE = json.dumps(list(range(200))).encode()  # long enough to be lifted
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"inputs": {"x": 1e' + _RANGE + b"}}", "not valid UTF-8 JSON.*outside its arrays"),
+        (b'{"inputs": {"x": ' + _RANGE + b"5}}", "not valid UTF-8 JSON.*outside its arrays"),
+        (b"{" + _RANGE + b": 1}", "not valid UTF-8 JSON.*outside its arrays"),
+        (b'{"inputs": {"x": [1]}, "m": ' + _RANGE + b"}", "accepted only as tensors"),
+        (b'{"inputs": {"x": [1]}, "m": "' + b"a" * 600 + b'"}', "outside arrays of numbers"),
+        (b'{"inputs": {"x": [' + b"true," * 200 + b"false]}}", "outside arrays of numbers"),
+    ],
+    ids=[
+        "exponent of an array",
+        "digit after an array",
+        "array as key",
+        "array in meta",
+        "long meta",
+        "bools",
+    ],
+)
+def test_a_large_json_message_is_refused_where_it_breaks_the_rules(
+    body: bytes, message: str
+) -> None:
+    with pytest.raises(InputValidationError, match=message):
+        decode_json(body, limits=LIFTING)
+
+
+def test_decoded_json_tensors_are_bounded_by_the_message_size() -> None:
+    limits = CodecLimits(max_decoded_per_byte=2.0, decoded_allowance_bytes=0)
+    zeros = ",".join(["0"] * 1000)
+    typed = '{"inputs": {"x": {"dtype": "%s", "shape": [1000], "data": [%s]}}}'
+    decode_json((typed % ("float32", zeros)).encode(), limits=limits)  # 4 bytes per 2 sent
+    with pytest.raises(InputValidationError, match=r"past \d+ bytes"):
+        decode_json((typed % ("float64", zeros)).encode(), limits=limits)  # 8 per 2
+
+
+def test_a_json_message_of_short_numbers_carries_no_more_values_than_a_binary_one() -> None:
+    limits = CodecLimits(decoded_allowance_bytes=0)  # the defaults, without the allowance
+    typed = '{"inputs": {"x": {"dtype": "float32", "shape": [1000], "data": [%s]}}}'
+    decode_json((typed % ",".join(["0.5"] * 1000)).encode(), limits=limits)  # 4 bytes each
+    with pytest.raises(InputValidationError, match="at least 4"):
+        decode_json((typed % ",".join(["0"] * 1000)).encode(), limits=limits)  # 2 bytes each
+    zeros = ",".join(["0"] * 1000)  # plain: int8, widened to the model's dtype later
+    with pytest.raises(InputValidationError, match="at least 4"):
+        decode_json(f'{{"inputs": {{"x": [{zeros}]}}}}'.encode(), limits=limits)
+
+
+def test_decoding_a_large_json_message_allocates_little_beyond_its_tensors() -> None:
+    # Python's json would hold a float object and a list slot per "0.5," (32 bytes per 5):
+    # 8 MiB here, where the decoder works in chunks of text and numbers of ~1 MiB.
+    x = np.full((4096, 64), 0.5, np.float32)
+    body = json.dumps({"inputs": {"x": x.tolist()}}).encode()
+    tracemalloc.start()
+    try:
+        decoded = decode_json(body)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert decoded.tensors["x"].shape == (4096, 64)
+    assert peak < decoded.tensors["x"].nbytes + 1.5 * 2**20
+
+
+def test_message_fields_reads_metadata_without_the_tensors() -> None:
+    big = {"inputs": {"x": list(range(300))}, "reply_to": "a/b", "correlation_id": 7}
+    assert message_fields(json.dumps(big).encode(), limits=LIFTING) == {
+        "reply_to": "a/b",
+        "correlation_id": 7,
+    }
+    binary = encode_binary({"x": np.ones(3, np.float32)}, {"reply_to": "c/d"})
+    assert message_fields(binary) == {"reply_to": "c/d"}
+    with pytest.raises(InputValidationError, match="outside arrays of numbers"):
+        message_fields(b'{"reply_to": "' + b"a" * 600 + b'"}', limits=LIFTING)
+
+
+def test_json_answers_in_parts_are_the_compact_json_of_the_outputs() -> None:
+    outputs = {"p": np.arange(150_000, dtype=np.float32) / 7, "n": np.array(3, np.int64)}
+    meta = {"model": "d1", "correlation_id": "c"}
+    parts = encode_json_parts(outputs, "outputs", meta)
+    assert len(parts) > 3  # the large tensor went out in several pieces
+    expected = {
+        **meta,
+        "outputs": {
+            name: {"dtype": a.dtype.name, "shape": list(a.shape), "data": a.ravel().tolist()}
+            for name, a in outputs.items()
+        },
+    }
+    assert b"".join(parts) == json.dumps(expected, separators=(",", ":")).encode()
+    assert encode_json(outputs, "outputs", meta) == b"".join(parts)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import socket
 import ssl
+import struct
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -14,6 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from agent.config import parse_config
 from agent.errors import ConfigError, InferenceError, OverloadedError
 from agent.plumbing.tls import TlsConfig
 from agent.serve._model import Model
@@ -25,7 +29,8 @@ from agent.serve.http import (
     TokenBuckets,
     start_http_server,
 )
-from tests.support.broker import ClientCert, Pki
+from tests.agent.serve.test_codec import UNALLOCATABLE_SHAPES
+from tests.support.broker import ClientCert, Pki, make_pki
 from tests.support.models import load_onnx_mlp, mlp_reference, mlp_weights
 
 pytestmark = pytest.mark.integration
@@ -349,12 +354,22 @@ def test_token_buckets_forget_the_least_recent_client_beyond_the_bound() -> None
     assert buckets.take("c") > 0.0
 
 
-def test_slow_client_is_disconnected_at_the_request_deadline(model: Model) -> None:
+def _read_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_slow_client_gets_408_and_is_disconnected_at_the_request_deadline(model: Model) -> None:
     with HttpServer(model, _config(request_deadline_s=0.3, read_timeout_s=5.0)) as s:
         with socket.create_connection(("127.0.0.1", s.port), timeout=10) as sock:
             sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\n")  # and never finishes
-            assert sock.recv(100) == b""  # closed by the server, long before the 10 s timeout
+            # Answered and closed by the server, long before the 10 s timeout.
+            answer = _read_all(sock)
         status, _, _ = _request(s, "GET", "/v1/health", headers=AUTH)
+    assert answer.startswith(b"HTTP/1.1 408")
+    assert b'"too-slow"' in answer
     assert status == 200
 
 
@@ -512,3 +527,333 @@ def test_unusable_tls_files_are_a_config_error(model: Model, tmp_path: Path) -> 
     (tmp_path / "cert.pem").write_text("not a certificate")
     with pytest.raises(ConfigError, match="TLS files are unusable"):
         HttpServer(model, _config(tls=ServerTls(tmp_path / "cert.pem")))
+
+
+# --- hostile requests: always a 4xx, never a 500 -----------------------------------------
+
+
+def _post(server: HttpServer, body: bytes, content_type: str) -> tuple[int, Any]:
+    status, _, answer = _request(
+        server, "POST", "/v1/predict", body, {**AUTH, "Content-Type": content_type}
+    )
+    return status, json.loads(answer)
+
+
+@pytest.mark.parametrize("shape", UNALLOCATABLE_SHAPES)
+def test_an_empty_tensor_numpy_cannot_allocate_gets_400(
+    server: HttpServer, shape: list[int]
+) -> None:
+    typed = {"inputs": {"x": {"dtype": "float32", "shape": shape, "data": []}}}
+    status, answer = _post(server, json.dumps(typed).encode(), "application/json")
+    assert (status, answer["error"]["code"]) == (400, "invalid-input")
+    header = json.dumps({"tensors": [{"name": "x", "dtype": "float32", "shape": shape}]})
+    header += " " * (-(8 + len(header)) % 8)
+    binary = b"EST1" + len(header).to_bytes(4, "little") + header.encode()
+    status, answer = _post(server, binary, BINARY_CONTENT_TYPE)
+    assert (status, answer["error"]["code"]) == (400, "invalid-input")
+
+
+def test_a_stalled_body_gets_408_and_the_server_keeps_serving(model: Model) -> None:
+    with HttpServer(model, _config(read_timeout_s=0.3)) as s:
+        with socket.create_connection(("127.0.0.1", s.port), timeout=10) as sock:
+            sock.sendall(
+                f"POST /v1/predict HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{}".encode()
+            )
+            answer = _read_all(sock)  # the body never comes
+        status, _, _ = _request(s, "GET", "/v1/health", headers=AUTH)
+    assert answer.startswith(b"HTTP/1.1 408")
+    assert b"Connection: close" in answer
+    assert status == 200
+
+
+def test_a_body_cut_by_a_reset_is_no_internal_error(
+    model: Model, caplog: pytest.LogCaptureFixture
+) -> None:
+    with HttpServer(model, _config()) as s:
+        sock = socket.create_connection(("127.0.0.1", s.port), timeout=10)
+        sock.sendall(
+            f"POST /v1/predict HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{".encode()
+        )
+        # Linger 0: close() sends a reset, which the server's read gets mid-body.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+        status, _, _ = _request(s, "GET", "/v1/health", headers=AUTH)
+    assert status == 200
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize(
+    "length",
+    [b"\xb2", b"1\xb2", b"+5", b"5 5", b"5, 5"],
+    ids=["superscript two", "digit and superscript", "plus sign", "space inside", "list"],
+)
+def test_a_content_length_of_anything_but_ascii_digits_gets_400(
+    server: HttpServer, length: bytes
+) -> None:
+    answer = _raw_exchange(
+        server,
+        f"POST /v1/predict HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n".encode()
+        + b"Content-Type: application/json\r\nContent-Length: "
+        + length
+        + b"\r\n\r\n{}",
+    )
+    assert answer.startswith(b"HTTP/1.1 400")
+
+
+def test_two_content_lengths_get_400(server: HttpServer) -> None:
+    answer = _raw_exchange(
+        server,
+        f"POST /v1/predict HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 2\r\n"
+        "Content-Length: 2\r\n\r\n{}".encode(),
+    )
+    assert answer.startswith(b"HTTP/1.1 400")
+
+
+# --- authentication and rate limits come before routing ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v1/nothing"),
+        ("GET", "/v1/predict"),
+        ("POST", "/v1/health"),
+        ("PUT", "/v1/predict"),
+        ("DELETE", "/admin"),
+        ("BREW", "/v1/health"),
+    ],
+)
+def test_an_unauthenticated_client_learns_nothing_about_routes(
+    server: HttpServer, method: str, path: str
+) -> None:
+    status, _, answer = _request(server, method, path, headers={"Content-Length": "0"})
+    assert status == 401
+    assert json.loads(answer)["error"]["code"] == "unauthorized"
+
+
+def test_an_authenticated_client_gets_405_for_an_unknown_method(server: HttpServer) -> None:
+    status, headers, _ = _request(server, "BREW", "/v1/health", headers=AUTH)
+    assert (status, headers["Allow"]) == (405, "GET")
+
+
+def test_probing_unknown_routes_is_rate_limited(model: Model) -> None:
+    with HttpServer(model, _config(rate_limit_per_s=0.01, burst=2)) as s:
+        codes = [_request(s, "GET", f"/probe/{i}")[0] for i in range(4)]
+    assert codes == [401, 401, 429, 429]
+
+
+def _expect_continue(server: HttpServer, headers: str) -> tuple[bytes, bytes]:
+    """Send a request head with ``Expect: 100-continue``; the first answer, then the rest."""
+    body = json.dumps({"inputs": {"x": _batch(1).tolist()}}).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(
+            f"POST /v1/predict HTTP/1.1\r\nHost: x\r\n{headers}Expect: 100-continue\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n".encode()
+        )
+        first = sock.recv(65536)
+        if not first.startswith(b"HTTP/1.1 100"):
+            return first, _read_all(sock)
+        sock.sendall(body)
+        return first, _read_all(sock)
+
+
+def test_100_continue_is_sent_only_to_an_admitted_request(server: HttpServer) -> None:
+    first, _ = _expect_continue(server, "")
+    assert first.startswith(b"HTTP/1.1 401")
+    first, rest = _expect_continue(server, f"Authorization: Bearer {TOKEN}\r\n")
+    assert first.startswith(b"HTTP/1.1 100 Continue")
+    assert rest.startswith(b"HTTP/1.1 200")
+
+
+# --- connections per client ---------------------------------------------------------------
+
+
+def _hold(server: HttpServer, source: str) -> socket.socket:
+    sock = socket.create_connection(
+        ("127.0.0.1", server.port), timeout=10, source_address=(source, 0)
+    )
+    sock.sendall(b"GET /v1/health HTTP/1.1\r\nHost: x\r\n")  # half a request: holds its slot
+    return sock
+
+
+def test_one_client_cannot_hold_every_connection(model: Model) -> None:
+    with HttpServer(model, _config(max_connections_per_client=2)) as s:
+        held = [_hold(s, "127.0.0.1") for _ in range(2)]
+        try:
+            refused = _raw_exchange(s, b"GET /v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+            other = _request(s, "GET", "/v1/health", headers=AUTH, source="127.0.0.2")[0]
+        finally:
+            for sock in held:
+                sock.close()
+    assert refused.startswith(b"HTTP/1.1 503")
+    assert b"from your address" in refused
+    assert other == 200
+
+
+def test_a_clients_connection_slot_returns_when_it_closes(model: Model) -> None:
+    with HttpServer(model, _config(max_connections_per_client=1)) as s:
+        _hold(s, "127.0.0.1").close()
+        deadline = time.monotonic() + 5
+        status = 0
+        while status != 200 and time.monotonic() < deadline:  # the server notices the close
+            status = _request(s, "GET", "/v1/health", headers=AUTH)[0]
+    assert status == 200
+
+
+def test_the_per_client_connection_limit_is_an_http_setting() -> None:
+    config = parse_config(
+        'device_id = "d"\nstate_dir = "/s"\ntrust_policy = "/t"\n'
+        "[http]\nmax_connections_per_client = 3\n"
+    )
+    assert config.http.max_connections_per_client == 3
+    assert HttpServerConfig().max_connections_per_client == 8
+
+
+# --- stopping: a real drain ------------------------------------------------------------------
+
+
+class _Gated:
+    """The real model behind a gate, so a test can hold a request in progress."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def predict(self, inputs: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        self.entered.set()
+        assert self.gate.wait(10)
+        return self.model.predict(inputs)
+
+
+def _stop_in_background(
+    server: HttpServer, drain_timeout_s: float
+) -> tuple[threading.Thread, list[bool]]:
+    result: list[bool] = []
+    thread = threading.Thread(target=lambda: result.append(server.stop(drain_timeout_s)))
+    thread.start()
+    return thread, result
+
+
+def test_a_drain_closes_an_idle_keep_alive_connection_at_once(
+    model: Model, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="agent.serve.http")
+    s = HttpServer(model, _config(read_timeout_s=30.0))
+    s.start()
+    conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=10)
+    conn.request("GET", "/v1/health", headers=AUTH)
+    conn.getresponse().read()  # the connection is now idle, kept alive
+    started = time.monotonic()
+    assert s.stop(drain_timeout_s=20.0)
+    assert time.monotonic() - started < 10  # not the read timeout, nor the drain timeout
+    assert conn.sock is not None
+    assert conn.sock.recv(100) == b""  # closed by the server
+    conn.close()
+    assert "HTTP endpoint drained" in caplog.messages
+
+
+def test_a_drain_answers_a_request_in_progress_with_connection_close(model: Model) -> None:
+    gated = _Gated(model)
+    s = HttpServer(gated, _config())
+    s.start()
+    with socket.create_connection(("127.0.0.1", s.port), timeout=10) as sock:
+        body = json.dumps({"inputs": {"x": _batch(1).tolist()}}).encode()
+        sock.sendall(
+            f"POST /v1/predict HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        assert gated.entered.wait(10)
+        thread, result = _stop_in_background(s, 10.0)
+        time.sleep(0.2)  # the drain has begun while the model runs
+        gated.gate.set()
+        answer = _read_all(sock)  # ends: the server closes after this answer
+        thread.join(10)
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert b"Connection: close" in answer
+    assert result == [True]
+
+
+def test_a_drain_cuts_what_still_runs_at_the_timeout_and_says_so(
+    model: Model, caplog: pytest.LogCaptureFixture
+) -> None:
+    gated = _Gated(model)
+    s = HttpServer(gated, _config())
+    s.start()
+    try:
+        with socket.create_connection(("127.0.0.1", s.port), timeout=10) as sock:
+            sock.sendall(
+                f"POST /v1/predict HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                "Content-Type: application/json\r\nContent-Length: 22\r\n\r\n"
+                '{"inputs": {"x": [1]}}'.encode()
+            )
+            assert gated.entered.wait(10)
+            drained = s.stop(drain_timeout_s=0.3)
+    finally:
+        gated.gate.set()
+    assert drained is False
+    cut = [r for r in caplog.records if r.levelno == logging.WARNING and "cut" in r.getMessage()]
+    assert [r.fields["cut"] for r in cut] == [1]  # type: ignore[attr-defined]
+
+
+# --- TLS refusals are warnings naming the peer and the setting -----------------------------
+
+
+def _warnings_after_stop(server: HttpServer, caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The warnings logged, once every connection thread has ended (a server thread logs a
+    refused handshake just after the client has seen it fail)."""
+    server.stop(drain_timeout_s=10)
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_a_refused_client_certificate_is_a_warning_naming_the_setting(
+    model: Model, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    tls = ServerTls(pki.server_cert, pki.server_key, client_ca_file=pki.ca_file)
+    with HttpServer(model, _config(tls=tls)) as s:
+        for refused in (None, pki.foreign):
+            conn = _https(s, pki, refused)
+            with pytest.raises((ssl.SSLError, ConnectionError)):
+                _https_health(conn)
+            conn.close()
+        with pytest.raises((http.client.HTTPException, OSError)):
+            _request(s, "GET", "/v1/health")  # plain HTTP: noise, not a warning
+        warnings = _warnings_after_stop(s, caplog)
+    assert len(warnings) == 2
+    for text in warnings:
+        assert "TLS handshake with 127.0.0.1 refused" in text
+        assert "http.tls_client_ca_file" in text
+
+
+def test_refused_handshakes_from_one_client_do_not_flood_the_log(
+    model: Model, pki: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    tls = ServerTls(pki.server_cert, pki.server_key, client_ca_file=pki.ca_file)
+    with HttpServer(model, _config(tls=tls)) as s:
+        for _ in range(6):
+            conn = _https(s, pki, None)
+            with pytest.raises((ssl.SSLError, ConnectionError)):
+                _https_health(conn)
+            conn.close()
+        warnings = _warnings_after_stop(s, caplog)
+    assert len(warnings) == 3
+
+
+def test_a_client_refusing_the_endpoints_certificate_is_a_warning_naming_the_setting(
+    model: Model, pki: Pki, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    stranger = make_pki(tmp_path / "stranger")  # the client trusts another CA
+    with HttpServer(model, _config(tls=ServerTls(pki.server_cert, pki.server_key))) as s:
+        conn = _https(s, stranger)
+        with pytest.raises(ssl.SSLError):
+            _https_health(conn)
+        conn.close()
+        warnings = _warnings_after_stop(s, caplog)
+    assert len(warnings) == 1
+    assert "TLS handshake with 127.0.0.1 refused" in warnings[0]
+    assert "http.tls_cert_file" in warnings[0]

@@ -24,6 +24,7 @@ from agent.plumbing.mqtt import MqttClient
 from agent.serve._model import Model
 from agent.serve.codec import decode_binary, encode_binary
 from agent.serve.mqtt import MqttInferenceServer, MqttServingConfig, check_reply_topic
+from tests.agent.serve.test_codec import UNALLOCATABLE_SHAPES
 from tests.support.broker import Broker
 from tests.support.models import load_onnx_mlp, mlp_reference, mlp_weights
 
@@ -235,6 +236,33 @@ def test_invalid_request_gets_an_error_answer_and_serving_continues(
     assert message in body["error"]["message"]
     _ask(requester, protocol, {"inputs": {"x": _x(2).tolist()}}, reply, "good-1")
     assert "outputs" in json.loads(requester.receive().payload)
+
+
+@pytest.mark.parametrize("shape", UNALLOCATABLE_SHAPES[:2])
+def test_a_tensor_numpy_cannot_allocate_gets_invalid_input_in_either_encoding(
+    device: MqttInferenceServer, requester: Requester, protocol: str, shape: list[int]
+) -> None:
+    reply = "apps/app-1/hostile"
+    requester.subscribe(reply)
+    _wait_ready(requester, protocol, reply)
+    typed = {"x": {"dtype": "float32", "shape": shape, "data": []}}
+    _ask(requester, protocol, {"inputs": typed}, reply, "json-1")
+    header = {"tensors": [{"name": "x", "dtype": "float32", "shape": shape}]}
+    if protocol == "3.1.1":
+        header |= {"reply_to": reply, "correlation_id": "binary-1"}
+    raw = json.dumps(header)
+    raw += " " * (-(8 + len(raw)) % 8)
+    binary = b"EST1" + len(raw).to_bytes(4, "little") + raw.encode()
+    if protocol == "5":
+        requester.send(binary, response_topic=reply, correlation_data=b"binary-1")
+    else:
+        requester.send(binary)
+    answers = {}
+    for _ in range(2):
+        msg = requester.receive()
+        answers[_correlation(msg, protocol)] = json.loads(msg.payload)["error"]["code"]
+    assert answers == {"json-1": "invalid-input", "binary-1": "invalid-input"}
+    assert device.stats().errors == 2
 
 
 def test_reply_topic_inside_the_device_namespace_is_dropped(
