@@ -129,6 +129,34 @@ def _time(o: Doc, key: str) -> datetime:
     return t.replace(tzinfo=UTC)
 
 
+_X25519_P = 2**255 - 19
+# The u-coordinates of small order on curve25519 and its twist, canonically encoded (the
+# non-canonical p and p + 1 fail the range check first): any of them makes the shared
+# secret all zeros, whatever the device's key.
+_X25519_LOW_ORDER = frozenset(
+    {0, 1, _X25519_P - 1}
+    | {
+        int.from_bytes(bytes.fromhex(h), "little")
+        for h in (
+            "e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800",
+            "5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157",
+        )
+    }
+)
+
+
+def is_usable_x25519(public: bytes) -> bool:
+    """Whether 32 bytes are a canonical X25519 public key of large order.
+
+    RFC 7748 lets X25519 accept any 32 bytes; a key that the protocol must not use (a
+    low-order point, which fixes the shared secret, or a non-canonical spelling, which no
+    honest encoder writes) is refused here, when the manifest is read, before any key
+    exchange, and without loading a cryptography library.
+    """
+    u = int.from_bytes(public, "little")
+    return len(public) == 32 and u < _X25519_P and u not in _X25519_LOW_ORDER
+
+
 def _parse_encryption(o: Doc | None) -> Encryption | None:
     if o is None:
         return None
@@ -152,11 +180,13 @@ def _parse_encryption(o: Doc | None) -> Encryption | None:
 
     recipients = []
     for r in o.items("recipients", max_len=1024):
-        recipients.append(
-            Recipient(
-                _sha256(r, "key_id"), raw(r, "ephemeral_public", 32), raw(r, "wrapped_key", 48)
+        ephemeral = raw(r, "ephemeral_public", 32)
+        if not is_usable_x25519(ephemeral):
+            raise MalformedManifestError(
+                f"{r.where}.ephemeral_public is not a usable X25519 public key (a low-order"
+                " point or a non-canonical encoding); rebuild the bundle"
             )
-        )
+        recipients.append(Recipient(_sha256(r, "key_id"), ephemeral, raw(r, "wrapped_key", 48)))
         r.done()
     if not recipients:
         raise MalformedManifestError(f"{o.where}.recipients must name at least one device key")

@@ -193,14 +193,13 @@ def open_data_key(encryption: Encryption, key: DeviceKey | None) -> bytes:
     for r in encryption.recipients:
         if r.key_id == mine:
             device_raw = _raw(key.public)
-            kek = _kek(
-                key.private.exchange(X25519PublicKey.from_public_bytes(r.ephemeral_public)),
-                r.ephemeral_public,
-                device_raw,
-            )
             try:
+                # The manifest reader refuses low-order keys; a ValueError here (OpenSSL's
+                # all-zero shared secret) would mean a manifest made by other means.
+                shared = key.private.exchange(X25519PublicKey.from_public_bytes(r.ephemeral_public))
+                kek = _kek(shared, r.ephemeral_public, device_raw)
                 return AESGCM(kek).decrypt(_ZERO_NONCE, r.wrapped_key, _KEY_AAD)
-            except InvalidTag:
+            except (InvalidTag, ValueError):
                 raise DecryptionError(
                     f"the data key wrapped for this device ({mine[:16]}) does not open; the"
                     " bundle was built with a damaged key entry"

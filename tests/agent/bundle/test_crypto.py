@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import stat
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
+from agent.bundle._manifest_read import is_usable_x25519
 from agent.bundle.crypto import (
     DeviceKey,
     decrypt_file,
@@ -171,3 +175,60 @@ def _mutate(doc: dict[str, object], change: str) -> dict[str, object]:
 def test_a_malformed_encryption_section_is_refused(change: str, message: str) -> None:
     with pytest.raises(MalformedManifestError, match=message):
         Manifest.from_json(_mutate(_encrypted_manifest(), change))
+
+
+# --- key material in a signed manifest is a key before it is used --------------------------
+
+_P = 2**255 - 19
+_UNUSABLE = {
+    "zero": 0,
+    "one": 1,
+    "order 8": int.from_bytes(
+        bytes.fromhex("e0eb7a7c3b41b8ae1656e3faf19fc46ada098deb9c32b1fd866205165f49b800"), "little"
+    ),
+    "order 8, other": int.from_bytes(
+        bytes.fromhex("5f9c95bca3508c24b1d0b1559c83ef5b04445cc4581c8e86d8224eddd09f1157"), "little"
+    ),
+    "p - 1": _P - 1,
+    "p (non-canonical 0)": _P,
+    "p + 1 (non-canonical 1)": _P + 1,
+    "top bit set": 2**255 + 9,
+}
+
+
+def _with_ephemeral(raw: bytes) -> dict[str, object]:
+    doc: dict[str, Any] = json.loads(json.dumps(_encrypted_manifest()))
+    enc = doc["encryption"]
+    enc["recipients"][0]["ephemeral_public"] = base64.b64encode(raw).decode()
+    return doc
+
+
+@pytest.mark.parametrize("u", _UNUSABLE.values(), ids=_UNUSABLE.keys())
+def test_an_unusable_x25519_ephemeral_key_is_refused_when_the_manifest_is_read(u: int) -> None:
+    raw = u.to_bytes(32, "little")
+    # Each of these is what OpenSSL would refuse only later, mid-install, with a bare
+    # ValueError (or, for a non-canonical spelling, silently reduce).
+    with pytest.raises(MalformedManifestError, match="not a usable X25519 public key"):
+        Manifest.from_json(_with_ephemeral(raw))
+
+
+def test_the_x25519_check_agrees_with_openssl_on_random_keys() -> None:
+    device = DeviceKey.generate()
+    for _ in range(500):
+        raw = bytearray(os.urandom(32))
+        raw[31] &= 0x7F  # canonical spelling; the check itself is the question
+        try:
+            device.private.exchange(X25519PublicKey.from_public_bytes(bytes(raw)))
+            usable = True
+        except ValueError:
+            usable = False
+        assert is_usable_x25519(bytes(raw)) == usable
+    assert all(is_usable_x25519(DeviceKey.generate().public.public_bytes_raw()) for _ in range(50))
+
+
+def test_a_low_order_key_that_reaches_decryption_is_a_decryption_error() -> None:
+    device = DeviceKey.generate()
+    enc, _ = encrypt_files(FILES, [device.public])
+    bad = replace(enc.recipients[0], ephemeral_public=bytes(32))
+    with pytest.raises(DecryptionError):
+        open_data_key(replace(enc, recipients=(bad,)), device)
