@@ -98,14 +98,25 @@ def _int(value: object) -> int | None:
     return None
 
 
+def _encodable(text: str) -> bool:
+    # PostgreSQL's text cannot hold NUL, and no database takes a lone surrogate (JSON
+    # "\ud800" parses to one): either would fail the whole batch, and the message, never
+    # acknowledged, would fail it again after every restart.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in text
+
+
 def _str(value: object) -> str | None:
-    # PostgreSQL's text cannot hold NUL; a JSON "\u0000" would fail the whole batch.
-    return value if isinstance(value, str) and "\x00" not in value else None
+    return value if isinstance(value, str) and _encodable(value) else None
 
 
 def _text(value: object) -> str:
-    """A column that must have a value: what was sent, as text, without NUL."""
-    return str(value).replace("\x00", "\ufffd")
+    """A column that must have a value: what was sent, as storable text."""
+    text = str(value).replace("\x00", "\ufffd")
+    return text if _encodable(text) else text.encode("utf-8", "replace").decode("utf-8")
 
 
 def _dict(value: object) -> dict[str, Any]:

@@ -120,6 +120,23 @@ def test_parsed_messages_can_be_stored(store: Store) -> None:
     assert store.query("SELECT reason FROM events")[0]["reason"] == "bad signature"
 
 
+def test_a_message_with_a_lone_surrogate_or_nul_is_stored_not_fatal(store: Store) -> None:
+    # JSON's "\ud800" parses to a lone surrogate, which neither database can encode: the
+    # whole batch failed, the collector stopped, and the unacknowledged message stopped
+    # it again after every restart.
+    payload = (
+        b'{"v":1,"fleet":"f","device":"d9","ts":5.0,"seq":1,'
+        b'"event":"x\\udc00\\u0000y","digest":"\\ud800","reason":"a\\ud800b"}'
+    )
+    record = parse_message("edgeship/v1/f/d9/events", payload)
+    assert isinstance(record, EventRecord)
+    assert store.write([record], 6.0).stored == 1
+    row = store.query("SELECT event, digest, reason, raw FROM events")[0]
+    assert (row["digest"], row["reason"]) == (None, None)
+    assert row["event"] == "x?\ufffdy"
+    assert row["raw"] == payload.decode()  # what was sent is kept, escaped
+
+
 def test_a_seq_repeated_within_one_batch_is_stored_once(store: Store) -> None:
     result = store.write([telemetry("d1", 1), telemetry("d1", 1), event("d1", 2)], 0.0)
     assert (result.stored, result.duplicates) == (2, 1)
