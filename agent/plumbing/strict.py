@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -33,11 +34,24 @@ MISSING: Any = _Missing()  # "no default": the key is required
 
 
 # What no document's text may hold: C0 and C1 control characters other than tab and
-# newline, and lone surrogates (valid JSON escapes that no terminal, log or UTF-8 encoder
-# can take: printing one raised in `inspect`, `verify` and `status`).
-_UNPRINTABLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
-_PRINTABLE_RULE = "no control character or lone surrogate"
+# newline, lone surrogates (valid JSON escapes that no terminal, log or UTF-8 encoder can
+# take: printing one raised in `inspect`, `verify` and `status`), and the bidirectional
+# embedding, override and isolate controls, which make a terminal show text in another
+# order than it is read ("Trojan Source", CVE-2021-42574): a version or name printed by
+# `inspect` must read as what was signed. Marks (U+200E, U+200F) stay allowed.
+_UNPRINTABLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+_PRINTABLE_RULE = "no control character, bidirectional override or lone surrogate"
 _MAX_DEPTH = 32
+
+
+def _finite(value: object) -> bool:
+    """A JSON number a float holds: not a bool, not NaN or infinite, and not an integer
+    too large for a float (``math.isfinite(10**400)`` raises OverflowError)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return abs(value) <= sys.float_info.max
+    return isinstance(value, float) and math.isfinite(value)
 
 
 def check_printable(value: object, where: str, *, error: ErrorType, _depth: int = 0) -> None:
@@ -208,11 +222,7 @@ class Doc:
     ) -> float:
         """A finite number >= ``minimum`` (> 0 with ``positive``), as a float."""
         value = self.raw(key, default)
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not math.isfinite(value)
-        ):
+        if not _finite(value):
             raise self.bad(key, "a finite number")
         if positive and not value > 0:
             raise self.bad(key, f"positive, not {value}")
@@ -236,7 +246,7 @@ class Doc:
     def numbers(self, key: str, *, max_len: int = 256) -> tuple[float, ...]:
         items = self.array(key, max_len=max_len)
         if not all(
-            isinstance(i, int | float) and not isinstance(i, bool) and math.isfinite(i)
+            _finite(i)
             for i in items
         ):
             raise self.bad(key, "a list of finite numbers")

@@ -37,9 +37,10 @@ __all__ = ["CORPUS", "instrumented", "run"]
 CORPUS = Path(__file__).resolve().parent / "corpus"
 
 
-def instrumented() -> AbstractContextManager[None]:
-    """Import the agent inside this context: its code then reports coverage to the fuzzer."""
-    return atheris.instrument_imports(include=["agent"])
+def instrumented(*packages: str) -> AbstractContextManager[None]:
+    """Import the code under test inside this context: the agent's (and ``packages``)
+    then reports coverage to the fuzzer."""
+    return atheris.instrument_imports(include=["agent", *packages])
 
 
 def run(

@@ -199,18 +199,47 @@ def test_an_unprintable_or_malformed_top_level_field_is_refused(field: str, valu
         Manifest.from_bytes(_edited({field: value}))
 
 
+CARD = make_manifest().to_json()["model_card"]
+
+
 @pytest.mark.parametrize(
     "edit",
     [
-        {"model_card": {**make_manifest().to_json()["model_card"], "description": "a\x00b"}},
-        {"model_card": {**make_manifest().to_json()["model_card"], "owners": ["\udc80"]}},
+        {"model_card": {**CARD, "description": "a\x00b"}},
+        {"model_card": {**CARD, "owners": ["\udc80"]}},
         {"evaluation": {"notes": {"deep": ["\x07"]}}},
         {"schema_version": "1.3", "future": {"k\x1f": 1}},
+        # A right-to-left override shows "v1.0-vlb" where "v1.0-\u202eblv" was signed.
+        {"model_card": {**CARD, "description": "v1.0-\u202eblv"}},
+        {"evaluation": {"notes": ["\u2067isolate\u2069"]}},
     ],
 )
-def test_control_characters_and_lone_surrogates_are_refused_anywhere(edit: dict[str, Any]) -> None:
-    with pytest.raises(MalformedManifestError, match="no control character or lone surrogate"):
+def test_control_characters_lone_surrogates_and_bidi_overrides_are_refused_anywhere(
+    edit: dict[str, Any],
+) -> None:
+    with pytest.raises(MalformedManifestError, match="no control character, bidirectional"):
         Manifest.from_bytes(_edited(edit))
+
+
+def test_bidi_marks_stay_allowed_in_free_text() -> None:
+    card = {
+        **make_manifest().to_json()["model_card"],
+        "description": "\u05e9\u05dc\u05d5\u05dd\u200f (v1)",
+    }
+    assert Manifest.from_bytes(_edited({"model_card": card})).model_card.description.endswith(
+        "(v1)"
+    )
+
+
+def test_an_integer_too_large_for_a_float_is_a_malformed_field() -> None:
+    # math.isfinite(10**400) raises OverflowError: it must be the manifest's own error.
+    health = make_manifest().to_json()["health"]
+    with pytest.raises(MalformedManifestError, match="finite number"):
+        Manifest.from_bytes(
+            _edited(
+                {"health": {**health, "probation": {**health["probation"], "seconds": 10**400}}}
+            )
+        )
 
 
 def test_non_ascii_digits_do_not_make_a_schema_version() -> None:
