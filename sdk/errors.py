@@ -12,6 +12,7 @@ from agent.errors import ConfigError, EdgeshipError
 __all__ = [
     "BuildError",
     "GateError",
+    "ModelSignatureError",
     "PreflightError",
     "QuantizationError",
     "RolloutError",
@@ -38,6 +39,11 @@ class GateError(BuildError):
     def __init__(self, message: str, report: object = None) -> None:
         super().__init__(message)
         self.report = report
+
+
+class ModelSignatureError(BuildError):
+    """The source model's signature is missing or does not verify, or the bundled model
+    cannot be signed; the build stopped before it read the model."""
 
 
 class RolloutError(EdgeshipError):
