@@ -12,11 +12,11 @@ import math
 import socket
 from ssl import SSLContext
 
-import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent.plumbing._paho_client import paho
 from agent.plumbing.broker import BrokerConfig
 from agent.plumbing.transport import PUBLISH_WINDOW, Message
 

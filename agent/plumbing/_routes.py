@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import threading
 
-import paho.mqtt.client as paho
-
+from agent.plumbing._paho_client import paho
 from agent.plumbing.transport import MessageHandler
 
 __all__ = ["Routes", "plain_filter"]

@@ -39,7 +39,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -53,6 +52,7 @@ from agent.plumbing._paho import (
     quick_ack,
     received,
 )
+from agent.plumbing._paho_client import paho
 from agent.plumbing._routes import Routes
 from agent.plumbing.backoff import Backoff
 from agent.plumbing.broker import BrokerConfig

@@ -245,10 +245,7 @@ class Doc:
 
     def numbers(self, key: str, *, max_len: int = 256) -> tuple[float, ...]:
         items = self.array(key, max_len=max_len)
-        if not all(
-            _finite(i)
-            for i in items
-        ):
+        if not all(_finite(i) for i in items):
             raise self.bad(key, "a list of finite numbers")
         return tuple(float(i) for i in items)
 

@@ -7,11 +7,11 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from types import ModuleType
 
 from agent.bundle.manifest import ModelSpec, QuantParams, TensorSpec
 from agent.errors import HealthCheckError, RuntimeUnavailableError
+from agent.serve.runtimes._dists import installed_version
 
 # Runtime name -> the pip extra that installs it.
 RUNTIME_EXTRAS: Mapping[str, str] = {
@@ -89,12 +89,9 @@ def installed_runtimes() -> dict[str, str]:
     """Installed runtimes and their versions, from package metadata (imports nothing)."""
     found = {}
     for runtime, dists in _DISTRIBUTIONS.items():
-        for dist in dists:
-            try:
-                found[runtime] = metadata.version(dist)
-            except metadata.PackageNotFoundError:
-                continue
-            break
+        version = next(filter(None, map(installed_version, dists)), None)
+        if version is not None:
+            found[runtime] = version
     return found
 
 
