@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Literal, TypeVar
 
 from agent.errors import ConfigError
-from agent.install._config import FetchConfig, UpdateConfig
+from agent.install._config import FetchConfig, TrustConfig, UpdateConfig
 from agent.install._sched import check_priority
-from agent.messages.topics import check_id
+from agent.messages.topics import TRUST_LEVEL, check_id
 from agent.plumbing.broker import BrokerConfig, BrokerUrl
 from agent.plumbing.strict import MISSING, Doc
 from agent.plumbing.tls import TlsConfig
@@ -38,6 +38,7 @@ __all__ = [
     "FetchConfig",
     "LoggingConfig",
     "TelemetryConfig",
+    "TrustConfig",
     "UpdateConfig",
     "load_config",
     "parse_config",
@@ -62,6 +63,8 @@ class AgentConfig:
 
     device_id: str
     state_dir: Path
+    # The bootstrap trust: a signed trust root (JSON), or a bare trust policy (TOML) that
+    # stands for root 0; newer roots arrive over the air (docs/keys.md).
     trust_policy: Path
     fleet: str = "default"
     device_class: str | None = None
@@ -71,6 +74,7 @@ class AgentConfig:
     drain_timeout_s: float = 10.0
     broker: BrokerConfig | None = None  # no [broker]: offline (no desired state, no telemetry)
     fetch: FetchConfig = field(default_factory=FetchConfig)
+    trust: TrustConfig = field(default_factory=TrustConfig)
     update: UpdateConfig = field(default_factory=UpdateConfig)
     runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
@@ -175,6 +179,21 @@ def _fetch(t: Doc, base: Path) -> FetchConfig:
     return config
 
 
+def _trust(t: Doc) -> TrustConfig:
+    d = TrustConfig()
+    url = _opt_text(t, "server_url")
+    if url is not None and not url.startswith(("http://", "https://")):
+        raise ConfigError("trust.server_url must be an http:// or https:// URL")
+    config = TrustConfig(
+        server_url=url,
+        retry_initial_s=t.number("retry_initial_s", d.retry_initial_s, positive=True),
+        retry_max_s=t.number("retry_max_s", d.retry_max_s, positive=True),
+    )
+    if config.retry_max_s < config.retry_initial_s:
+        raise ConfigError("trust.retry_max_s must be >= trust.retry_initial_s")
+    return config
+
+
 def _tls_files(t: Doc, table: str, base: Path) -> TlsConfig | None:
     """``ca_file``, ``cert_file``, ``key_file`` of a table; None when none is set."""
     files = {k: _path(t, k, base) for k in ("ca_file", "cert_file", "key_file")}
@@ -253,6 +272,7 @@ def _http(t: Doc, base: Path) -> HttpServerConfig:
         read_timeout_s=t.number("read_timeout_s", d.read_timeout_s, positive=True),
         request_deadline_s=t.number("request_deadline_s", d.request_deadline_s, positive=True),
         tls=None if cert is None else ServerTls(cert, key, client_ca),
+        metrics=t.boolean("metrics", d.metrics),
     )
     if config.enabled:
         try:
@@ -300,7 +320,17 @@ def _attributes(t: Doc) -> dict[str, AttributeValue]:
     return out
 
 
-_SECTIONS = ("fetch", "update", "runtime", "telemetry", "http", "mqtt_serving", "cache", "logging")
+_SECTIONS = (
+    "fetch",
+    "trust",
+    "update",
+    "runtime",
+    "telemetry",
+    "http",
+    "mqtt_serving",
+    "cache",
+    "logging",
+)
 
 
 def parse_config(data: bytes | str, *, base_dir: Path = Path()) -> AgentConfig:
@@ -322,6 +352,10 @@ def parse_config(data: bytes | str, *, base_dir: Path = Path()) -> AgentConfig:
         check_id("fleet", fleet)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    if device_id == TRUST_LEVEL:
+        raise ConfigError(
+            f"device_id {TRUST_LEVEL!r} is reserved: it names the fleet's trust topics"
+        )
     t = {name: _table(root, name) for name in (*_SECTIONS, "attributes")}
     broker_table = root.obj("broker") if root.has("broker") else None
     config = AgentConfig(
@@ -334,6 +368,7 @@ def parse_config(data: bytes | str, *, base_dir: Path = Path()) -> AgentConfig:
         drain_timeout_s=root.number("drain_timeout_s", 10.0, positive=True),
         broker=None if broker_table is None else _broker(broker_table, base_dir),
         fetch=_fetch(t["fetch"], base_dir),
+        trust=_trust(t["trust"]),
         update=_update(t["update"]),
         runtime=_runtime(t["runtime"]),
         telemetry=_telemetry(t["telemetry"]),

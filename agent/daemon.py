@@ -14,9 +14,12 @@ Parts a configuration does not use are never imported: no broker, no MQTT client
 no HTTP endpoint, no HTTP server.
 
 Desired state arrives retained on ``edgeship/v1/<fleet>/<device>/desired`` and is handed
-to the follower (:mod:`agent.install._follower`). The reported state (retained ``state``,
-:func:`agent.install._status.status_document`) is re-published after every lifecycle
-event and desired-state change.
+to the follower (:mod:`agent.install._follower`); the fleet's trust root and heartbeat
+arrive retained on ``edgeship/v1/<fleet>/trust/root`` and ``.../trust/heartbeat``, are
+subscribed first (so a root is in force before the desired state it may refuse) and
+handed to the trust keeper (:mod:`agent.install._trust`), which the same worker consults.
+The reported state (retained ``state``, :func:`agent.install._status.status_document`) is
+re-published after every lifecycle event, desired-state change and trust change.
 """
 
 from __future__ import annotations
@@ -34,13 +37,13 @@ from typing import TYPE_CHECKING, Any
 import numpy.typing as npt
 
 from agent.bundle import DeviceInfo
-from agent.bundle.signing import TrustPolicy
 from agent.config import AgentConfig
 from agent.errors import EdgeshipError, StateError
 from agent.install._config import UpdaterConfig
 from agent.install._follower import DesiredFollower
 from agent.install._status import status_document
 from agent.install._store import Store
+from agent.install._trust import TrustKeeper
 from agent.install._updater import Updater
 from agent.messages.desired import Desired, parse_desired
 from agent.messages.topics import Topics
@@ -68,7 +71,7 @@ class Agent:
     :meth:`start` / :meth:`stop`.
 
     Raises (from the constructor):
-        ConfigError: the trust policy or the MQTT settings are unusable.
+        ConfigError: the trust file or the MQTT settings are unusable.
     """
 
     def __init__(
@@ -88,9 +91,20 @@ class Agent:
         self._probation: dict[str, Any] | None = None
         self._candidate: str | None = None
         self._claim: int | None = None
+        self.trust = TrustKeeper(
+            config.state_dir,
+            config.trust_policy,
+            fleet=config.fleet,
+            config=config.trust,
+            fetch=config.fetch,
+            slack_s=config.update.clock_slack_s,
+            fetcher=lambda: self.updater.fetcher,
+            events=self._emit,
+            changed=self._publish_state,
+        )
         self.updater = Updater(
             config.state_dir,
-            TrustPolicy.load(config.trust_policy),
+            self.trust.install_policy,
             config=UpdaterConfig(
                 update=config.update,
                 fetch=config.fetch,
@@ -103,7 +117,9 @@ class Agent:
             events=self._on_event,
         )
         self.store: Store = self.updater.store
-        self.follower = DesiredFollower(self.updater, emit=self._emit, changed=self._publish_state)
+        self.follower = DesiredFollower(
+            self.updater, emit=self._emit, changed=self._publish_state, trust=self.trust
+        )
         self.transport: Transport | None = transport
         if transport is None and config.broker is not None:
             self.transport = _mqtt_transport(config)
@@ -252,14 +268,16 @@ class Agent:
     def reload(self, config: AgentConfig) -> list[str]:
         """Apply what can change while running; returns what needs a restart instead.
 
-        Reloaded: the trust policy file (always re-read), the telemetry interval. Logging
-        is the caller's (the CLI reconfigures it).
+        Reloaded: the trust file (always re-read: a bare policy replaces the one in force;
+        a root replaces the current root only when it is newer), the telemetry interval.
+        Logging is the caller's (the CLI reconfigures it).
 
         Raises:
-            ConfigError: the new trust policy is invalid (the old one stays in force).
+            ConfigError: the new trust file is invalid (the trust in force stays).
         """
-        self.updater.policy = TrustPolicy.load(config.trust_policy)
-        log.info("trust policy reloaded", extra={"fields": {"path": str(config.trust_policy)}})
+        self.trust.reload(config.trust_policy)
+        log.info("trust file reloaded", extra={"fields": {"path": str(config.trust_policy)}})
+        self.follower.wake()
         old = self.config
         interval_changed = config.telemetry.interval_s != old.telemetry.interval_s
         if interval_changed and self.reporter is not None:
@@ -325,6 +343,9 @@ class Agent:
         self._model_changed()
         self._publish_state()
         if self.transport is not None and self.reporter is not None:
+            # Trust first: retained messages arrive in the order of the subscriptions.
+            self.transport.subscribe(self.topics.trust_root, self._on_root)
+            self.transport.subscribe(self.topics.trust_heartbeat, self._on_heartbeat)
             self.transport.subscribe(self.topics.desired, self._on_desired)
             self.transport.start()
             self.reporter.start()
@@ -337,8 +358,11 @@ class Agent:
                 self.mqtt_server.start()
         if cfg.http.enabled:
             from agent.serve.http import HttpServer  # noqa: PLC0415 - when used
+            from agent.telemetry._exposition import exposition  # noqa: PLC0415
 
-            self.http = HttpServer(self.predictor, cfg.http)
+            self.http = HttpServer(
+                self.predictor, cfg.http, metrics_text=lambda: exposition(self.metrics)
+            )
             self.http.start()
         self.follower.start()
 
@@ -371,6 +395,15 @@ class Agent:
             log.warning("ignoring a desired-state message: %s", exc)
             return
         self.apply_desired(desired)
+
+    def _on_root(self, message: Message) -> None:
+        # On the network thread: queue only; the worker verifies (and may fetch a chain).
+        self.trust.offer_root(message.payload)
+        self.follower.wake()
+
+    def _on_heartbeat(self, message: Message) -> None:
+        self.trust.offer_heartbeat(message.payload)
+        self.follower.wake()
 
     def _on_event(self, kind: str, fields: Mapping[str, Any], /) -> None:
         """The updater's event sink (called with the updater's lock held)."""
@@ -414,6 +447,7 @@ class Agent:
             state,
             probation=probation,
             desired_digest=None if desired is None else desired.digest,
+            trust=self.trust.document(),
         )
 
     def _publish_state(self) -> None:

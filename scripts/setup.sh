@@ -11,9 +11,10 @@ need_apt=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
 if [ "$extras" = dev ]; then
   # The tests' real peers: a PostgreSQL for the fleet collector, a headless browser for
-  # the HTML fleet report.
+  # the HTML fleet report, a Prometheus (and its promtool) for the metrics and alert rules.
   ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
   command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+  command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus)
 fi
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
 if [ ${#need_apt[@]} -gt 0 ]; then
@@ -23,8 +24,8 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   "${sudo_cmd[@]}" apt-get update -qq
   DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
-# Debian starts the packaged broker as a service on port 1883; edgeship's tests and demo
-# start their own brokers on free ports and do not need it.
+# Debian starts the packaged broker (port 1883) and Prometheus (9090) as services;
+# edgeship's tests and demo start their own on free ports and do not need them.
 
 python=python3.11
 command -v "$python" >/dev/null 2>&1 || python=python3

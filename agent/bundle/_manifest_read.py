@@ -14,10 +14,14 @@ from functools import partial
 from typing import Any, Literal, cast
 
 from agent.bundle.manifest import (
+    CASES_SINCE_MINOR,
     DTYPES,
     ENCRYPTION_SCHEME,
     FORMAT_RUNTIMES,
+    HUMAN_VERSION_RE,
+    HUMAN_VERSION_WHAT,
     NAME_RE,
+    NAME_WHAT,
     QUANT_SCHEMES,
     RUNTIMES,
     SCHEMA_MAJOR,
@@ -31,6 +35,7 @@ from agent.bundle.manifest import (
     DriftReference,
     Encryption,
     FileEntry,
+    GoldenCases,
     Health,
     Manifest,
     ModelCard,
@@ -50,10 +55,9 @@ from agent.plumbing.strict import Doc, check_printable
 
 __all__ = ["read_manifest"]
 
-_NAME_WHAT = "1-128 characters of A-Z a-z 0-9 . _ - starting alphanumeric"
-# A human version: printable ASCII without spaces ("1.0.0", "2026.11-rc1+build.7").
-_VERSION_TEXT = re.compile(r"[!-~]{1,64}")
-_VERSION_WHAT = "1-64 printable ASCII characters without spaces"
+# Golden cases are a few requests replayed at every install; a bound keeps a hostile
+# manifest from promising millions.
+MAX_GOLDEN_CASES = 1024
 _TIME_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
 
 
@@ -81,15 +85,15 @@ def read_manifest(doc: object) -> Manifest:
     root.seen.add("schema_version")
     manifest = Manifest(
         schema_version=version,
-        name=root.text("name", pattern=NAME_RE, what=_NAME_WHAT),
-        version=root.text("version", max_len=64, pattern=_VERSION_TEXT, what=_VERSION_WHAT),
+        name=root.text("name", pattern=NAME_RE, what=NAME_WHAT),
+        version=root.text("version", max_len=64, pattern=HUMAN_VERSION_RE, what=HUMAN_VERSION_WHAT),
         sequence=root.integer("sequence", minimum=0),
         created=_time(root, "created"),
         expires=root.opt(partial(_time, root), "expires"),
         compatibility=_parse_compat(root.obj("compatibility")),
         model=_parse_model(root.obj("model"), minor),
         quantization=_parse_quant(root.obj("quantization")),
-        health=_parse_health(root.obj("health")),
+        health=_parse_health(root.obj("health"), minor),
         drift_reference=_parse_drift(root.opt(root.obj, "drift_reference")),
         evaluation=root.opt(root.any_obj, "evaluation"),
         model_card=_parse_card(root.obj("model_card")),
@@ -243,6 +247,9 @@ def _parse_model(o: Doc, minor: int) -> ModelSpec:
             if minor >= SCORES_OUTPUT_SINCE_MINOR
             else None
         ),
+        request_elements=(
+            o.opt(o.integer, "request_elements", minimum=1) if minor >= CASES_SINCE_MINOR else None
+        ),
     )
     o.done()
     if not spec.inputs or not spec.outputs:
@@ -286,12 +293,32 @@ def _parse_quant(o: Doc) -> Quantization:
     return q
 
 
-def _parse_health(o: Doc) -> Health:
-    tol = o.obj("tolerance")
+def _parse_tolerance(tol: Doc) -> Tolerance:
     tolerance = Tolerance(
         atol=tol.number("atol", minimum=0.0), rtol=tol.number("rtol", minimum=0.0)
     )
     tol.done()
+    return tolerance
+
+
+def _parse_cases(o: Doc | None) -> GoldenCases | None:
+    if o is None:
+        return None
+    table = o.obj("tolerances")
+    tolerances = {name: _parse_tolerance(table.obj(name)) for name in sorted(table.value)}
+    table.done()
+    cases = GoldenCases(
+        count=o.integer("count", minimum=1, maximum=MAX_GOLDEN_CASES),
+        inputs=_member_path(o, "inputs"),
+        expected=_member_path(o, "expected"),
+        tolerances=tolerances,
+    )
+    o.done()
+    return cases
+
+
+def _parse_health(o: Doc, minor: int) -> Health:
+    tolerance = _parse_tolerance(o.obj("tolerance"))
     p = o.obj("probation")
     probation = Probation(
         requests=p.integer("requests", minimum=0),
@@ -306,6 +333,8 @@ def _parse_health(o: Doc) -> Health:
         tolerance=tolerance,
         latency_budget_p95_ms=o.opt(o.number, "latency_budget_p95_ms", minimum=0.0),
         probation=probation,
+        # Not read from an older minor: there the strict reader refuses it as unknown.
+        cases=_parse_cases(o.opt(o.obj, "cases")) if minor >= CASES_SINCE_MINOR else None,
     )
     o.done()
     return health
@@ -379,11 +408,20 @@ def _parse_files(items: list[Any]) -> tuple[FileEntry, ...]:
 
 def _check_consistency(m: Manifest) -> None:
     listed = {f.path for f in m.files}
-    for role, path in (
+    roles = [
         ("model.file", m.model.file),
         ("health.golden_inputs", m.health.golden_inputs),
         ("health.expected_outputs", m.health.expected_outputs),
-    ):
+    ]
+    cases = m.health.cases
+    if cases is not None:
+        roles += [("health.cases.inputs", cases.inputs), ("health.cases.expected", cases.expected)]
+        unknown = sorted(set(cases.tolerances) - {t.name for t in m.model.outputs})
+        if unknown:
+            raise MalformedManifestError(
+                f"manifest health.cases.tolerances names {unknown}, which are not model outputs"
+            )
+    for role, path in roles:
         if path not in listed:
             raise MalformedManifestError(f"manifest {role} {path!r} is not listed in files")
     # A file path may not also be a directory of another path.

@@ -6,8 +6,9 @@ plus the manifest and signature, whatever the payload size; each payload member 
 as it streams past.
 
 Order of checks (docs/bundle-format.md): size caps, envelope, signatures against the trust
-policy, manifest parsing, compatibility, sequence floor, expiry, then each payload member
-(path rules, size, sha256), and finally nothing missing and nothing extra.
+policy, manifest parsing, the signers' scopes, compatibility, sequence floors (the
+device's and the policy's), expiry, then each payload member (path rules, size, sha256),
+and finally nothing missing and nothing extra.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from agent.bundle.manifest import (
     Manifest,
     is_safe_member_path,
 )
-from agent.bundle.signing import Envelope, TrustPolicy, verify_envelope
+from agent.bundle.signing import Envelope, TrustPolicy, check_signatures
 from agent.errors import (
     BadSignatureError,
     BundleError,
@@ -306,19 +307,16 @@ def _verify(
     envelope = Envelope.from_bytes(sig_bytes)
     if envelope.to_bytes() != sig_bytes:
         raise BadSignatureError("manifest.sig is not in canonical form; it was altered")
-    signed = verify_envelope(envelope, policy, PAYLOAD_TYPE)
-    if signed != manifest_bytes:
+    signers = check_signatures(envelope, policy, PAYLOAD_TYPE)
+    if envelope.payload != manifest_bytes:
         raise ManifestMismatchError(
             "manifest.json differs from the signed manifest: it was changed after signing"
         )
     manifest = Manifest.from_bytes(manifest_bytes)
+    policy.check_scope(manifest.name, signers)
 
     runtime = check_compatibility(manifest, device) if device is not None else None
-    if min_sequence is not None and manifest.sequence < min_sequence:
-        raise RollbackError(
-            f"bundle sequence {manifest.sequence} is below this device's floor {min_sequence};"
-            " to return to older content, publish it again with a higher sequence"
-        )
+    _check_floor(manifest, policy, min_sequence)
     if (
         manifest.expires is not None
         and now - timedelta(seconds=limits.clock_slack_s) > manifest.expires
@@ -367,6 +365,25 @@ def _verify(
         digest=hashlib.sha256(manifest_bytes).hexdigest(),
         runtime=runtime,
     )
+
+
+def _check_floor(manifest: Manifest, policy: TrustPolicy, min_sequence: int | None) -> None:
+    """The device's own floor, then the policy's for this model name (a signed root's).
+
+    Raises:
+        RollbackError: the sequence is below either.
+    """
+    if min_sequence is not None and manifest.sequence < min_sequence:
+        raise RollbackError(
+            f"bundle sequence {manifest.sequence} is below this device's floor {min_sequence};"
+            " to return to older content, publish it again with a higher sequence"
+        )
+    floor, why = policy.floors.get(manifest.name, (0, ""))
+    if manifest.sequence < floor:
+        raise RollbackError(
+            f"bundle sequence {manifest.sequence} is below {floor}, {why} for model"
+            f" {manifest.name!r}; publish a release with a sequence of at least {floor}"
+        )
 
 
 def _missing_or_misplaced(reader: _Reader, found: _tar.Header, expected: str) -> BundleError:

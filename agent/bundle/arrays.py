@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import zipfile
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,15 @@ import numpy.typing as npt
 
 from agent.errors import HealthCheckError
 
-__all__ = ["COMPRESS_LEVEL", "MAX_ARRAY_BYTES", "npz_bytes", "read_npz", "write_npz"]
+__all__ = [
+    "COMPRESS_LEVEL",
+    "MAX_ARRAY_BYTES",
+    "case_arrays",
+    "npz_bytes",
+    "read_npz",
+    "split_cases",
+    "write_npz",
+]
 
 COMPRESS_LEVEL = 9
 # All members of one file together, uncompressed. Golden data is a few samples: 8 images
@@ -37,6 +46,7 @@ MAX_ARRAY_BYTES = 256 * 1024**2
 _DATE = (1980, 1, 1, 0, 0, 0)  # the earliest date a zip can hold
 _UNIX = 3  # the "made by" system; the default depends on the platform that writes
 _SUFFIX = ".npy"
+_CASE_RE = re.compile(r"0|[1-9][0-9]{0,5}")  # ASCII digits, no leading zeros
 _CHUNK = 1024**2
 _KINDS = "biufc"  # numpy dtype kinds of numbers: never objects, strings or records
 _HEADERS = {
@@ -60,6 +70,35 @@ def npz_bytes(arrays: Mapping[str, npt.NDArray[Any]]) -> bytes:
             info.compress_type = zipfile.ZIP_DEFLATED
             zf.writestr(info, member.getvalue(), compresslevel=COMPRESS_LEVEL)
     return buf.getvalue()
+
+
+def case_arrays(cases: Sequence[Mapping[str, npt.NDArray[Any]]]) -> dict[str, npt.NDArray[Any]]:
+    """Golden cases as one mapping keyed ``"<case>/<name>"`` (docs/bundle-format.md)."""
+    return {f"{i}/{name}": array for i, case in enumerate(cases) for name, array in case.items()}
+
+
+def split_cases(
+    arrays: Mapping[str, npt.NDArray[Any]], count: int, name: str
+) -> list[dict[str, npt.NDArray[Any]]]:
+    """The ``count`` cases of a file keyed ``"<case>/<name>"``: the inverse of
+    :func:`case_arrays`. Pure.
+
+    Raises:
+        HealthCheckError: a key is not ``<case>/<name>`` with a case in ``[0, count)``,
+            or a case holds no arrays.
+    """
+    cases: list[dict[str, npt.NDArray[Any]]] = [{} for _ in range(count)]
+    for key, array in arrays.items():
+        case, sep, tensor = key.partition("/")
+        if not sep or not tensor or not _CASE_RE.fullmatch(case):
+            raise HealthCheckError(f"{name}: {key!r} is not <case>/<name>; rebuild the bundle")
+        if int(case) >= count:
+            raise HealthCheckError(f"{name}: case {case} is beyond the {count} the manifest lists")
+        cases[int(case)][tensor] = array
+    empty = [i for i, c in enumerate(cases) if not c]
+    if empty:
+        raise HealthCheckError(f"{name}: case {empty[0]} holds no arrays; rebuild the bundle")
+    return cases
 
 
 def write_npz(path: Path, arrays: Mapping[str, npt.NDArray[Any]]) -> None:
@@ -89,9 +128,17 @@ def read_npz(
             members = zf.infolist()
             _check_members(members, name, max_bytes)
             return {m.filename[: -len(_SUFFIX)]: _read_member(zf, m, name) for m in members}
-    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as exc:
+    except (
+        OSError,
+        EOFError,
+        ValueError,
+        NotImplementedError,
+        zipfile.BadZipFile,
+        zlib.error,
+    ) as exc:
         # numpy raises ValueError for a malformed header; zipfile raises BadZipFile for a
-        # bad checksum, EOFError or zlib.error for a truncated or corrupt deflate stream.
+        # bad checksum, EOFError or zlib.error for a truncated or corrupt deflate stream,
+        # NotImplementedError for a zip version it does not support (found by fuzzing).
         raise HealthCheckError(f"cannot read {name}: {exc}") from None
 
 

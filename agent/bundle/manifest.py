@@ -5,8 +5,9 @@ accepts only well-formed UTF-8 JSON that follows the schema exactly; a manifest 
 for a newer *minor* schema may carry fields this version does not know, which are kept in
 :attr:`Manifest.extensions` (and nested unknown fields ignored); a newer *major* schema is
 refused with :class:`~agent.errors.SchemaVersionError`. A manifest of an older minor is
-held to that minor: it may not carry fields added since (1.1 added ``model.scores_output``),
-and it is written back without them, so its canonical bytes do not change.
+held to that minor: it may not carry fields added since (1.1 added ``model.scores_output``,
+1.2 ``model.request_elements`` and ``health.cases``), and it is written back without them,
+so its canonical bytes do not change.
 
 See docs/bundle-format.md for the normative description.
 """
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from agent.bundle._manifest_write import drift_json, tensor_json, tolerance_json
 from agent.errors import MalformedManifestError
 from agent.plumbing.strict import load_json
 
@@ -36,6 +38,7 @@ __all__ = [
     "DriftFeatureRef",
     "DriftReference",
     "FileEntry",
+    "GoldenCases",
     "Health",
     "Manifest",
     "ModelCard",
@@ -52,13 +55,15 @@ __all__ = [
 ]
 
 SCHEMA_MAJOR = 1
-# 1.1 added model.scores_output.
-SCHEMA_MINOR = 1
+# 1.1 added model.scores_output; 1.2 model.request_elements and health.cases.
+SCHEMA_MINOR = 2
 SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 SCHEMA_VERSION_RE = re.compile(r"([0-9]+)\.([0-9]+)")
 # The first minor whose manifests carry model.scores_output (absent before: a strict
 # reader of an older minor refuses it as unknown).
 SCORES_OUTPUT_SINCE_MINOR = 1
+# The first minor with golden cases (health.cases) and model.request_elements.
+CASES_SINCE_MINOR = 2
 PAYLOAD_TYPE = "application/vnd.edgeship.manifest+json"
 MANIFEST_PATH = "manifest.json"
 SIGNATURE_PATH = "manifest.sig"
@@ -77,6 +82,10 @@ QUANT_SCHEMES = frozenset({"none", "dynamic", "static", "weight-only"})
 # Grammars of the manifest's string fields, always matched in full (re.fullmatch): a
 # pattern anchored with "$" would let a trailing newline through.
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+NAME_WHAT = "1-128 characters of A-Z a-z 0-9 . _ - starting alphanumeric"
+# A human version: printable ASCII without spaces ("1.0.0", "2026.11-rc1+build.7").
+HUMAN_VERSION_RE = re.compile(r"[!-~]{1,64}")
+HUMAN_VERSION_WHAT = "1-64 printable ASCII characters without spaces"
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 VERSION_RE = re.compile(r"[0-9]+(\.[0-9]+)*")  # [0-9], not \d: no other scripts' digits
 _PATH_COMPONENT_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
@@ -156,6 +165,9 @@ class ModelSpec:
     # The output carrying class scores, by name (schema 1.1); None: none does, or the
     # manifest predates the field.
     scores_output: str | None = None
+    # Input elements of one real request (golden case 0; schema 1.2), for the agent's
+    # thread choice where the inputs have dynamic dimensions; None: unknown.
+    request_elements: int | None = None
 
 
 @dataclass(frozen=True)
@@ -202,12 +214,34 @@ class Probation:
 
 
 @dataclass(frozen=True)
+class GoldenCases:
+    """Golden cases (schema 1.2): each case is one request, replayed as that request.
+
+    ``inputs`` and ``expected`` are payload paths of ``.npz`` files keyed
+    ``"<case>/<name>"`` (case ``0`` to ``count - 1``, split at the first ``/``), holding
+    each case's inputs exactly as sent (any layout, scalars, state tensors) and the outputs
+    expected back. ``tolerances`` gives an output its own tolerance; an output it does not
+    name uses ``health.tolerance``.
+    """
+
+    count: int
+    inputs: str
+    expected: str
+    tolerances: Mapping[str, Tolerance] = field(default_factory=dict)
+
+    def tolerance(self, output: str, default: Tolerance) -> Tolerance:
+        return self.tolerances.get(output, default)
+
+
+@dataclass(frozen=True)
 class Health:
+    # Before 1.2 the golden request; from 1.2 on golden case 0, for agents before 1.2.
     golden_inputs: str  # payload path of an .npz keyed by input name
     expected_outputs: str  # payload path of an .npz keyed by output name
     tolerance: Tolerance
     latency_budget_p95_ms: float | None = None
     probation: Probation = field(default_factory=Probation)
+    cases: GoldenCases | None = None  # schema 1.2; None: the golden request alone
 
 
 @dataclass(frozen=True)
@@ -334,22 +368,8 @@ class Manifest:
                     "calibration_sha256": self.quantization.calibration_sha256,
                     "details": dict(self.quantization.details),
                 },
-                "health": {
-                    "golden_inputs": self.health.golden_inputs,
-                    "expected_outputs": self.health.expected_outputs,
-                    "tolerance": {
-                        "atol": self.health.tolerance.atol,
-                        "rtol": self.health.tolerance.rtol,
-                    },
-                    "latency_budget_p95_ms": self.health.latency_budget_p95_ms,
-                    "probation": {
-                        "requests": self.health.probation.requests,
-                        "seconds": self.health.probation.seconds,
-                        "max_error_rate": self.health.probation.max_error_rate,
-                        "max_p95_ms": self.health.probation.max_p95_ms,
-                    },
-                },
-                "drift_reference": _drift_to_json(self.drift_reference),
+                "health": self._health_json(),
+                "drift_reference": drift_json(self.drift_reference),
                 "evaluation": dict(self.evaluation) if self.evaluation is not None else None,
                 "model_card": {
                     "description": self.model_card.description,
@@ -386,18 +406,49 @@ class Manifest:
         out: dict[str, Any] = {
             "format": self.model.format,
             "file": self.model.file,
-            "inputs": [_tensor_to_json(t) for t in self.model.inputs],
-            "outputs": [_tensor_to_json(t) for t in self.model.outputs],
+            "inputs": [tensor_json(t) for t in self.model.inputs],
+            "outputs": [tensor_json(t) for t in self.model.outputs],
         }
         # Left out of older minors, whose canonical bytes must not change; written when
         # set even there, so that such a manifest is refused before it is signed.
-        minor = _schema_minor(self.schema_version)
-        if (
-            minor is None
-            or minor >= SCORES_OUTPUT_SINCE_MINOR
-            or self.model.scores_output is not None
-        ):
+        if self._has(SCORES_OUTPUT_SINCE_MINOR, self.model.scores_output):
             out["scores_output"] = self.model.scores_output
+        if self._has(CASES_SINCE_MINOR, self.model.request_elements):
+            out["request_elements"] = self.model.request_elements
+        return out
+
+    def _has(self, since_minor: int, value: object) -> bool:
+        """Whether a field added in ``since_minor`` is written (see :meth:`_model_json`)."""
+        minor = _schema_minor(self.schema_version)
+        return minor is None or minor >= since_minor or value is not None
+
+    def _health_json(self) -> dict[str, Any]:
+        h = self.health
+        out: dict[str, Any] = {
+            "golden_inputs": h.golden_inputs,
+            "expected_outputs": h.expected_outputs,
+            "tolerance": tolerance_json(h.tolerance),
+            "latency_budget_p95_ms": h.latency_budget_p95_ms,
+            "probation": {
+                "requests": h.probation.requests,
+                "seconds": h.probation.seconds,
+                "max_error_rate": h.probation.max_error_rate,
+                "max_p95_ms": h.probation.max_p95_ms,
+            },
+        }
+        if self._has(CASES_SINCE_MINOR, h.cases):
+            out["cases"] = (
+                None
+                if h.cases is None
+                else {
+                    "count": h.cases.count,
+                    "inputs": h.cases.inputs,
+                    "expected": h.cases.expected,
+                    "tolerances": {
+                        name: tolerance_json(t) for name, t in sorted(h.cases.tolerances.items())
+                    },
+                }
+            )
         return out
 
     def to_bytes(self) -> bytes:
@@ -427,36 +478,6 @@ class Manifest:
         from agent.bundle._manifest_read import read_manifest  # noqa: PLC0415 - a cycle
 
         return read_manifest(doc)
-
-
-def _tensor_to_json(t: TensorSpec) -> dict[str, Any]:
-    out: dict[str, Any] = {"name": t.name, "dtype": t.dtype, "shape": list(t.shape)}
-    out["quantization"] = (
-        {"scale": t.quantization.scale, "zero_point": t.quantization.zero_point}
-        if t.quantization
-        else None
-    )
-    return out
-
-
-def _drift_to_json(d: DriftReference | None) -> dict[str, Any] | None:
-    if d is None:
-        return None
-    return {
-        "sample_count": d.sample_count,
-        "groups": dict(d.groups),
-        "features": [
-            {
-                "input": f.input,
-                "index": f.index,
-                "edges": list(f.edges),
-                "fractions": list(f.fractions),
-                "mean": f.mean,
-                "std": f.std,
-            }
-            for f in d.features
-        ],
-    }
 
 
 def _b64(data: bytes) -> str:

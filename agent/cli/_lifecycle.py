@@ -12,6 +12,7 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,13 +28,22 @@ if TYPE_CHECKING:
 __all__ = ["register"]
 
 _SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+# Where a device keeps them (examples/agent.toml, examples/systemd).
+DEFAULT_CONFIG = Path("/etc/edgeship/agent.toml")
+DEFAULT_STATE_DIR = Path("/var/lib/edgeship")
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the lifecycle commands to ``edgeship-agent``."""
 
     def state_dir(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--state-dir", type=Path, required=True, help="the agent's state directory")
+        p.add_argument(
+            "--state-dir",
+            type=Path,
+            help="the agent's state directory (default: state_dir of --config, else of"
+            f" {DEFAULT_CONFIG} if it exists, else {DEFAULT_STATE_DIR})",
+        )
+        p.add_argument("--config", type=Path, help="the agent configuration whose state_dir to use")
 
     def tls_files(p: argparse.ArgumentParser) -> None:
         p.add_argument("--ca-file", type=Path, help="https: trust this CA instead of the system's")
@@ -54,28 +64,33 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("install", help="install a bundle from a path or http(s) URL")
     p.add_argument("source", help="bundle path or http(s) URL")
     state_dir(p)
-    p.add_argument("--trust", type=Path, required=True, help="trust policy (TOML)")
+    p.add_argument(
+        "--trust", type=Path, required=True, help="trust root (JSON) or trust policy (TOML)"
+    )
     p.add_argument("--sha256", help="the bundle file's expected sha256")
     tls_files(p)
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=_install)
+    p.set_defaults(func=_in_state_dir(_install))
 
     p = sub.add_parser("resume", help="finish or roll back an interrupted install")
     state_dir(p)
-    p.add_argument("--trust", type=Path, required=True, help="trust policy (TOML)")
+    p.add_argument(
+        "--trust", type=Path, required=True, help="trust root (JSON) or trust policy (TOML)"
+    )
     tls_files(p)
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=_resume)
+    p.set_defaults(func=_in_state_dir(_resume))
 
     p = sub.add_parser("status", help="show current, previous, pending and the last failure")
     state_dir(p)
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=_status)
+    p.set_defaults(func=_in_state_dir(_status))
 
     p = sub.add_parser("rollback", help="roll back to the previous version at once")
     state_dir(p)
     p.add_argument("--reason", default="rolled back by hand", help="recorded with the rollback")
-    p.set_defaults(func=_rollback)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_in_state_dir(_rollback))
 
     p = sub.add_parser(
         "keygen",
@@ -94,7 +109,37 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=int,
         help="the anti-rollback floor to keep, if the recovery copy is also unusable",
     )
-    p.set_defaults(func=_recover)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_in_state_dir(_recover))
+
+
+def _in_state_dir(command: Callable[[argparse.Namespace], int]) -> Callable[..., int]:
+    """``command`` with ``args.state_dir`` resolved as ``--state-dir`` says (the agent's own
+    one on a device where its configuration is in the default place).
+
+    Raises (when called): ConfigError: the configuration is invalid, or a command that
+    only reads finds no state directory there.
+    """
+
+    def resolved(args: argparse.Namespace) -> int:
+        if args.state_dir is None:
+            config = args.config
+            if config is None and DEFAULT_CONFIG.is_file():
+                config = DEFAULT_CONFIG
+            if config is None:
+                args.state_dir = DEFAULT_STATE_DIR
+            else:
+                from agent.config import load_config  # noqa: PLC0415 - only when needed
+
+                args.state_dir = load_config(config).state_dir
+        if command in (_status, _rollback) and not args.state_dir.is_dir():
+            raise ConfigError(
+                f"no agent state in {args.state_dir}: give the agent's --state-dir, or its"
+                " --config (state_dir)"
+            )
+        return command(args)
+
+    return resolved
 
 
 def _print_result(result: InstallResult | None, updater: Updater, as_json: bool) -> None:
@@ -145,9 +190,10 @@ def _keygen(args: argparse.Namespace) -> int:
 def _updater(args: argparse.Namespace) -> Updater:
     """The updater ``install`` and ``resume`` run, with the TLS files and caps given."""
     # What the command uses, imported when it runs: `edgeship-agent run` stays light.
-    from agent.bundle.signing import TrustPolicy  # noqa: PLC0415
+    from agent.cli._progress import ProgressFetcher, wants_progress  # noqa: PLC0415
     from agent.install._config import FetchConfig, UpdaterConfig  # noqa: PLC0415
-    from agent.install._fetch import UrlFetcher  # noqa: PLC0415
+    from agent.install._fetch import Fetcher, UrlFetcher  # noqa: PLC0415
+    from agent.install._trust import TrustKeeper  # noqa: PLC0415
     from agent.install._updater import Updater  # noqa: PLC0415
     from agent.plumbing.tls import TlsConfig  # noqa: PLC0415
 
@@ -155,10 +201,16 @@ def _updater(args: argparse.Namespace) -> Updater:
         raise ConfigError("--key-file needs --cert-file")
     given = args.ca_file is not None or args.cert_file is not None
     tls = TlsConfig(args.ca_file, args.cert_file, args.key_file) if given else None
+    # A person at the device chooses the bundle: the root's rules apply (keys, expiry,
+    # signed floors), the fleet's freshness does not.
+    trust = TrustKeeper(args.state_dir, args.trust, follow=False)
+    fetcher: Fetcher = UrlFetcher.from_tls(tls, setting="the --ca-file / --cert-file / --key-file")
+    if wants_progress(args.json):
+        fetcher = ProgressFetcher(fetcher, sys.stderr)
     return Updater(
         args.state_dir,
-        TrustPolicy.load(args.trust),
-        fetcher=UrlFetcher.from_tls(tls, setting="the --ca-file / --cert-file / --key-file"),
+        trust.install_policy,
+        fetcher=fetcher,
         config=UpdaterConfig(
             fetch=FetchConfig(max_bundle_bytes=args.max_bundle_bytes),
             decryption_key=args.decryption_key,
@@ -192,8 +244,12 @@ def _resume(args: argparse.Namespace) -> int:
 def _rollback(args: argparse.Namespace) -> int:
     from agent.install._updater import Updater  # noqa: PLC0415 - when run
 
+    store = Store(args.state_dir)
     state = Updater(args.state_dir, None).rollback(args.reason)
-    print(f"rolled back: current is now {_describe(Store(args.state_dir), state.current)}")
+    if args.json:
+        print(json.dumps(status_document(store, state), indent=2, sort_keys=True))
+    else:
+        print(f"rolled back: current is now {_describe(store, state.current)}")
     return 0
 
 
@@ -202,7 +258,10 @@ def _recover(args: argparse.Namespace) -> int:
     store.init()
     with store.lock():
         state = store.recover(floor=args.floor)
-    print(f"state restored; anti-rollback floor {state.floor}")
+    if args.json:
+        print(json.dumps(status_document(store, state), indent=2, sort_keys=True))
+    else:
+        print(f"state restored; anti-rollback floor {state.floor}")
     return 0
 
 
@@ -228,10 +287,15 @@ def _failure_line(state: AgentState) -> str:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from agent.install._trust_files import persisted_root  # noqa: PLC0415 - when run
+
     store = Store(args.state_dir)
     state = store.load()
+    root = persisted_root(args.state_dir)
     if args.json:
-        print(json.dumps(status_document(store, state), indent=2, sort_keys=True))
+        # What the state directory knows; a running agent adds expiry and freshness.
+        trust = None if root is None else {"root_version": root.version}
+        print(json.dumps(status_document(store, state, trust=trust), indent=2, sort_keys=True))
         return 0
     p = state.pending
     rows = [
@@ -242,6 +306,7 @@ def _status(args: argparse.Namespace) -> int:
             "-" if p is None else f"{p.phase}: {p.source}" + (f" ({p.digest})" if p.digest else ""),
         ),
         ("floor", "-" if state.floor is None else str(state.floor)),
+        ("trust root", "the bootstrap file" if root is None else f"v{root.version} (persisted)"),
         ("last failure", _failure_line(state)),
     ]
     width = max(len(k) for k, _ in rows)

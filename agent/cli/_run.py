@@ -81,6 +81,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--check", action="store_true", help="check the configuration and exit (0: valid)"
     )
+    p.add_argument("--json", action="store_true", help="--check: print the result as JSON")
     p.set_defaults(func=_run)
 
 
@@ -89,7 +90,14 @@ def _run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     if args.check:
-        print(f"{args.config}: valid")
+        from agent.cli._trust import check_trust_file  # noqa: PLC0415 - loads the signature library
+
+        trust = check_trust_file(config.trust_policy)
+        if args.json:
+            print(json.dumps({"config": str(args.config), "valid": True, "trust": trust}))
+        else:
+            print(f"{args.config}: valid")
+            print(trust)
         return 0
     configure_logging(config.logging)
     return run(config, args.config)

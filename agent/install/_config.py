@@ -16,7 +16,7 @@ from agent.install._sched import GatePriority
 from agent.plumbing.tls import TlsConfig
 from agent.serve.runtimes import RuntimeOptions
 
-__all__ = ["FetchConfig", "UpdateConfig", "UpdaterConfig"]
+__all__ = ["FetchConfig", "TrustConfig", "UpdateConfig", "UpdaterConfig"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,21 @@ class UpdateConfig:
     health_gate_priority: GatePriority = "idle"
     health_gate_timeout_s: float = 300.0  # a child gate that takes longer fails
     clock_slack_s: float = 300.0  # how far past its expiry a bundle is still accepted
+
+
+@dataclass(frozen=True)
+class TrustConfig:
+    """``[trust]``: where a device that missed trust root versions fetches them."""
+
+    # The bundle server: root N is at <server_url>root/<N>.json. None: roots arrive only
+    # over MQTT, and a device that missed a version waits for an operator.
+    server_url: str | None = None
+    # How long after a failed fetch of the chain it is tried again (doubling up to max).
+    retry_initial_s: float = 5.0
+    retry_max_s: float = 300.0
+    # After a start, how long a missing heartbeat goes unreported (the retained one is on
+    # its way); installs wait for it all the same. Not in agent.toml: tests shorten it.
+    startup_grace_s: float = 30.0
 
 
 @dataclass(frozen=True)

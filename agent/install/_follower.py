@@ -10,6 +10,12 @@ download is retried later, after a jittered delay whose ceiling doubles from
 :class:`~agent.plumbing.backoff.Backoff`), so devices that failed together do not come
 back to the server together. After an install the worker watches the candidate's
 probation, which commits it or rolls it back.
+
+With a :class:`~agent.install._trust.TrustKeeper`, the same worker applies trust roots and
+heartbeats as they arrive, before it handles the desired state, and asks the keeper first
+whether the desired bundle may be fetched at all: a desired state refused for the trust
+(an expired root, updates being withheld) is not given up but handled again as soon as
+the trust changes.
 """
 
 from __future__ import annotations
@@ -20,8 +26,9 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from agent.errors import BundleError, EdgeshipError, FetchError, StateError
+from agent.errors import BundleError, EdgeshipError, FetchError, StateError, TrustError
 from agent.install._decisions import check_acceptance
+from agent.install._trust import TrustKeeper
 from agent.install._updater import Updater
 from agent.messages.desired import Desired
 from agent.plumbing.backoff import Backoff
@@ -39,7 +46,7 @@ class DesiredFollower:
 
     ``emit`` receives the follower's own events (``desired-refused``); ``changed`` is
     called after the desired state changed or an install was refused, so the owner can
-    publish its reported state.
+    publish its reported state. ``trust``: the device's trust keeper, if it has one.
     """
 
     def __init__(
@@ -48,8 +55,10 @@ class DesiredFollower:
         *,
         emit: Callable[[str, Mapping[str, Any]], None],
         changed: Callable[[], None],
+        trust: TrustKeeper | None = None,
     ) -> None:
         self.updater = updater
+        self.trust = trust
         self._emit = emit
         self._changed = changed
         fetch = updater.config.fetch
@@ -64,6 +73,7 @@ class DesiredFollower:
         self._generation = 0
         self._given_up: dict[Desired, None] = {}  # insertion-ordered: oldest first
         self._retry_at: float | None = None
+        self._held = False  # the latest desired waits for the trust to change
         self._worker: threading.Thread | None = None
 
     @property
@@ -83,6 +93,11 @@ class DesiredFollower:
             self._wake.notify_all()
         return True
 
+    def wake(self) -> None:
+        """Something arrived for the trust keeper: let the worker apply it."""
+        with self._wake:
+            self._wake.notify_all()
+
     def start(self) -> None:
         self._worker = threading.Thread(target=self._work, name="edgeship-updater", daemon=True)
         self._worker.start()
@@ -99,18 +114,20 @@ class DesiredFollower:
         handled = -1
         while not self._stop.is_set():
             self._watch_probation()
+            if self._trust_changed() and self._held:
+                handled = -1  # the desired state waited for the trust: handle it again
             with self._wake:
-                while not self._stop.is_set():
-                    due = self._retry_at is not None and time.monotonic() >= self._retry_at
-                    if self._generation != handled or due:
-                        break
-                    wait = None if self._retry_at is None else self._retry_at - time.monotonic()
-                    self._wake.wait(wait)
-                if self._stop.is_set():
-                    return
+                due = self._retry_at is not None and time.monotonic() >= self._retry_at
+                if self._generation == handled and not due:
+                    # Woken by a new desired state, a due retry, or the trust keeper
+                    # (something arrived, or an expiry passed): the loop sorts out which.
+                    self._wake.wait(self._wait_s())
+                    continue
                 handled = self._generation
                 desired = self._desired
                 self._retry_at = None
+            if desired is None and self.trust is not None:
+                self.trust.clear_desired()
             if desired is not None:
                 try:
                     self._install(desired)
@@ -118,6 +135,29 @@ class DesiredFollower:
                     # The worker must survive anything; the next desired deserves a try.
                     log.exception("install of %s failed unexpectedly", desired.digest[:12])
                     self._give_up(desired)
+
+    def _wait_s(self) -> float | None:
+        """Until the download retry or the trust keeper's next deadline (None: until woken)."""
+        waits = [] if self._retry_at is None else [max(0.0, self._retry_at - time.monotonic())]
+        trust = None if self.trust is None else self.trust.wait_s()
+        return min([*waits, trust] if trust is not None else waits, default=None)
+
+    def _trust_changed(self) -> bool:
+        """Apply what the trust keeper received; True when its root or heartbeat changed.
+
+        Never with the wake lock held: a root may need its chain fetched, and the network
+        thread must never wait for that. A root that no longer vouches for what serves
+        may roll it back here, between installs.
+        """
+        if self.trust is None:
+            return False
+        try:
+            changed = self.trust.process()
+            self.trust.check_serving(self.updater)
+        except EdgeshipError as exc:
+            log.error("applying the trust root failed: %s", exc)  # noqa: TRY400 - expected; no traceback
+            return False
+        return changed
 
     def _give_up(self, desired: Desired) -> None:
         with self._lock:
@@ -128,6 +168,18 @@ class DesiredFollower:
     def _install(self, desired: Desired) -> None:
         with self._lock:
             if desired in self._given_up:
+                return
+        self._held = False
+        if self.trust is not None:
+            try:
+                self.trust.check_desired(desired.bundle.name, desired.sequence, desired.digest)
+            except TrustError as exc:
+                self._hold(exc)
+                return
+            except EdgeshipError as exc:  # below the signed floor: never
+                self._refuse(
+                    desired, exc, event="desired-refused", message="desired bundle not installed"
+                )
                 return
         state = self.updater.status()
         if desired.digest == state.current and state.pending is None:
@@ -154,6 +206,9 @@ class DesiredFollower:
         except FetchError as exc:
             self._retry_later(desired, exc)
             return
+        except TrustError as exc:  # the trust changed during the download
+            self._hold(exc)
+            return
         except (BundleError, StateError) as exc:
             self._refuse(desired, exc, event=None, message="install refused")
             return
@@ -164,6 +219,12 @@ class DesiredFollower:
                 "the installed bundle is not the one the desired state named",
                 extra={"fields": {"desired": desired.digest, "installed": result.digest}},
             )
+
+    def _hold(self, exc: TrustError) -> None:
+        """Not given up: handled again as soon as the trust changes."""
+        log.warning("desired bundle held", extra={"fields": {"reason": str(exc)}})
+        self._held = True
+        self._changed()
 
     def _refuse(
         self, desired: Desired, exc: EdgeshipError, *, event: str | None, message: str

@@ -1,9 +1,11 @@
 """The health gate: a candidate model must pass it before it serves a single request.
 
-It runs the bundle's golden inputs through the loaded candidate, compares the answers
-with the expected outputs within the manifest's tolerance
-(``|actual - expected| <= atol + rtol * |expected|``), and measures the p95 latency of a
-few runs against ``health.latency_budget_p95_ms``.
+It replays the bundle's golden requests through the loaded candidate, compares the
+answers with the expected outputs within the manifest's tolerance
+(``|actual - expected| <= atol + rtol * |expected|``, per output where the manifest gives
+one), and measures the p95 latency of a few runs against ``health.latency_budget_p95_ms``.
+A manifest of schema 1.2 or later lists golden cases (``health.cases``), each one request
+sent as it is; an older one has a single golden request (``health.golden_inputs``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from agent.bundle.arrays import read_npz
+from agent.bundle.arrays import read_npz, split_cases
 from agent.bundle.manifest import Manifest, Tolerance
 from agent.bundle.payload import read_payload
 from agent.errors import EdgeshipError, HealthCheckError
@@ -32,6 +34,7 @@ __all__ = [
     "HealthReport",
     "check_health",
     "compare_outputs",
+    "golden_requests",
     "load_arrays",
     "load_payload_arrays",
 ]
@@ -73,12 +76,44 @@ def load_payload_arrays(
     return read_npz(data, member)
 
 
+Arrays = dict[str, npt.NDArray[Any]]
+
+
+def golden_requests(
+    manifest: Manifest, model_dir: Path, key: DeviceKey | None = None
+) -> list[tuple[Arrays, Arrays]]:
+    """The golden requests and the outputs expected for each, in case order.
+
+    Raises:
+        HealthCheckError: a golden file is missing, malformed, or does not hold the cases
+            the manifest lists.
+        NotForThisDeviceError, DecryptionError: an encrypted file this key cannot open.
+    """
+    health = manifest.health
+    cases = health.cases
+    if cases is None:
+        return [
+            (
+                load_payload_arrays(manifest, model_dir, health.golden_inputs, key),
+                load_payload_arrays(manifest, model_dir, health.expected_outputs, key),
+            )
+        ]
+    inputs, expected = (
+        split_cases(load_payload_arrays(manifest, model_dir, path, key), cases.count, path)
+        for path in (cases.inputs, cases.expected)
+    )
+    return list(zip(inputs, expected, strict=True))
+
+
 def compare_outputs(
     expected: Mapping[str, npt.NDArray[Any]],
     actual: Mapping[str, npt.NDArray[Any]],
     tolerance: Tolerance,
+    tolerances: Mapping[str, Tolerance] | None = None,
 ) -> tuple[str, float]:
     """Check every expected output. Pure. Returns (worst output, its max |deviation|).
+
+    ``tolerances`` gives an output its own tolerance; the others use ``tolerance``.
 
     Raises:
         HealthCheckError: an output is missing, has another shape, is not finite where the
@@ -87,7 +122,9 @@ def compare_outputs(
     if not expected:
         raise HealthCheckError("the bundle's expected outputs are empty: nothing to check")
     worst_name, worst_ratio, worst_dev, worst_allowed = "", -1.0, 0.0, 0.0
+    worst_tol = tolerance
     for name, want in sorted(expected.items()):
+        tol = (tolerances or {}).get(name, tolerance)
         if name not in actual:
             raise HealthCheckError(f"the model gives no output {name!r}, which is expected")
         got = np.asarray(actual[name])
@@ -101,7 +138,7 @@ def compare_outputs(
             raise HealthCheckError(f"output {name!r} has NaN or infinite values")
         finite = np.isfinite(want64)
         dev = np.where(finite, np.abs(got64 - want64), 0.0)
-        allowed = tolerance.atol + tolerance.rtol * np.abs(np.where(finite, want64, 0.0))
+        allowed = tol.atol + tol.rtol * np.abs(np.where(finite, want64, 0.0))
         if dev.size == 0:
             continue
         # Ratio > 1 means outside tolerance; with atol = rtol = 0, any deviation is infinite.
@@ -110,12 +147,12 @@ def compare_outputs(
         i = int(np.argmax(ratio))
         if float(ratio.flat[i]) > worst_ratio:
             worst_name, worst_ratio, worst_dev = name, float(ratio.flat[i]), float(dev.flat[i])
-            worst_allowed = float(allowed.flat[i])
+            worst_allowed, worst_tol = float(allowed.flat[i]), tol
     if worst_ratio > 1.0:
         raise HealthCheckError(
             f"golden outputs do not match: output {worst_name!r} deviates by {worst_dev:.6g}"
-            f" where {worst_allowed:.6g} is allowed (atol {tolerance.atol:g}, rtol"
-            f" {tolerance.rtol:g}); the model or its runtime behaves differently on this device"
+            f" where {worst_allowed:.6g} is allowed (atol {worst_tol.atol:g}, rtol"
+            f" {worst_tol.rtol:g}); the model or its runtime behaves differently on this device"
         )
     return worst_name, worst_dev
 
@@ -140,15 +177,26 @@ def check_health(
             model failed while answering.
     """
     health = manifest.health
-    inputs = load_payload_arrays(manifest, model_dir, health.golden_inputs, key)
-    expected = load_payload_arrays(manifest, model_dir, health.expected_outputs, key)
-    try:
-        actual = model.predict(inputs)
-    except EdgeshipError as exc:
-        raise HealthCheckError(f"the model fails on its golden inputs: {exc}") from None
-    worst, deviation = compare_outputs(expected, actual, health.tolerance)
+    requests = golden_requests(manifest, model_dir, key)
+    tolerances = None if health.cases is None else health.cases.tolerances
+    worst, deviation = "", -1.0
+    for n, (inputs, expected) in enumerate(requests):
+        where = f"golden case {n}" if health.cases is not None else "its golden inputs"
+        try:
+            actual = model.predict(inputs)
+        except EdgeshipError as exc:
+            raise HealthCheckError(f"the model fails on {where}: {exc}") from None
+        try:
+            name, dev = compare_outputs(expected, actual, health.tolerance, tolerances)
+        except HealthCheckError as exc:
+            if health.cases is None:
+                raise
+            raise HealthCheckError(f"{where}: {exc}") from None
+        if dev > deviation:
+            worst, deviation = name, dev
     latencies = []
-    for _ in range(runs):
+    for run in range(runs):
+        inputs = requests[run % len(requests)][0]
         starts = [c() for c in clocks]
         try:
             model.predict(inputs)

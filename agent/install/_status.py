@@ -33,9 +33,11 @@ def status_document(
     *,
     probation: Mapping[str, Any] | None = None,
     desired_digest: str | None = None,
+    trust: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The state as a JSON-ready document: pending and last failure as ``state.json`` holds
-    them, versions named by their manifests."""
+    them, versions named by their manifests, and the device's trust (its root version,
+    whether updates are held back: :meth:`agent.install._trust.TrustKeeper.document`)."""
     return {
         "current": version_info(store, state.current),
         "previous": version_info(store, state.previous),
@@ -45,4 +47,5 @@ def status_document(
         "last_failure": None if state.last_failure is None else state.last_failure.to_json(),
         "probation": None if probation is None else dict(probation),
         "desired_digest": desired_digest,
+        "trust": None if trust is None else dict(trust),
     }

@@ -37,7 +37,6 @@ from agent.bundle.manifest import Manifest
 from agent.bundle.signing import TrustPolicy
 from agent.errors import (
     BundleError,
-    ConfigError,
     DownloadError,
     DownloadRefusedError,
     EdgeshipError,
@@ -53,6 +52,7 @@ from agent.install._decisions import (
 )
 from agent.install._health import HealthReport
 from agent.install._loading import ModelLoader, ModelLoading
+from agent.install._policy import PolicySource, policy_at
 from agent.install._store import (
     AgentState,
     Failure,
@@ -99,7 +99,7 @@ class Updater:
     def __init__(
         self,
         state_dir: Path,
-        policy: TrustPolicy | None,
+        policy: TrustPolicy | PolicySource | None,
         *,
         config: UpdaterConfig | None = None,
         device: DeviceInfo | None = None,
@@ -330,15 +330,15 @@ class Updater:
         bundle = self._bundle_path(p)
         if not bundle.exists():  # the file went missing: fetch it again
             return self._save(replace(state, pending=replace(p, phase="downloading"))), None
-        if self.policy is None:
-            raise ConfigError("installing needs a trust policy; give one (--trust)")
+        now = self._wall_clock()  # a trust root may refuse now: TrustError, still pending
+        policy = policy_at(self.policy, now)
         extract = self.store.staging_path("extract")
         try:
             with bundle.open("rb") as f:
                 verified = verify_bundle(
                     f,
-                    self.policy,
-                    now=self._wall_clock(),
+                    policy,
+                    now=now,
                     limits=self._limits,
                     min_sequence=state.floor,
                     device=self.device,

@@ -1,7 +1,9 @@
-"""MQTT topic names of protocol v1: ``edgeship/v1/<fleet>/<device>/<leaf>``.
+"""MQTT topic names of protocol v1: ``edgeship/v1/<fleet>/<device>/<leaf>``, and the
+fleet-wide ``edgeship/v1/<fleet>/trust/root`` and ``.../trust/heartbeat``.
 
 Fleet and device ids become topic levels, so they must be non-empty and free of the
-MQTT separators and wildcards (``/``, ``+``, ``#``) and of NUL.
+MQTT separators and wildcards (``/``, ``+``, ``#``) and of NUL; ``trust`` is no device id
+(its level holds the fleet's trust documents).
 """
 
 from __future__ import annotations
@@ -12,13 +14,24 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["PREFIX", "SCHEMA_VERSION", "Topics", "check_id", "encode_json", "header"]
+__all__ = [
+    "PREFIX",
+    "SCHEMA_VERSION",
+    "TRUST_LEVEL",
+    "Topics",
+    "check_id",
+    "encode_json",
+    "header",
+    "trust_topic",
+]
 
 PREFIX = "edgeship/v1"
 # The "v" field of every JSON payload on these topics (see docs/mqtt.md).
 SCHEMA_VERSION = 1
 
 _ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
+# The level under a fleet where its trust documents live, in place of a device id.
+TRUST_LEVEL = "trust"
 
 
 def check_id(kind: str, value: str) -> str:
@@ -42,6 +55,8 @@ class Topics:
     def __post_init__(self) -> None:
         check_id("fleet", self.fleet)
         check_id("device", self.device)
+        if self.device == TRUST_LEVEL:
+            raise ValueError(f"{TRUST_LEVEL!r} is no device id: it names the fleet's trust topics")
 
     @property
     def base(self) -> str:
@@ -74,6 +89,27 @@ class Topics:
     @property
     def infer_response(self) -> str:
         return f"{self.base}/infer/response"
+
+    @property
+    def trust_root(self) -> str:
+        """The fleet's latest signed trust root (retained; fleet-wide, read-only for devices)."""
+        return trust_topic(self.fleet, "root")
+
+    @property
+    def trust_heartbeat(self) -> str:
+        """The fleet's latest heartbeat (retained; fleet-wide, read-only for devices)."""
+        return trust_topic(self.fleet, "heartbeat")
+
+
+def trust_topic(fleet: str, document: str) -> str:
+    """``edgeship/v1/<fleet>/trust/<document>`` (``root`` or ``heartbeat``).
+
+    Raises:
+        ValueError: the fleet id cannot be a topic level, or the document is unknown.
+    """
+    if document not in ("root", "heartbeat"):
+        raise ValueError(f"no trust document {document!r}: root or heartbeat")
+    return f"{PREFIX}/{check_id('fleet', fleet)}/{TRUST_LEVEL}/{document}"
 
 
 def encode_json(body: Mapping[str, Any]) -> bytes:

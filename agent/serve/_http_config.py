@@ -17,10 +17,20 @@ from agent.serve.codec import CodecLimits
 if TYPE_CHECKING:
     import ssl
 
-__all__ = ["HEALTH_PATH", "MIN_TOKEN_CHARS", "PREDICT_PATH", "HttpServerConfig", "ServerTls"]
+__all__ = [
+    "HEALTH_PATH",
+    "METRICS_CONTENT_TYPE",
+    "METRICS_PATH",
+    "MIN_TOKEN_CHARS",
+    "PREDICT_PATH",
+    "HttpServerConfig",
+    "ServerTls",
+]
 
 PREDICT_PATH = "/v1/predict"
 HEALTH_PATH = "/v1/health"
+METRICS_PATH = "/metrics"  # where Prometheus looks by default
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MIN_TOKEN_CHARS = 16
 
 
@@ -51,6 +61,8 @@ class HttpServerConfig:
         tls: serve HTTPS with this certificate; with ``tls.client_ca_file`` every client
             must present a certificate that CA signed (which may replace the token on a
             non-loopback address).
+        metrics: serve the agent's Prometheus metrics at ``/metrics`` (off by default),
+            under the same admission as predictions: rate limit, then token.
     """
 
     enabled: bool = False
@@ -67,6 +79,7 @@ class HttpServerConfig:
     request_deadline_s: float = 30.0
     limits: CodecLimits = field(default_factory=CodecLimits)
     tls: ServerTls | None = None
+    metrics: bool = False
 
     def check(self) -> None:
         """Refuse settings that would be unsafe or meaningless.

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent.errors import EdgeshipError, InputValidationError, error_code
 from agent.serve._cache import predict_versioned
-from agent.serve._http_config import HEALTH_PATH, PREDICT_PATH
+from agent.serve._http_config import HEALTH_PATH, METRICS_CONTENT_TYPE, METRICS_PATH, PREDICT_PATH
 from agent.serve.codec import (
     BINARY_CONTENT_TYPE,
     JSON_CONTENT_TYPE,
@@ -274,6 +274,8 @@ class Handler(BaseHTTPRequestHandler):
         """The handler of the request's path and method; only ever for an admitted client."""
         path = self.path.split("?", 1)[0]
         routes = {PREDICT_PATH: ("POST", self._predict), HEALTH_PATH: ("GET", self._health)}
+        if (text := self.endpoint.metrics_text) is not None:  # opt-in: http.metrics
+            routes[METRICS_PATH] = ("GET", lambda: (HTTPStatus.OK, METRICS_CONTENT_TYPE, text()))
         if path not in routes:
             raise HttpError(
                 HTTPStatus.NOT_FOUND, "not-found", f"no such endpoint; use {', '.join(routes)}"

@@ -238,10 +238,13 @@ class HttpServer:
         config: HttpServerConfig,
         *,
         clock: Callable[[], float] = time.monotonic,
+        metrics_text: Callable[[], bytes] | None = None,
     ) -> None:
         config.check()
         self.predictor = predictor
         self.config = config
+        # What /metrics answers (the agent's exposition); routed only with http.metrics.
+        self.metrics_text = metrics_text if config.metrics else None
         self.tls_context = None if config.tls is None else config.tls.context()
         self._token_digest = (
             None

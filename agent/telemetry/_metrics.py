@@ -18,7 +18,14 @@ from typing import Any
 
 from agent.plumbing.stats import quantile_rank
 
-__all__ = ["LatencySummary", "LogHistogram", "Metrics", "MetricsSnapshot", "ModelInfo"]
+__all__ = [
+    "LatencySummary",
+    "LogHistogram",
+    "Metrics",
+    "MetricsSnapshot",
+    "MetricsTotals",
+    "ModelInfo",
+]
 
 _log = math.log
 _ceil = math.ceil
@@ -99,6 +106,7 @@ class ModelInfo:
     name: str
     version: str
     sequence: int
+    latency_budget_p95_ms: float | None = None  # the manifest's health budget, if any
 
 
 @dataclass(frozen=True)
@@ -144,8 +152,27 @@ class MetricsSnapshot:
                 "name": self.model.name,
                 "version": self.model.version,
                 "sequence": self.model.sequence,
-            },
+            }
+            # Only when the bundle has one: the fleet's p95 alert compares with it.
+            | (
+                {}
+                if self.model.latency_budget_p95_ms is None
+                else {"latency_budget_p95_ms": self.model.latency_budget_p95_ms}
+            ),
         }
+
+
+@dataclass(frozen=True)
+class MetricsTotals:
+    """Everything recorded since the agent started (Prometheus counters): requests, the
+    sum of their latencies in seconds, errors by kind, and the latency histogram's counts
+    (its buckets: :attr:`Metrics.layout`)."""
+
+    requests: int
+    latency_sum_s: float
+    errors: dict[str, int]
+    bucket_counts: tuple[int, ...]
+    model: ModelInfo | None
 
 
 class _Window:
@@ -160,6 +187,14 @@ class _Window:
         self.hist = LogHistogram(relative_accuracy=relative_accuracy)
 
 
+def _add_errors(into: dict[str, int], errors: dict[str, int]) -> None:
+    """Add ``errors`` by kind, keeping at most MAX_ERROR_KINDS kinds (the rest: "other")."""
+    for kind, n in errors.items():
+        if kind not in into and len(into) >= MAX_ERROR_KINDS:
+            kind = "other"  # noqa: PLW2901 - folded like record() folds
+        into[kind] = into.get(kind, 0) + n
+
+
 class Metrics:
     """Thread-safe per-interval aggregation of serving results."""
 
@@ -170,6 +205,7 @@ class Metrics:
         self._accuracy = relative_accuracy
         self._lock = threading.Lock()
         self._window = _Window(clock(), relative_accuracy)
+        self._totals = _Window(clock(), relative_accuracy)  # of the closed windows
         self._model: ModelInfo | None = None
         # Every window's histogram has this layout; record() computes buckets itself.
         layout = self._window.hist
@@ -178,9 +214,26 @@ class Metrics:
         self._inv_log_gamma = 1.0 / math.log(layout.gamma)
         self._last_bucket = len(layout.counts) - 1
 
-    def set_model(self, name: str, version: str, sequence: int) -> None:
+    def set_model(
+        self, name: str, version: str, sequence: int, latency_budget_p95_ms: float | None = None
+    ) -> None:
         """Name the model serving from now on (reported with every snapshot)."""
-        self._model = ModelInfo(name, version, sequence)
+        self._model = ModelInfo(name, version, sequence, latency_budget_p95_ms)
+
+    @property
+    def layout(self) -> LogHistogram:
+        """An empty histogram with the buckets of every window and of the totals."""
+        return LogHistogram(relative_accuracy=self._accuracy)
+
+    def totals(self) -> MetricsTotals:
+        """The counts since the start, the open window included (it stays open)."""
+        with self._lock:
+            w, t = self._window, self._totals
+            errors = dict(t.errors)
+            _add_errors(errors, w.errors)
+            counts = tuple(a + b for a, b in zip(t.hist.counts, w.hist.counts, strict=True))
+            requests, lat_sum = t.requests + w.requests, t.lat_sum + w.lat_sum
+        return MetricsTotals(requests, lat_sum, errors, counts, self._model)
 
     def record(self, latency_s: float, error: str | None = None) -> None:
         """Count one finished request: its latency and, if it failed, the error kind."""
@@ -211,6 +264,11 @@ class Metrics:
         fresh = _Window(now, self._accuracy)
         with self._lock:
             w, self._window = self._window, fresh
+            t = self._totals  # a snapshot per interval: the fold stays off the hot path
+            t.requests += w.requests
+            t.lat_sum += w.lat_sum
+            _add_errors(t.errors, w.errors)
+            t.hist.counts = [a + b for a, b in zip(t.hist.counts, w.hist.counts, strict=True)]
         elapsed = max(now - w.started, 1e-9)
         latency = None
         qs = w.hist.quantiles((0.5, 0.95, 0.99))

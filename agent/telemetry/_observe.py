@@ -109,7 +109,8 @@ class ObservedPredictor:
         if digest is None or manifest is None:
             self._drift = None
             return None
-        self.metrics.set_model(manifest.name, manifest.version, manifest.sequence)
+        budget = manifest.health.latency_budget_p95_ms
+        self.metrics.set_model(manifest.name, manifest.version, manifest.sequence, budget)
         output, classifier = watched_output(manifest, self._output_kind)
         drift = DriftMonitor(manifest.drift_reference, classifier=classifier)
         self._drift = (digest, drift, output)

@@ -11,6 +11,10 @@
         quantize=QuantizeOptions("static", calibration=Path("calibration.npz")),
     )
 
+Golden cases are exact requests (a cases file keyed ``<case>/<input>``, one data-set
+sample per case, or synthesised with :class:`InputHint` hints in
+``BuildMetadata.input_hints``); see docs/building.md.
+
 The steps are usable on their own: :func:`quantize`, :func:`evaluate` (with
 :class:`Gates`), :func:`derive_golden`, :func:`load_dataset`, :func:`read_signature`.
 Every model is run through the agent's own runtime layer (:func:`open_model`), so what
@@ -18,6 +22,7 @@ the build measures is what a device computes.
 """
 
 from sdk.build._bundle import BuildResult, Progress, QuantizeOptions, build_bundle
+from sdk.build._cases import InputHint
 from sdk.build._evaluate import EvaluationReport, Gates, evaluate
 from sdk.build._metadata import BuildMetadata, creation_time, load_metadata, parse_target
 from sdk.build._quantize import QuantizationResult, Scheme, quantize
@@ -34,6 +39,7 @@ __all__ = [
     "EvaluationReport",
     "Gates",
     "Golden",
+    "InputHint",
     "Progress",
     "QuantizationResult",
     "QuantizeOptions",

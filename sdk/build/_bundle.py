@@ -10,19 +10,19 @@ expected outputs are exactly what a healthy device computes.
 from __future__ import annotations
 
 import hashlib
-import shutil
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
+import numpy as np
 import numpy.typing as npt
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
 from agent.bundle import write_bundle
-from agent.bundle.arrays import write_npz
+from agent.bundle.arrays import case_arrays, write_npz
 from agent.bundle.crypto import encrypt_files
 from agent.bundle.manifest import (
     FORMAT_RUNTIMES,
@@ -30,6 +30,7 @@ from agent.bundle.manifest import (
     Compatibility,
     Encryption,
     FileEntry,
+    GoldenCases,
     Health,
     Manifest,
     ModelSpec,
@@ -38,19 +39,31 @@ from agent.bundle.manifest import (
     TensorSpec,
     Tolerance,
 )
-from agent.errors import ConfigError
+from agent.errors import ConfigError, InferenceError
 from agent.plumbing.files import atomic_replace
-from agent.serve.runtimes import installed_runtimes
+from agent.serve.runtimes import Model, installed_runtimes
+from sdk.build._bundle_quant import QuantizeOptions, bundled_model, cost_gates
+from sdk.build._cases import (
+    Case,
+    cases_from_dataset,
+    load_cases,
+    request_elements,
+    synthesize_cases,
+)
 from sdk.build._evaluate import Gates, evaluate, scores_index
-from sdk.build._metadata import BuildMetadata, creation_time, load_metadata, parse_target
-from sdk.build._quantize import Scheme
-from sdk.build._quantize import quantize as run_quantizer
+from sdk.build._metadata import (
+    BuildMetadata,
+    check_metadata,
+    creation_time,
+    load_metadata,
+    parse_target,
+)
 from sdk.build.datasets import Dataset, load_dataset
 from sdk.build.drift_reference import drift_reference
-from sdk.build.golden import derive_golden, pick_golden, synthesize_inputs
+from sdk.build.golden import Golden, derive_golden, run_cases
 from sdk.build.keys import SigningKey, sign_envelope
 from sdk.build.model_io import ModelFormat, model_spec, open_model, read_signature
-from sdk.errors import GateError
+from sdk.errors import BuildError, GateError
 
 __all__ = [
     "BuildMetadata",
@@ -68,6 +81,12 @@ Arrays = dict[str, npt.NDArray[Any]]
 
 GOLDEN_INPUTS = "health/golden_inputs.npz"
 EXPECTED_OUTPUTS = "health/expected_outputs.npz"
+CASE_INPUTS = "health/case_inputs.npz"
+CASE_EXPECTED = "health/case_expected.npz"
+_REAL_INPUTS_FIX = (
+    "pass real inputs with --golden-inputs (a cases .npz keyed <case>/<input>, see"
+    " docs/building.md) or hints (--input-shape, --input-value, --input-range)"
+)
 
 
 @dataclass(frozen=True)
@@ -76,17 +95,6 @@ class BuildResult:
     manifest: Manifest
     digest: str  # sha256 of the signed manifest: the bundle's identity
     size: int
-
-
-@dataclass(frozen=True)
-class QuantizeOptions:
-    """How to turn the float model into the bundled one, and how to prove it still works."""
-
-    scheme: str = "none"  # none, dynamic, static, weight-only
-    calibration: Path | None = None  # .npy / .npz / folder, see sdk.build.datasets
-    validation: Path | None = None  # inputs (+ optional "labels") for evaluation and gates
-    gates: Gates = field(default_factory=Gates)
-    per_channel: bool | None = None  # None: chosen by measurement
 
 
 @dataclass(frozen=True)
@@ -99,7 +107,9 @@ class _Inputs:
     runner: str  # the first target installed here: it computes the expected outputs
     calibration: Dataset | None
     validation: Dataset | None
-    golden: Dataset | None
+    cases: tuple[Case, ...]  # the golden requests, checked on the original model
+    reference: tuple[Arrays, ...]  # the original model's outputs for them
+    synthesized: bool  # the cases were made up from the signature and hints
 
 
 def build_bundle(
@@ -114,6 +124,7 @@ def build_bundle(
     quantize: QuantizeOptions | None = None,
     progress: Progress | None = None,
     encrypt_for: Sequence[X25519PublicKey] = (),
+    overwrite: bool = False,
 ) -> BuildResult:
     """Quantize, evaluate, compute golden outputs, sign and write a bundle.
 
@@ -126,7 +137,8 @@ def build_bundle(
     fixes ``atol`` / ``rtol``. The drift reference comes from the calibration set (else
     the validation set). With ``encrypt_for`` (device X25519 public keys), every payload
     file is encrypted for those devices (:mod:`agent.bundle.crypto`); the manifest stays
-    readable and the signature and digests cover the ciphertext.
+    readable and the signature and digests cover the ciphertext. An existing
+    ``out_path`` is replaced only with ``overwrite``.
 
     Raises:
         ConfigError: bad model, data sets, metadata or targets.
@@ -137,26 +149,42 @@ def build_bundle(
     """
     if not keys:
         raise ConfigError("a bundle needs at least one signing key (--key)")
+    check_metadata(metadata)
+    if out_path.exists() and not overwrite:
+        raise ConfigError(f"{out_path} already exists; pass --force to replace it")
     options = quantize or QuantizeOptions()
     report = progress or (lambda step, done, total: None)
-    src = _read_inputs(model_path, targets, options, golden_inputs)
+    src = _read_inputs(
+        model_path, targets, options, golden_inputs, golden_count=golden_count, metadata=metadata
+    )
     created = creation_time()
     with tempfile.TemporaryDirectory(prefix="edgeship-build-") as tmp:
         stage = Path(tmp)
-        bundled, quantization = _bundled_model(model_path, stage, src, options, report)
+        bundled, quantization = bundled_model(
+            model_path,
+            stage,
+            src.format,
+            options,
+            calibration=src.calibration,
+            targets=[r.name for r in src.runtimes],
+            report=report,
+        )
         evaluation = _evaluate(model_path, bundled, src.validation, options.gates, report)
-        golden_in = _golden_inputs(src, golden_count)
-        expected, tolerance, how = _golden(bundled, golden_in, src.runner, metadata, report)
-        evaluation["golden"] = how
-        spec = _model_section(bundled, stage, expected)
-        payload, encryption = _payload(stage, spec.file, golden_in, expected, encrypt_for)
+        if options.scheme != "none":
+            evaluation["vs_fp32"] = cost_gates(
+                model_path, bundled, src.cases[0], src.runner, options
+            )
+        golden = _golden(bundled, src, quantization.scheme != "none", report)
+        evaluation["golden"] = dict(golden.details)
+        spec = _model_section(bundled, stage, golden)
+        payload, encryption = _payload(stage, spec.file, golden, encrypt_for)
         manifest = _manifest(
             src,
             spec,
             metadata=metadata,
             created=created,
             quantization=quantization,
-            tolerance=tolerance,
+            golden=golden,
             evaluation=evaluation,
             payload=payload,
             encryption=encryption,
@@ -169,12 +197,17 @@ def _read_inputs(
     targets: Sequence[RuntimeRequirement],
     options: QuantizeOptions,
     golden_inputs: Path | None,
+    *,
+    golden_count: int,
+    metadata: BuildMetadata,
 ) -> _Inputs:
-    """The model's signature, the targets and the data sets, all checked.
+    """The model's signature, the targets, the data sets and the golden cases, all checked
+    (the cases run on the original model before anything is quantized).
 
     Raises:
         ConfigError: a target cannot run the model, none is installed here, gates without
-            validation data, or a data set that does not fit the model.
+            validation data, or a data set or golden case that does not fit the model.
+        BuildError: the golden cases do not run on the original model.
     """
     fmt, float_inputs, _ = read_signature(model_path)
     runtimes = tuple(targets) or tuple(RuntimeRequirement(r) for r in FORMAT_RUNTIMES[fmt])
@@ -190,46 +223,52 @@ def _read_inputs(
         )
     if any(v is not None for v in vars(options.gates).values()) and options.validation is None:
         raise ConfigError("build gates need a validation data set (--validation)")
+    if golden_count < 1:
+        raise ConfigError(f"--golden-count must be at least 1, not {golden_count}")
     names = [s.name for s in float_inputs]
 
     def load(path: Path | None) -> Dataset | None:
         return None if path is None else load_dataset(path, input_names=names)
 
+    calibration, validation = load(options.calibration), load(options.validation)
+    source = validation if validation is not None else calibration
+    if golden_inputs is not None:
+        cases = load_cases(golden_inputs, float_inputs, golden_count)
+    elif source is not None:
+        cases = cases_from_dataset(source, golden_count)
+    else:
+        cases = synthesize_cases(float_inputs, golden_count, metadata.input_hints)
+    with open_model(model_path, runtime=runner, threads=0) as original:
+        reference = _replay(original, cases, model_path.name)
     return _Inputs(
         format=fmt,
         float_inputs=float_inputs,
         runtimes=runtimes,
         runner=runner,
-        calibration=load(options.calibration),
-        validation=load(options.validation),
-        golden=load(golden_inputs),
+        calibration=calibration,
+        validation=validation,
+        cases=tuple(cases),
+        reference=tuple(reference),
+        synthesized=golden_inputs is None and source is None,
     )
 
 
-def _bundled_model(
-    model_path: Path, stage: Path, src: _Inputs, options: QuantizeOptions, report: Progress
-) -> tuple[Path, Quantization]:
-    """The model file the bundle carries (``stage/model/model.FORMAT``) and how it was made.
+def _replay(model: Model, cases: Sequence[Case], what: str) -> list[Arrays]:
+    """``model``'s outputs for each case, a failing case named in a one-line error.
 
     Raises:
-        ConfigError, QuantizationError: as :func:`sdk.build.quantize`.
+        BuildError: a case does not fit the model or the runtime fails on it.
     """
-    bundled = stage / "model" / f"model.{src.format}"
-    bundled.parent.mkdir()
-    if options.scheme == "none":
-        shutil.copyfile(model_path, bundled)
-        return bundled, Quantization()
-    result = run_quantizer(
-        model_path,
-        stage / f"quantized.{src.format}",
-        scheme=cast(Scheme, options.scheme),
-        calibration=src.calibration,
-        targets=[r.name for r in src.runtimes],
-        per_channel=options.per_channel,
-        progress=report,
-    )
-    shutil.copyfile(result.path, bundled)
-    return bundled, result.to_manifest()
+    out: list[Arrays] = []
+    for n, case in enumerate(cases):
+        try:
+            out.append(dict(run_cases(model, [case])[0]))
+        except InferenceError as exc:
+            shapes = ", ".join(f"{k} {list(np.shape(v))}" for k, v in case.items())
+            raise BuildError(
+                f"{what} fails on golden case {n} ({shapes}): {exc}; {_REAL_INPUTS_FIX}"
+            ) from None
+    return out
 
 
 def _evaluate(
@@ -251,54 +290,57 @@ def _evaluate(
     return ev.to_json()
 
 
-def _golden_inputs(src: _Inputs, count: int) -> Arrays:
-    source = next((d for d in (src.golden, src.validation, src.calibration) if d is not None), None)
-    if source is None:
-        return synthesize_inputs(src.float_inputs, count)
-    return pick_golden(source, count)
+def _golden(bundled: Path, src: _Inputs, quantized: bool, report: Progress) -> Golden:
+    """Expected outputs of the bundled model for the golden cases, as a device computes
+    them, and a tolerance per output (:func:`sdk.build.golden.derive_golden`).
 
-
-def _golden(
-    bundled: Path, golden_in: Arrays, runner: str, metadata: BuildMetadata, report: Progress
-) -> tuple[Arrays, Tolerance, dict[str, Any]]:
-    """The expected outputs as a device computes them (one batch, the agent's defaults),
-    the health check's tolerance, and how it was derived.
+    Raises:
+        BuildError: a case fails on the bundled model, or an output is not reproducible.
     """
-    report("golden outputs", 0, 2)
-    with open_model(bundled, runtime=runner, threads=0) as model:
-        expected = model.predict(golden_in)
-    golden = derive_golden(
-        bundled,
-        Dataset(golden_in),
-        count=len(next(iter(golden_in.values()))),
-        reference_outputs=expected,
-    )
-    report("golden outputs", 2, 2)
-    tolerance = (
-        Tolerance(atol=metadata.atol or 0.0, rtol=metadata.rtol or 0.0)
-        if metadata.atol is not None or metadata.rtol is not None
-        else golden.tolerance
-    )
-    return expected, tolerance, {"spread": golden.spread, **dict(golden.details)}
+    report("golden outputs", 0, 1)
+    try:
+        golden = derive_golden(
+            bundled,
+            src.cases,
+            runtime=src.runner,
+            reference=src.reference if quantized else None,
+            request_elements=request_elements(src.cases[0]),
+        )
+    except InferenceError as exc:
+        raise BuildError(f"the bundled model fails on its golden cases: {exc}") from None
+    report("golden outputs", 1, 1)
+    outputs = golden.details["outputs"]
+    # A detector finds nothing in noise: outputs that stay at zero over every synthesised
+    # case would let a broken model pass the health check.
+    if src.synthesized and all(
+        how["constant"] and how["magnitude"] <= how["floor"] for how in outputs.values()
+    ):
+        raise BuildError(
+            f"on the synthesised golden inputs every output of the model stays nearly constant"
+            f" at zero ({', '.join(outputs)}): a health check on them would test nothing;"
+            f" {_REAL_INPUTS_FIX}"
+        )
+    return golden
 
 
-def _model_section(bundled: Path, stage: Path, expected: Arrays) -> ModelSpec:
+def _model_section(bundled: Path, stage: Path, golden: Golden) -> ModelSpec:
     """The manifest's model section, naming the output that carries class scores (found on
-    the outputs the bundled model computed for the golden inputs)."""
+    the outputs the bundled model computed for the first golden case)."""
     spec = model_spec(bundled)
-    scores = scores_index(spec.outputs, [expected[o.name] for o in spec.outputs])
+    first = golden.expected[0]
+    scores = scores_index(spec.outputs, [first[o.name] for o in spec.outputs])
     return replace(
         spec,
         file=bundled.relative_to(stage).as_posix(),
         scores_output=None if scores is None else spec.outputs[scores].name,
+        request_elements=request_elements(golden.cases[0]),
     )
 
 
 def _payload(
     stage: Path,
     model_member: str,
-    golden_in: Arrays,
-    expected: Arrays,
+    golden: Golden,
     encrypt_for: Sequence[X25519PublicKey],
 ) -> tuple[dict[str, Path], Encryption | None]:
     """The payload files by member path, encrypted for ``encrypt_for`` when given.
@@ -307,9 +349,16 @@ def _payload(
         ConfigError: the files cannot be encrypted.
     """
     (stage / "health").mkdir()
-    write_npz(stage / GOLDEN_INPUTS, golden_in)
-    write_npz(stage / EXPECTED_OUTPUTS, expected)
-    payload = {p: stage / p for p in (model_member, GOLDEN_INPUTS, EXPECTED_OUTPUTS)}
+    # Case 0 also as the single golden request that agents before schema 1.2 replay.
+    files = {
+        GOLDEN_INPUTS: golden.cases[0],
+        EXPECTED_OUTPUTS: golden.expected[0],
+        CASE_INPUTS: case_arrays(golden.cases),
+        CASE_EXPECTED: case_arrays(golden.expected),
+    }
+    for member, arrays in files.items():
+        write_npz(stage / member, arrays)
+    payload = {p: stage / p for p in (model_member, *files)}
     if not encrypt_for:
         return payload, None
     try:
@@ -333,12 +382,19 @@ def _manifest(
     metadata: BuildMetadata,
     created: datetime,
     quantization: Quantization,
-    tolerance: Tolerance,
+    golden: Golden,
     evaluation: dict[str, Any],
     payload: Mapping[str, Path],
     encryption: Encryption | None,
 ) -> Manifest:
     drift_source = src.calibration if src.calibration is not None else src.validation
+    # A fixed tolerance in the metadata overrides the derived ones, for every output.
+    fixed = metadata.atol is not None or metadata.rtol is not None
+    tolerance = (
+        Tolerance(atol=metadata.atol or 0.0, rtol=metadata.rtol or 0.0)
+        if fixed
+        else golden.tolerance
+    )
     return Manifest(
         name=metadata.name,
         version=metadata.version,
@@ -358,6 +414,12 @@ def _manifest(
             tolerance=tolerance,
             latency_budget_p95_ms=metadata.latency_budget_p95_ms,
             probation=metadata.probation,
+            cases=GoldenCases(
+                count=len(golden.cases),
+                inputs=CASE_INPUTS,
+                expected=CASE_EXPECTED,
+                tolerances={} if fixed else golden.tolerances,
+            ),
         ),
         drift_reference=drift_reference(drift_source) if drift_source is not None else None,
         model_card=metadata.model_card,

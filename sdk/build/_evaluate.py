@@ -176,7 +176,7 @@ def _latencies(
                 if t == threads[0]
                 else tuple(stack.enter_context(open_model(p, threads=t)) for p in paths)
             )
-            measured = _interleaved_latency(pair, sample, runs)
+            measured = interleaved_latency(pair, sample, runs)
         for s, (p50, p95) in zip(stats, measured, strict=True):
             s.append(LatencyStats(t, runs, p50, p95))
         if progress is not None:
@@ -184,7 +184,7 @@ def _latencies(
     return stats
 
 
-def _interleaved_latency(
+def interleaved_latency(
     models: tuple[Model, ...], sample: Mapping[str, npt.NDArray[Any]], runs: int
 ) -> list[tuple[float, float]]:
     """p50/p95 in ms of each model's ``predict``, timed alternately so load hits all alike."""

@@ -4,6 +4,7 @@ target runtimes, and the creation time (``SOURCE_DATE_EPOCH`` for reproducible b
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
@@ -13,10 +14,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from agent.bundle.manifest import RUNTIMES, ModelCard, Probation, RuntimeRequirement
+from agent.bundle.manifest import (
+    HUMAN_VERSION_RE,
+    HUMAN_VERSION_WHAT,
+    NAME_RE,
+    NAME_WHAT,
+    RUNTIMES,
+    ModelCard,
+    Probation,
+    RuntimeRequirement,
+)
 from agent.errors import ConfigError
+from sdk.build._cases import InputHint, parse_hints
 
-__all__ = ["BuildMetadata", "creation_time", "load_metadata", "parse_target"]
+__all__ = ["BuildMetadata", "check_metadata", "creation_time", "load_metadata", "parse_target"]
 
 _TARGET_RE = re.compile(
     r"^(?P<name>[a-z-]+)(?:\s*>=\s*(?P<min>[\d.]+))?(?:\s*,?\s*<\s*(?P<max>[\d.]+))?$"
@@ -39,6 +50,8 @@ class BuildMetadata:
     rtol: float | None = None
     latency_budget_p95_ms: float | None = None
     probation: Probation = field(default_factory=Probation)
+    # How to synthesise golden inputs, by input name (the TOML's [inputs.NAME] tables).
+    input_hints: Mapping[str, InputHint] = field(default_factory=dict)
 
 
 def parse_target(text: str) -> RuntimeRequirement:
@@ -76,10 +89,14 @@ def load_metadata(path: Path | None, overrides: Mapping[str, Any]) -> BuildMetad
         for table in tables:
             target = target.setdefault(table, {})
         target[leaf] = value
+    _check_keys(doc)
     card = doc.pop("model_card", {})
     health = doc.pop("health", {})
     probation = health.pop("probation", {}) if isinstance(health, dict) else {}
     compat = doc.pop("compatibility", {})
+    inputs = doc.pop("inputs", {})
+    if not isinstance(inputs, dict):
+        raise ConfigError("metadata [inputs] must hold one [inputs.NAME] table per input")
     try:
         meta = BuildMetadata(
             name=_req(doc, "name", str),
@@ -106,13 +123,65 @@ def load_metadata(path: Path | None, overrides: Mapping[str, Any]) -> BuildMetad
                 max_error_rate=_opt(probation, "max_error_rate", float, Probation.max_error_rate),
                 max_p95_ms=_opt(probation, "max_p95_ms", float),
             ),
+            input_hints=parse_hints(table=inputs),
         )
     except (TypeError, AttributeError) as exc:
         raise ConfigError(f"metadata: {exc}") from None
-    leftover = sorted(set(doc) - set(BuildMetadata.__dataclass_fields__))
-    if leftover:
-        raise ConfigError(f"metadata has unknown field(s): {', '.join(leftover)}")
+    check_metadata(meta)
     return meta
+
+
+# The keys a metadata file may hold, by table ("" is the top level).
+_KEYS: Mapping[str, frozenset[str]] = {
+    "": frozenset(
+        {"name", "version", "sequence", "expires_in_days", "model_card", "health"}
+        | {"compatibility", "inputs"}
+    ),
+    "model_card": frozenset(
+        {"description", "intended_use", "data_sources", "limitations"}
+        | {"retraining_triggers", "owners", "license"}
+    ),
+    "health": frozenset({"atol", "rtol", "latency_budget_p95_ms", "probation"}),
+    "health.probation": frozenset({"requests", "seconds", "max_error_rate", "max_p95_ms"}),
+    "compatibility": frozenset({"arch", "device_classes"}),
+}
+
+
+def _check_keys(doc: Mapping[str, Any]) -> None:
+    """Refuse a key the metadata does not have, suggesting the nearest one that it does.
+
+    Raises:
+        ConfigError: an unknown key (a typo would otherwise be silently ignored).
+    """
+    for table, known in _KEYS.items():
+        section: Any = doc
+        for part in filter(None, table.split(".")):
+            section = section.get(part, {}) if isinstance(section, Mapping) else {}
+        if not isinstance(section, Mapping):
+            raise ConfigError(f"metadata [{table}] must be a table")
+        for key in sorted(set(section) - known):
+            where = f"{table}.{key}" if table else key
+            near = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = (
+                f"; did you mean {near[0]!r}?" if near else f"; known: {', '.join(sorted(known))}"
+            )
+            raise ConfigError(f"metadata has unknown field {where!r}{hint}")
+
+
+def check_metadata(meta: BuildMetadata) -> None:
+    """The name and version grammars of the manifest, checked before anything is built.
+
+    Raises:
+        ConfigError: the name or version would not fit a manifest.
+    """
+    if not NAME_RE.fullmatch(meta.name):
+        raise ConfigError(f"name {meta.name!r} is not {NAME_WHAT} (e.g. digits-int8)")
+    if not HUMAN_VERSION_RE.fullmatch(meta.version):
+        raise ConfigError(
+            f"version {meta.version!r} is not {HUMAN_VERSION_WHAT} (e.g. 1.2.0 or 2026.11-rc1)"
+        )
+    if meta.sequence < 0:
+        raise ConfigError(f"sequence {meta.sequence} must be 0 or more (a release counter)")
 
 
 def _req(doc: Mapping[str, Any], key: str, kind: type) -> Any:

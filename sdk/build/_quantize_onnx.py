@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import math
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.errors import ConfigError
+from sdk.build._coverage import MIN_WEIGHT_ELEMENTS
 from sdk.build._quantize_common import (
     CHOICE_SAMPLES,
     Scheme,
@@ -59,21 +63,116 @@ def quantize_onnx(
         "tool_version": version,
         "weight_type": "int8",
     }
-    if scheme == "dynamic":
-        _dynamic(src, dst, bool(per_channel), details)
-    else:
-        assert calib is not None  # checked by quantize()
-        _static(src, dst, calib, per_channel=per_channel, progress=progress, details=details)
+    with tempfile.TemporaryDirectory(prefix="edgeship-fold-") as tmp, _tool_log(details):
+        model_in = _fold_constants(src, Path(tmp) / "folded.onnx", details)
+        if scheme == "dynamic":
+            _dynamic(model_in, dst, bool(per_channel), details)
+        else:
+            assert calib is not None  # checked by quantize()
+            _static(
+                model_in, dst, calib, per_channel=per_channel, progress=progress, details=details
+            )
     details.update(_check_opset(dst))
     check_loads(dst, "onnxruntime", version)
     return details
 
 
+@contextlib.contextmanager
+def _tool_log(details: dict[str, Any]) -> Iterator[None]:
+    """Keep what onnxruntime.quantization logs in ``details`` instead of on stderr.
+
+    It gives advice through the root logger ("WARNING:root:Please consider to run
+    pre-processing..."), which is noise in a build's output and, since ``logging.warning``
+    configures the root logger when it has no handler, in everything the process logs
+    after. A guard handler stops that; a filter takes the tool's records.
+    """
+    root = logging.getLogger()
+    kept: list[str] = []
+
+    def keep(record: logging.LogRecord) -> bool:
+        if "onnxruntime" not in record.pathname:
+            return True
+        kept.append(record.getMessage()[:200])
+        return False
+
+    guard = logging.NullHandler()
+    root.addFilter(keep)
+    root.addHandler(guard)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+        root.removeHandler(guard)
+        if kept:
+            details["tool_log"] = sorted(set(kept))
+
+
+def _fold_constants(src: Path, out: Path, details: dict[str, Any]) -> Path:
+    """``src`` with the weights of its Constant nodes moved into initializers, written to
+    ``out`` (``src`` itself when it has none): onnxruntime's quantizers only quantize
+    initializers, and some exporters put every weight in a Constant node."""
+    import onnx  # noqa: PLC0415 - loaded when used
+
+    model = onnx.load(str(src))
+    keep, folded = [], 0
+    for node in model.graph.node:
+        value = (
+            node.attribute[0] if node.op_type == "Constant" and len(node.attribute) == 1 else None
+        )
+        if (
+            value is not None
+            and value.name == "value"
+            and value.type == onnx.AttributeProto.TENSOR
+            and math.prod(value.t.dims) >= MIN_WEIGHT_ELEMENTS
+        ):
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(value.t)
+            tensor.name = node.output[0]
+            model.graph.initializer.append(tensor)
+            folded += 1
+        else:
+            keep.append(node)
+    if not folded:
+        return src
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    onnx.save(model, str(out))
+    details["folded_constants"] = folded
+    return out
+
+
+def _runtime_errors() -> tuple[type[Exception], ...]:
+    """onnxruntime's own exceptions (Fail, InvalidArgument...): they derive from
+    Exception only, and calibration runs the model, so a wrong input shape raises one."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state  # noqa: PLC0415
+
+    return tuple(
+        v for v in vars(state).values() if isinstance(v, type) and issubclass(v, Exception)
+    )
+
+
 def _call(fn: Callable[[], object]) -> None:
+    caught: tuple[type[Exception], ...] = (
+        *(ValueError, RuntimeError, KeyError, TypeError, AttributeError, IndexError),
+        *_runtime_errors(),
+    )
     try:
         fn()
-    except (ValueError, RuntimeError, KeyError, TypeError) as exc:
-        raise QuantizationError(f"onnxruntime quantization failed: {exc}") from exc
+    except caught as exc:
+        # AttributeError / IndexError: its graph walks on exports it does not expect
+        # (QOperator on PaddleOCR's detector: "'NoneType' object has no attribute ...").
+        what = " ".join(str(exc).split())[:400]
+        raise QuantizationError(
+            f"onnxruntime quantization failed: {type(exc).__name__}: {what}; if it ran the"
+            " model, check that the calibration data fits its inputs"
+        ) from exc
+    except AssertionError as exc:
+        # Its internal checks: "scale issue" is a calibration range that is not finite.
+        raise QuantizationError(
+            f"onnxruntime quantization failed its own check ({exc or 'assertion'}); a"
+            " calibration range may be NaN or infinite: check the calibration data, or try"
+            " another scheme"
+        ) from exc
 
 
 def _dynamic(src: Path, dst: Path, per_channel: bool, details: dict[str, Any]) -> None:
@@ -119,6 +218,9 @@ def _static(
                     per_channel=pc,
                     progress=part(progress, n, len(choices)),
                 )
+                # Per-channel QDQ on an opset-12 export (PaddlePaddle's) writes a
+                # DequantizeLinear with an axis, which needs opset 13: it does not load.
+                check_loads(out, "onnxruntime", tool_version("onnxruntime"))
             except QuantizationError as exc:
                 if per_channel is not None or not pc:
                     raise
@@ -145,7 +247,10 @@ def _pre_process(src: Path, out: Path, details: dict[str, Any]) -> Path:
     from onnxruntime.quantization.shape_inference import quant_pre_process  # noqa: PLC0415 - loaded when used
 
     try:
-        quant_pre_process(str(src), str(out))
+        # When its symbolic shape inference gives up, it saves sym_shape_infer_temp.onnx
+        # and a uuid-named .data file into the working directory: make that a scratch one.
+        with contextlib.chdir(out.parent):
+            quant_pre_process(str(src.resolve()), str(out.resolve()))
     except Exception as exc:  # noqa: BLE001 - an optional optimisation: fall back, and say so
         details["pre_process"] = f"skipped: {type(exc).__name__}: {exc}"[:200]
         return src

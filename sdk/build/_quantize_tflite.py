@@ -27,6 +27,7 @@ from sdk.build._quantize_common import (
     samples,
     tool_version,
 )
+from sdk.build._tflite_prep import SIGNATURE_KEY, float32_weights, with_signature
 from sdk.build.datasets import Dataset, Progress
 from sdk.build.model_io import read_signature
 from sdk.errors import QuantizationError
@@ -67,17 +68,19 @@ def quantize_tflite(
         "tool_version": version,
         "targets": sorted(targets),
     }
-    if scheme == "static":
-        assert calib is not None  # checked by quantize()
-        chosen, (model, recipe) = _static(src, calib, per_channel, progress, details)
-    else:
-        # Per-channel is the quantizer's default and the better one where it is right.
-        chosen = per_channel if per_channel is not None else not bad_targets
-        model, recipe = _run_quantizer(src, scheme, chosen, None, progress)
-        if bad_targets and not chosen:
-            details["recipe_reason"] = (
-                f"per-tensor weights: per-channel {scheme} is wrong on {', '.join(bad_targets)}"
-            )
+    with tempfile.TemporaryDirectory(prefix="edgeship-prep-") as tmp:
+        src = _prepared(src, Path(tmp), scheme, details)
+        if scheme == "static":
+            assert calib is not None  # checked by quantize()
+            chosen, (model, recipe) = _static(src, calib, per_channel, progress, details)
+        else:
+            # Per-channel is the quantizer's default and the better one where it is right.
+            chosen = per_channel if per_channel is not None else not bad_targets
+            model, recipe = _run_quantizer(src, scheme, chosen, None, progress)
+            if bad_targets and not chosen:
+                details["recipe_reason"] = (
+                    f"per-tensor weights: per-channel {scheme} is wrong on {', '.join(bad_targets)}"
+                )
     details.update(per_channel=chosen, recipe=recipe)
     atomic_write(dst, model)
     check_loads(dst, "litert", tool_version("ai-edge-litert"))
@@ -87,6 +90,26 @@ def quantize_tflite(
         {s.name: s.quantization for s in inputs if s.quantization is not None},
         {s.name: s.quantization for s in outputs if s.quantization is not None},
     )
+
+
+def _prepared(src: Path, work: Path, scheme: Scheme, details: dict[str, Any]) -> Path:
+    """``src`` made quantizable (:mod:`sdk.build._tflite_prep`): float16 weights as float32,
+    and for static a signature to calibrate through; what was done goes in ``details``.
+
+    Raises:
+        QuantizationError: the flatbuffer cannot be read.
+    """
+    try:
+        widened = float32_weights(src, work / "float32.tflite")
+        if widened:
+            details["float16_weights_converted"] = widened
+            src = work / "float32.tflite"
+        if scheme == "static" and with_signature(src, work / "signed.tflite"):
+            details["signature_added"] = SIGNATURE_KEY
+            src = work / "signed.tflite"
+    except (ValueError, IndexError, AttributeError) as exc:
+        raise QuantizationError(f"cannot read {src.name} as a TFLite model: {exc}") from None
+    return src
 
 
 def _static(
@@ -163,11 +186,6 @@ def _calibrate(qt: Any, src: Path, calib: Dataset, progress: Progress | None) ->
     # the signature's argument names, it never runs the model.
     interp = Interpreter(model_path=str(src))
     signatures = interp.get_signature_list()
-    if not signatures:
-        raise ConfigError(
-            f"{src} has no SignatureDef; litert-quantizer calibrates through a signature:"
-            " export the model with a serving signature"
-        )
     key = next(iter(signatures))
     runner_inputs = interp.get_signature_runner(key).get_input_details()
     # Data sets are keyed by tensor name; the calibrator wants signature argument names.

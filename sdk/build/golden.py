@@ -1,15 +1,15 @@
-"""Golden inputs and expected outputs for the device's health check, and their tolerance.
+"""Expected outputs for the device's health check, and tolerances that can fail.
 
-:func:`pick_golden` takes the golden inputs from a data set (:func:`synthesize_inputs`
-makes them up when there is none); :func:`derive_golden` runs the model on them through
-the agent's own runtime layer and measures how much equivalent executions disagree, from
-which the health check's tolerance follows. The bundle stores these arrays as described
-in docs/bundle-format.md ("Health files").
+:func:`derive_golden` replays each golden case (one request, :mod:`sdk.build._cases`)
+through the bundled model as the device will run it (the agent's runtime layer, default
+kernels and delegates, the agent's default threads), then measures how much equivalent
+executions disagree, and sets a tolerance per output from that and from how far the
+quantized model is from its float original. The bundle stores these arrays as described
+in docs/bundle-format.md ("Golden cases").
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,184 +18,230 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from agent.bundle.manifest import ModelSpec, TensorSpec, Tolerance
+from agent.bundle.manifest import TensorSpec, Tolerance
 from agent.serve.runtimes import Model
-from sdk.build.datasets import Dataset
-from sdk.build.model_io import open_model, run_dataset
+from sdk.build._cases import Case
+from sdk.build.model_io import open_model
+from sdk.errors import BuildError
 
 __all__ = [
     "DEFAULT_SAFETY_FACTOR",
+    "FLOAT_FLOOR_SHARE",
+    "KERNEL_SHARE",
+    "MAX_SHARE",
     "Golden",
     "derive_golden",
-    "pick_golden",
-    "synthesize_inputs",
+    "output_tolerance",
+    "run_cases",
 ]
 
-Arrays = dict[str, npt.NDArray[Any]]
-
 DEFAULT_SAFETY_FACTOR = 4.0
-# Float noise floor, in units of float32 epsilon times the outputs' magnitude.
+# The tolerance never exceeds this share of an output's observed range (unless the build
+# machine's own runs disagree by more): beyond it a broken model could pass.
+MAX_SHARE = 0.05
+# Another device's int8 kernels (other SIMD, other requantization rounding) land between
+# the quantized and the float answer: half the measured fp32-vs-quantized difference.
+KERNEL_SHARE = 0.5
+# Another device's float kernels (SIMD width, fused multiply-add) stay within this share
+# of the range, and within 64 float32 epsilons of the outputs' magnitude.
+FLOAT_FLOOR_SHARE = 1e-3
 _FLOAT_FLOOR_EPS = 64
 
 
 @dataclass(frozen=True)
 class Golden:
-    """Golden inputs and expected outputs for the health check, with their tolerance.
+    """Golden cases, the outputs expected for each, and a tolerance per output.
 
-    ``spread`` is the largest deviation measured between equivalent executions of the
-    model (see :func:`derive_golden`); ``details`` records how the tolerance was set.
+    ``tolerance`` is the widest of ``tolerances``: what an agent that predates per-output
+    tolerances applies to every output. ``details`` records how each was set.
     """
 
-    inputs: Mapping[str, npt.NDArray[Any]]
-    expected: Mapping[str, npt.NDArray[np.float32]]
+    cases: tuple[Case, ...]
+    expected: tuple[dict[str, npt.NDArray[np.float32]], ...]
+    tolerances: Mapping[str, Tolerance]
     tolerance: Tolerance
-    spread: float
     details: Mapping[str, Any]
 
 
-def pick_golden(dataset: Dataset, count: int) -> Arrays:
-    """``count`` samples spread evenly over the data set (first and last included)."""
-    n = len(dataset)
-    idx = np.unique(np.linspace(0, n - 1, min(count, n)).round().astype(int))
-    return {k: np.asarray(v)[idx] for k, v in dataset.inputs.items()}
+def run_cases(model: Model, cases: Sequence[Case]) -> list[dict[str, npt.NDArray[np.float64]]]:
+    """``model``'s outputs for each case, each case sent as one request.
 
-
-def synthesize_inputs(inputs: Sequence[TensorSpec], count: int, seed: int = 0) -> Arrays:
-    """Deterministic pseudo-random inputs matching the signature (when none are given)."""
-    rng = np.random.default_rng(seed)
-    out: Arrays = {}
-    for spec in inputs:
-        shape = tuple(count if i == 0 and d is None else (d or 1) for i, d in enumerate(spec.shape))
-        if spec.dtype.startswith("float") or spec.quantization is not None:
-            out[spec.name] = rng.standard_normal(shape).astype(np.float32)
-        elif spec.dtype == "bool":
-            out[spec.name] = rng.integers(0, 2, shape).astype(np.bool_)
-        else:
-            info = np.iinfo(np.dtype(spec.dtype))
-            out[spec.name] = rng.integers(max(info.min, -100), min(info.max, 100), shape).astype(
-                spec.dtype
-            )
-    return out
+    Raises:
+        InputValidationError: a case does not fit the model's inputs.
+        InferenceError: the runtime failed.
+    """
+    return [
+        {k: np.asarray(v, np.float64) for k, v in model.predict(case).items()} for case in cases
+    ]
 
 
 def derive_golden(
     model: Path | str,
-    inputs: Dataset,
+    cases: Sequence[Case],
     *,
     runtime: str | None = None,
-    count: int = 8,
+    reference: Sequence[Mapping[str, npt.NDArray[Any]]] | None = None,
+    request_elements: int | None = None,
     repeats: int = 3,
     threads: Sequence[int] = (1, 0),
-    reference_outputs: Mapping[str, npt.NDArray[Any]] | None = None,
     safety_factor: float = DEFAULT_SAFETY_FACTOR,
 ) -> Golden:
-    """Golden inputs (the first ``count`` samples), expected outputs and a tolerance.
+    """Expected outputs of ``model`` for ``cases`` and a tolerance per output.
 
-    The model runs through the agent's runtime layer (``runtime``, default onnxruntime
-    or LiteRT), exactly as a device runs it. The expected outputs are its single-threaded,
-    one-sample-at-a-time outputs (float; int8 outputs dequantized as the agent does). The
-    tolerance is measured, not picked: the same inputs are run again ``repeats`` times
-    with each thread count in ``threads`` (0: the agent's default), sample by sample and
-    as one batch (kernels may pick a different blocking or accumulation order for each),
-    once with the runtime's reference kernels (a second implementation, standing in for a
-    device's), and, when given, ``reference_outputs`` from another runtime are compared
-    too. ``spread`` is the largest absolute deviation from the expected outputs seen in
-    all of that. Then
+    The expected outputs come from the model as the device loads it (``runtime``, default
+    onnxruntime or LiteRT; the agent's default threads, sized with ``request_elements``).
+    ``noise`` is the largest deviation from them seen when each case runs again
+    ``repeats`` times with each thread count in ``threads``; ``reference`` (the float
+    original's outputs on the same cases, for a quantized model) gives ``qdiff``. Per
+    output (see :func:`output_tolerance`)::
 
-        atol = max(safety_factor * spread, floor)
-
-    where ``floor`` is one output quantization step for int8 outputs (a requantizing
-    kernel may round the other way) and otherwise ``64 * eps(float32) * max|expected|``,
-    so that bit-identical runs on the build machine still leave room for a device's
-    different SIMD width. ``rtol`` is 0: ``atol`` already scales with the outputs.
+        atol = max(min(max(safety * noise, KERNEL_SHARE * qdiff, floor), MAX_SHARE * range),
+                   2 * noise, floor)
 
     Raises:
-        ConfigError: the data set does not fit the model, or the model does not load.
-        InputValidationError: the samples break the model's input rules.
+        ConfigError: the model does not load.
+        BuildError: an output is not reproducible (NaN, infinity or shape changes).
+        InputValidationError, InferenceError: a case does not run.
     """
     path = Path(model)
-    with open_model(path, runtime=runtime, threads=1) as base:
-        spec = base.spec
-        data = inputs.bind([s.name for s in spec.inputs]).take(count)
-        expected = _widened(run_dataset(base, data, batch_size=1))
-        deviations = _deviations(
-            base, path, data, expected, runtime=runtime, repeats=repeats, threads=threads
+    with open_model(path, runtime=runtime, threads=0, request_elements=request_elements) as base:
+        specs = base.spec.outputs
+        expected = run_cases(base, cases)
+        noise = _noise(
+            base,
+            path,
+            cases,
+            expected,
+            runtime=runtime,
+            repeats=repeats,
+            threads=threads,
+            request_elements=request_elements,
         )
-    if reference_outputs is not None:
-        deviations["reference runtime"] = _deviation(
-            expected, [reference_outputs[o.name] for o in spec.outputs]
+    qdiff = _max_deviation(expected, reference) if reference is not None else {}
+    per_output = {
+        o.name: output_tolerance(
+            o,
+            [e[o.name] for e in expected],
+            noise=noise.get(o.name, 0.0),
+            qdiff=qdiff.get(o.name, 0.0),
+            safety_factor=safety_factor,
         )
-    spread = max(deviations.values(), default=0.0)
-    floor = _floor(spec, expected)
+        for o in specs
+    }
+    unstable = sorted(name for name, d in per_output.items() if not np.isfinite(d["atol"]))
+    if unstable:
+        raise BuildError(
+            f"output(s) {unstable} of {path.name} change shape or turn NaN/infinite between"
+            " identical runs: no health check can tell a healthy device from a broken one"
+        )
+    tolerances = {name: Tolerance(atol=d["atol"], rtol=0.0) for name, d in per_output.items()}
     return Golden(
-        inputs=dict(data.inputs),
-        expected={
-            o.name: e.astype(np.float32) for o, e in zip(spec.outputs, expected, strict=True)
-        },
-        tolerance=Tolerance(atol=max(safety_factor * spread, floor), rtol=0.0),
-        spread=spread,
+        cases=tuple(cases),
+        expected=tuple({o.name: e[o.name].astype(np.float32) for o in specs} for e in expected),
+        tolerances=tolerances,
+        tolerance=Tolerance(atol=max(t.atol for t in tolerances.values()), rtol=0.0),
         details={
-            "method": "max abs deviation across repeats, thread counts, batching,"
-            " reference kernels"
-            + (", reference runtime" if reference_outputs is not None else "")
-            + f"; atol = max({safety_factor:g} x spread, floor)",
-            "deviations": deviations,
+            "method": "per output: atol = max(min(max(safety x noise, kernel_share x qdiff,"
+            " floor), max_share x range), 2 x noise, floor); noise across repeats and thread"
+            " counts on the device's runtime configuration, qdiff = |quantized - float|",
+            "cases": len(cases),
             "safety_factor": safety_factor,
-            "floor": floor,
-            "samples": len(data),
+            "kernel_share": KERNEL_SHARE,
+            "max_share": MAX_SHARE,
+            "outputs": per_output,
         },
     )
 
 
-def _deviations(
+def output_tolerance(
+    spec: TensorSpec,
+    expected: Sequence[npt.NDArray[np.float64]],
+    *,
+    noise: float,
+    qdiff: float,
+    safety_factor: float = DEFAULT_SAFETY_FACTOR,
+) -> dict[str, float]:
+    """One output's tolerance and what it came from. Pure.
+
+    ``floor`` is one output step for int8 outputs (a requantizing kernel may round the
+    other way), else float noise: ``FLOAT_FLOOR_SHARE`` of the range or 64 float32
+    epsilons of the magnitude. ``range`` is the spread of the expected values over all
+    cases (their magnitude when they are all equal). The tolerance admits what the build
+    machine itself shows (twice the noise) and never more than ``MAX_SHARE`` of the range
+    beyond that.
+    """
+    flat = np.concatenate([np.ravel(e) for e in expected]) if expected else np.zeros(0)
+    finite = flat[np.isfinite(flat)]
+    magnitude = float(np.max(np.abs(finite), initial=0.0))
+    spread = float(np.ptp(finite)) if finite.size else 0.0
+    value_range = spread if spread > 0 else magnitude
+    eps = _FLOAT_FLOOR_EPS * float(np.finfo(np.float32).eps) * max(magnitude, 1.0)
+    floor = (
+        spec.quantization.scale
+        if spec.quantization is not None
+        else max(eps, FLOAT_FLOOR_SHARE * value_range)
+    )
+    allow = max(safety_factor * noise, KERNEL_SHARE * qdiff, floor)
+    atol = max(min(allow, MAX_SHARE * value_range), 2 * noise, floor)
+    return {
+        "atol": atol,
+        # Outputs that barely move over all cases: the check tests (almost) nothing.
+        "constant": spread <= floor,
+        "magnitude": magnitude,
+        "range": value_range,
+        "share_of_range": atol / value_range if value_range > 0 else 0.0,
+        "noise": noise,
+        "qdiff": qdiff,
+        "floor": floor,
+    }
+
+
+def _noise(
     base: Model,
     path: Path,
-    data: Dataset,
-    expected: list[npt.NDArray[np.float64]],
+    cases: Sequence[Case],
+    expected: Sequence[Mapping[str, npt.NDArray[np.float64]]],
     *,
     runtime: str | None,
     repeats: int,
     threads: Sequence[int],
+    request_elements: int | None,
 ) -> dict[str, float]:
-    """The largest deviation from ``expected`` of each way of running the model."""
-    deviations: dict[str, float] = {}
-
-    def note(label: str, outputs: Sequence[npt.NDArray[Any]]) -> None:
-        deviations[label] = max(_deviation(expected, outputs), deviations.get(label, 0.0))
-
+    """The largest deviation from ``expected`` per output over repeats and thread counts."""
+    noise: dict[str, float] = {}
     for t in threads:
-        with contextlib.ExitStack() as stack:
-            model = (
-                base
-                if t == 1
-                else stack.enter_context(open_model(path, runtime=runtime, threads=t))
-            )
+        model = (
+            base
+            if t == 0
+            else open_model(path, runtime=runtime, threads=t, request_elements=request_elements)
+        )
+        try:
             for _ in range(repeats):
-                note(f"threads={t} per-sample", run_dataset(model, data, batch_size=1))
-                note(f"threads={t} batched", run_dataset(model, data, batch_size=len(data)))
-    # Another kernel implementation stands in for the device's (other SIMD width,
-    # other rounding of int8 requantization).
-    with open_model(path, runtime=runtime, reference_kernels=True) as reference:
-        note("reference kernels", run_dataset(reference, data, batch_size=1))
-    return deviations
+                for name, dev in _max_deviation(expected, run_cases(model, cases)).items():
+                    noise[name] = max(noise.get(name, 0.0), dev)
+        finally:
+            if model is not base:
+                model.close()
+    return noise
 
 
-def _widened(outputs: Sequence[npt.NDArray[Any]]) -> list[npt.NDArray[np.float64]]:
-    return [np.asarray(o, np.float64) for o in outputs]
-
-
-def _deviation(
-    expected: Sequence[npt.NDArray[np.float64]], outputs: Sequence[npt.NDArray[Any]]
-) -> float:
-    return max(
-        float(np.max(np.abs(o - e), initial=0.0))
-        for o, e in zip(_widened(outputs), expected, strict=True)
-    )
-
-
-def _floor(spec: ModelSpec, expected: Sequence[npt.NDArray[np.float64]]) -> float:
-    """The least tolerance: one output step of int8 outputs, else float noise."""
-    steps = [o.quantization.scale for o in spec.outputs if o.quantization is not None]
-    magnitude = max(float(np.max(np.abs(e), initial=0.0)) for e in expected)
-    float_floor = _FLOAT_FLOOR_EPS * float(np.finfo(np.float32).eps) * max(magnitude, 1.0)
-    return max([*steps, float_floor])
+def _max_deviation(
+    expected: Sequence[Mapping[str, npt.NDArray[np.float64]]],
+    outputs: Sequence[Mapping[str, npt.NDArray[Any]]],
+) -> dict[str, float]:
+    """Per output, the largest |difference| between ``expected`` and ``outputs``; NaN or
+    infinity where the other is finite counts as infinitely far."""
+    out: dict[str, float] = {}
+    for want, got in zip(expected, outputs, strict=True):
+        for name, e in want.items():
+            g = np.asarray(got[name], np.float64)
+            if g.shape != e.shape:
+                out[name] = float("inf")
+                continue
+            with np.errstate(invalid="ignore"):
+                d = np.abs(g - e)
+            both = np.isfinite(g) & np.isfinite(e)
+            same = np.isnan(g) & np.isnan(e) | (g == e)
+            dev = np.where(both, d, np.where(same, 0.0, np.inf))
+            out[name] = max(out.get(name, 0.0), float(np.max(dev, initial=0.0)))
+    return out

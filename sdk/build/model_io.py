@@ -10,6 +10,7 @@ measures is what a device computes.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -142,6 +143,7 @@ def open_model(
     runtime: str | None = None,
     threads: int = 1,
     reference_kernels: bool = False,
+    request_elements: int | None = None,
 ) -> Model:
     """Load a .onnx or .tflite file as a device runs it; close it when done.
 
@@ -152,13 +154,15 @@ def open_model(
             the runtime's default otherwise: :class:`agent.serve.runtimes.RuntimeOptions`).
         reference_kernels: run the runtime's reference kernels, a second implementation of
             the same arithmetic (see :class:`~agent.serve.runtimes.RuntimeOptions`).
+        request_elements: input elements of a real request, as the manifest will carry
+            them: the agent's default threads depend on it where inputs are dynamic.
 
     Raises:
         ConfigError: not a model file, or the runtime cannot load it.
         RuntimeUnavailableError: the runtime is not installed.
     """
     p = Path(path)
-    spec = model_spec(p)
+    spec = replace(model_spec(p), request_elements=request_elements)
     options = RuntimeOptions(threads=threads or None, reference_kernels=reference_kernels)
     try:
         return load_model_file(spec, p, runtime or FORMAT_RUNTIMES[spec.format][0], options)

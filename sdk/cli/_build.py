@@ -1,4 +1,4 @@
-"""The build-side commands of ``edgeship``: keygen, trust, build, inspect, verify.
+"""The build-side commands of ``edgeship``: keygen, build, inspect, verify.
 
 :func:`register` adds them to the parser that :mod:`sdk.cli` builds.
 """
@@ -10,20 +10,20 @@ import getpass
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from agent.bundle import read_unverified, verify_bundle
 from agent.bundle.crypto import load_public_key
-from agent.bundle.manifest import Manifest, format_time
-from agent.bundle.signing import PublicKey, TrustPolicy
+from agent.bundle.root import load_trust
+from agent.cli._output import error_code
 from agent.errors import ConfigError, KeyFileError
 from agent.plumbing.files import NotRegularFileError, open_regular
 from sdk.build import (
@@ -39,6 +39,8 @@ from sdk.build import (
     parse_target,
 )
 from sdk.build import Progress as ProgressFn
+from sdk.build._cases import merge_hints, parse_hints
+from sdk.cli._inspect_view import manifest_tables
 from sdk.cli._output import emit
 from sdk.errors import GateError
 
@@ -98,21 +100,16 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_trust(args: argparse.Namespace) -> int:
-    keys = []
-    for path in args.public_keys:
-        try:
-            keys.append(PublicKey.from_pem(path.read_bytes()))
-        except OSError as exc:
-            raise KeyFileError(f"cannot read {path}: {exc.strerror}") from None
-    policy = TrustPolicy.of(keys, threshold=args.threshold)
-    names = {k.keyid: p.stem for k, p in zip(keys, args.public_keys, strict=True)}
-    data = policy.to_toml(names)
-    if args.out:
-        args.out.write_bytes(data)
-    else:
-        sys.stdout.write(data.decode("ascii"))
-    return 0
+def _ratio(text: str) -> float | None:
+    if text == "off":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number or 'off'")
+    return value
 
 
 def _load_keys(args: argparse.Namespace) -> list[SigningKey]:
@@ -131,6 +128,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         "health.latency_budget_p95_ms": args.latency_budget_ms,
     }
     metadata: BuildMetadata = load_metadata(args.metadata, overrides)
+    cli_hints = parse_hints(args.input_shape, args.input_value, args.input_range)
+    metadata = replace(metadata, input_hints=merge_hints(metadata.input_hints, cli_hints))
     keys = _load_keys(args)
     targets = [parse_target(t) for t in args.target]
     options = QuantizeOptions(
@@ -143,6 +142,9 @@ def cmd_build(args: argparse.Namespace) -> int:
             max_p95_ms=args.max_p95_ms,
             max_size_mb=args.max_size_mb,
         ),
+        accept_unquantized=args.accept_unquantized,
+        max_size_ratio=args.max_size_ratio,
+        max_latency_ratio=args.max_latency_ratio,
     )
     recipients = [load_public_key(k) for k in args.encrypt_for]
     out = args.out or Path(f"{metadata.name}-{metadata.version}.edgeship")
@@ -159,14 +161,19 @@ def cmd_build(args: argparse.Namespace) -> int:
                 quantize=options,
                 progress=progress,
                 encrypt_for=recipients,
+                overwrite=args.force,
             )
     except GateError as exc:
         report = exc.report
+        if args.json:
+            # One JSON document, the error convention of every command, with the report.
+            error: dict[str, Any] = {"code": error_code(exc), "message": str(exc)}
+            if isinstance(report, EvaluationReport):
+                error["evaluation"] = report.to_json()
+            print(json.dumps({"error": error}, sort_keys=True))
+            return 1
         if isinstance(report, EvaluationReport):
-            if args.json:
-                print(json.dumps({"ok": False, "evaluation": report.to_json()}, indent=2))
-            else:
-                Console(stderr=True).print(report.to_table())
+            Console(stderr=True).print(report.to_table())
         raise
     m = result.manifest
     doc = {
@@ -182,122 +189,6 @@ def cmd_build(args: argparse.Namespace) -> int:
     }
     emit(args, doc, f"built {result.path} ({result.size} bytes)\ndigest {result.digest}")
     return 0
-
-
-def _manifest_tables(manifest: Manifest, title: str) -> list[Table]:
-    overview = Table(title=title, show_header=False)
-    overview.add_column("field", style="bold")
-    overview.add_column("value")
-    rows = [
-        ("name", manifest.name),
-        ("version", manifest.version),
-        ("sequence", str(manifest.sequence)),
-        ("created", format_time(manifest.created)),
-        ("expires", format_time(manifest.expires) if manifest.expires else "never"),
-        ("model", f"{manifest.model.format} {manifest.model.file}"),
-        (
-            "runtimes",
-            ", ".join(
-                r.name
-                + (f" >={r.min_version}" if r.min_version else "")
-                + (f" <{r.max_version}" if r.max_version else "")
-                for r in manifest.compatibility.runtimes
-            ),
-        ),
-        ("arch", ", ".join(manifest.compatibility.arch) or "any"),
-        ("quantization", manifest.quantization.scheme),
-        (
-            "tolerance",
-            f"atol {manifest.health.tolerance.atol:g}, rtol {manifest.health.tolerance.rtol:g}",
-        ),
-        (
-            "latency budget p95",
-            f"{manifest.health.latency_budget_p95_ms} ms"
-            if manifest.health.latency_budget_p95_ms
-            else "none",
-        ),
-        (
-            "drift reference",
-            f"{len(manifest.drift_reference.features)} features"
-            if manifest.drift_reference
-            else "none",
-        ),
-    ]
-    for field, value in rows:
-        overview.add_row(field, value)
-
-    io = Table(title="inputs and outputs")
-    for col in ("", "name", "dtype", "shape", "quantization"):
-        io.add_column(col)
-    for kind, specs in (("in", manifest.model.inputs), ("out", manifest.model.outputs)):
-        for s in specs:
-            shape = "[" + ", ".join("?" if d is None else str(d) for d in s.shape) + "]"
-            q = (
-                f"scale {s.quantization.scale:g} zp {s.quantization.zero_point}"
-                if s.quantization
-                else ""
-            )
-            io.add_row(kind, s.name, s.dtype, shape, q)
-
-    card = Table(title="model card", show_header=False)
-    card.add_column("field", style="bold")
-    card.add_column("value")
-    mc = manifest.model_card
-    for field, value in (
-        ("description", mc.description),
-        ("intended use", mc.intended_use),
-        ("data sources", ", ".join(mc.data_sources)),
-        ("limitations", mc.limitations),
-        ("retraining triggers", ", ".join(mc.retraining_triggers)),
-        ("owners", ", ".join(mc.owners)),
-        ("license", mc.license),
-    ):
-        card.add_row(field, value or "-")
-
-    files = Table(title="files")
-    for col in ("path", "size", "sha256"):
-        files.add_column(col)
-    for f in manifest.files:
-        files.add_row(f.path, str(f.size), f.sha256)
-    tables = [overview, io, card, files]
-    if manifest.evaluation:
-        tables.append(_evaluation_table(manifest.evaluation))
-    return tables
-
-
-def _evaluation_table(ev: Mapping[str, Any]) -> Table:
-    """The build's evaluation report as embedded in the manifest."""
-    table = Table(title="evaluation (at build time)")
-    table.add_column("metric", style="bold")
-    table.add_column("original")
-    table.add_column("bundled")
-    original, bundled = ev.get("original"), ev.get("quantized")
-    if isinstance(original, dict) and isinstance(bundled, dict):
-        table.add_row("size", f"{original.get('size_bytes')} B", f"{bundled.get('size_bytes')} B")
-        if original.get("accuracy") is not None:
-            table.add_row("top-1 accuracy", str(original["accuracy"]), str(bundled["accuracy"]))
-        for a, b in zip(original.get("latency", []), bundled.get("latency", []), strict=False):
-            label = f"p50 / p95 ms ({a.get('threads') or 'default'} threads)"
-            table.add_row(
-                label,
-                f"{a.get('p50_ms')} / {a.get('p95_ms')}",
-                f"{b.get('p50_ms')} / {b.get('p95_ms')}",
-            )
-    fidelity = ev.get("fidelity")
-    if isinstance(fidelity, dict):
-        for key, value in fidelity.items():
-            table.add_row(f"fidelity: {key}", "", str(value))
-    for gate in ev.get("gates", []):
-        verdict = "passed" if gate.get("passed") else "FAILED"
-        table.add_row(
-            f"gate {gate.get('name')}",
-            f"limit {gate.get('limit')} {gate.get('unit')}",
-            f"{gate.get('measured')} ({verdict}, margin {gate.get('margin')})",
-        )
-    golden = ev.get("golden")
-    if isinstance(golden, dict):
-        table.add_row("golden spread", "", str(golden.get("spread")))
-    return table
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -319,7 +210,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         )
         return 0
     console = Console()
-    for table in _manifest_tables(manifest, f"{args.bundle} (NOT verified: use edgeship verify)"):
+    for table in manifest_tables(manifest, f"{args.bundle} (NOT verified: use edgeship verify)"):
         console.print(table)
     console.print(f"signed by key id(s): {', '.join(keyids)}")
     if manifest.encryption is not None:
@@ -330,8 +221,27 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_a_key_as_trust(path: Path) -> None:
+    """A public key where a trust policy belongs is the usual first mistake: say so.
+
+    Raises:
+        ConfigError: ``path`` holds a PEM key.
+    """
+    try:
+        with path.open("rb") as f:
+            head = f.read(64)
+    except OSError:
+        return  # the trust reader says what is wrong with it
+    if head.lstrip().startswith(b"-----BEGIN"):
+        raise ConfigError(
+            f"{path} is a key, not a trust policy; write one with"
+            f" `edgeship trust {path} --out trust.toml` and pass --trust trust.toml"
+        )
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
-    policy = TrustPolicy.load(args.trust)
+    _refuse_a_key_as_trust(args.trust)
+    policy = load_trust(args.trust).bundle_policy(datetime.now(UTC), slack_s=300.0)
     try:
         with open_regular(args.bundle) as f:
             verified = verify_bundle(
@@ -367,11 +277,6 @@ def register(command: CommandFn) -> None:
     p.add_argument("--type", choices=["ed25519", "ecdsa-p256"], default="ed25519")
     p.add_argument("--passphrase-env", metavar="NAME", help=_PASSPHRASE_HELP)
 
-    p = command("trust", cmd_trust, "write a trust policy from public keys")
-    p.add_argument("public_keys", type=Path, nargs="+", metavar="KEY.pub")
-    p.add_argument("--threshold", type=int, default=1, help="signatures needed (default 1)")
-    p.add_argument("--out", type=Path, help="file to write (default: stdout)")
-
     _build_options(
         command("build", cmd_build, "build and sign a bundle from an ONNX or .tflite model")
     )
@@ -381,7 +286,9 @@ def register(command: CommandFn) -> None:
 
     p = command("verify", cmd_verify, "verify a bundle fully without installing it")
     p.add_argument("bundle", type=Path)
-    p.add_argument("--trust", type=Path, required=True, help="trust policy TOML")
+    p.add_argument(
+        "--trust", type=Path, required=True, help="trust root (JSON) or trust policy (TOML)"
+    )
     p.add_argument("--min-sequence", type=int, help="refuse sequences below this floor")
 
 
@@ -421,9 +328,25 @@ def _build_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--golden-inputs",
         type=Path,
-        help=".npz/.npy inputs; samples are picked from it (default: synthetic)",
+        help="golden cases (.npz keyed <case>/<input>) or a batch-major data set, one"
+        " sample per case (default: synthetic)",
     )
-    p.add_argument("--golden-count", type=int, default=8, help="golden samples to embed")
+    p.add_argument(
+        "--golden-count", type=int, default=8, help="golden cases to embed (from a data set)"
+    )
+    hints = p.add_argument_group("hints to synthesise golden inputs (without --golden-inputs)")
+    for option, form in (("shape", "D0,D1,..."), ("value", "V"), ("range", "LO,HI")):
+        hints.add_argument(
+            f"--input-{option}",
+            action="append",
+            default=[],
+            metavar=f"NAME={form}",
+            help=f"the input's {option} (repeat per input)",
+        )
+    _quantize_options(p)
+
+
+def _quantize_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quantize",
         choices=["none", "dynamic", "static", "weight-only"],
@@ -447,3 +370,18 @@ def _build_options(p: argparse.ArgumentParser) -> None:
         help="p95 latency of one sample on one thread (nearest rank, as devices measure it)",
     )
     gates.add_argument("--max-size-mb", type=float, metavar="MB")
+    for what in ("size", "latency"):
+        gates.add_argument(
+            f"--max-{what}-ratio",
+            type=_ratio,
+            default=1.0,
+            metavar="R|off",
+            help=f"quantized {what} / fp32 {what} on this machine (default 1: int8 must pay);"
+            " a changed limit is recorded in the bundle",
+        )
+    p.add_argument("--force", action="store_true", help="replace an existing bundle file")
+    p.add_argument(
+        "--accept-unquantized",
+        action="store_true",
+        help="ship a quantized bundle even when (almost) no weights became int8 (recorded)",
+    )

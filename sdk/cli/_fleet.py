@@ -1,6 +1,7 @@
-"""The fleet commands of ``edgeship``: serve, publish, collect, fleet status|report.
+"""The fleet commands of ``edgeship``: serve, publish, collect.
 
-:func:`register` adds them to the parser that :mod:`sdk.cli` builds; ``rollout`` is in
+:func:`register` adds them to the parser that :mod:`sdk.cli` builds, with ``fleet
+status|report|metrics`` from :mod:`sdk.cli._fleet_views`; ``rollout`` is in
 :mod:`sdk.cli._rollout`, which shares the MQTT and device-selection options defined here.
 """
 
@@ -12,7 +13,6 @@ import os
 import signal
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,22 +21,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from rich.table import Table
-
+from agent.bundle.root import load_trust
 from agent.bundle.signing import TrustPolicy
+from agent.cli._output import error_code
 from agent.errors import ConfigError
 from agent.plumbing.broker import BrokerConfig, BrokerUrl
 from agent.plumbing.mqtt import MqttClient
 from agent.plumbing.tls import TlsConfig
 from agent.plumbing.transport import Transport
+from sdk.cli import _fleet_views
 from sdk.cli._output import emit
 from sdk.errors import StoreError
 from sdk.fleet.collect import MAX_HELD, Collector
 from sdk.fleet.groups import discover_devices, load_groups, parse_where, select_devices
 from sdk.fleet.publish import BundleRef, bundle_ref, publish_desired
-from sdk.fleet.report import render_report
 from sdk.fleet.serve import BundleServer
-from sdk.fleet.status import fleet_status
 from sdk.fleet.store import open_store
 
 __all__ = ["register"]
@@ -44,13 +43,12 @@ __all__ = ["register"]
 CommandFn = Callable[[str, Any, str], argparse.ArgumentParser]
 
 _DEFAULT_BROKER = os.environ.get("EDGESHIP_BROKER", "mqtt://127.0.0.1:1883")
-_DEFAULT_DB = "edgeship-fleet.sqlite"
 # How long the broker keeps a collector's session (with --client-id) while it is away.
 _KEPT_SESSION_S = 3600
 
 
 @contextmanager
-def _until_signal() -> Iterator[threading.Event]:
+def until_signal() -> Iterator[threading.Event]:
     """An event set by SIGINT or SIGTERM (handlers restored afterwards)."""
     stop = threading.Event()
 
@@ -66,6 +64,10 @@ def _until_signal() -> Iterator[threading.Event]:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+# The name sdk.cli._trust imports.
+_until_signal = until_signal
 
 
 def _broker(args: argparse.Namespace) -> BrokerConfig:
@@ -153,13 +155,15 @@ def _select(args: argparse.Namespace, transport: Transport) -> list[str]:
 
 
 def _policy(args: argparse.Namespace) -> TrustPolicy | None:
-    """The ``--trust`` policy, if given. Raises: ConfigError when it cannot be read."""
+    """What ``--trust`` (a root or a policy) lets devices install now, if given.
+
+    Raises:
+        ConfigError: it cannot be read.
+        RootExpiredError: the root has expired (devices install nothing under it).
+    """
     if args.trust is None:
         return None
-    try:
-        return TrustPolicy.from_toml(args.trust.read_bytes())
-    except OSError as e:
-        raise ConfigError(f"cannot read trust policy {args.trust}: {e.strerror}") from None
+    return load_trust(args.trust).bundle_policy(datetime.now(UTC), slack_s=0.0)
 
 
 def _bundle(args: argparse.Namespace) -> BundleRef:
@@ -174,10 +178,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server = BundleServer(args.dir, args.host, args.port)
     except (OSError, NotADirectoryError) as e:
         raise ConfigError(f"cannot serve {args.dir} on {args.host}:{args.port}: {e}") from None
-    print(f"serving {args.dir} at {server.url} (Ctrl-C to stop)", flush=True)
+    if args.json:  # one line a script can read while the server runs
+        print(json.dumps({"serving": str(args.dir), "url": server.url}), flush=True)
+    else:
+        print(f"serving {args.dir} at {server.url} (Ctrl-C to stop)", flush=True)
     if args.host not in {"127.0.0.1", "::1", "localhost"}:
         print(f"warning: {args.dir} is reachable from the network at {server.url}", file=sys.stderr)
-    with _until_signal() as stop:
+    with until_signal() as stop:
 
         def stopper() -> None:
             stop.wait()
@@ -238,7 +245,14 @@ def _collector_client(args: argparse.Namespace) -> MqttClient:
 def cmd_collect(args: argparse.Namespace) -> int:
     client = _collector_client(args)
     store = open_store(args.db)
-    with _until_signal() as stop:
+    try:
+        stop_metrics = _fleet_views.start_metrics(
+            args, fleet=None if args.fleet == "+" else args.fleet
+        )
+    except BaseException:
+        store.close()
+        raise
+    with until_signal() as stop:
         collector = Collector(
             client, store, fleet=args.fleet, share_group=args.group, on_fatal=lambda _: stop.set()
         )
@@ -257,66 +271,17 @@ def cmd_collect(args: argparse.Namespace) -> int:
         finally:
             collector.stop()  # stores and acknowledges what came, then disconnects
             store.close()
-    emit(args, collector.stats.to_json(), json.dumps(collector.stats.to_json()))
+            if stop_metrics is not None:
+                stop_metrics()
+    stats = collector.stats.to_json()
+    if collector.fatal is not None and args.json:
+        # One document: the counts (what was stored before) and the error, as every --json.
+        error = StoreError(collector.fatal)
+        print(json.dumps(stats | {"error": {"code": error_code(error), "message": str(error)}}))
+        return 1
+    emit(args, stats, json.dumps(stats))
     if collector.fatal is not None:
         raise StoreError(collector.fatal)
-    return 0
-
-
-# --- fleet status ----------------------------------------------------------------------------
-
-
-def _ago(ts: float | None, now: float) -> str:
-    return "-" if ts is None else f"{max(0.0, now - ts):.0f}s ago"
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def cmd_fleet(args: argparse.Namespace) -> int:
-    if args.view == "report":
-        return _fleet_report(args)
-    store = open_store(args.db)
-    now = time.time()
-    try:
-        rows = fleet_status(store, now=now, fleet=args.fleet, window_s=args.window)
-    finally:
-        store.close()
-    table = Table(title=f"fleet ({len(rows)} devices)")
-    for col in ("fleet", "device", "online", "model", "last seen", "p95 ms", "errors", "drift"):
-        table.add_column(col)
-    for r in rows:
-        online = "?" if r.online is None else ("yes" if r.online else "no")
-        model = "-" if r.model is None else f"{r.model} {r.version or ''}".strip()
-        drift = "-" if r.drift_band is None else f"{r.drift_band} ({_fmt(r.psi_max, '.3f')})"
-        table.add_row(
-            r.fleet,
-            r.device,
-            online,
-            model,
-            _ago(r.last_seen, now),
-            _fmt(r.p95_ms, ".2f"),
-            _fmt(r.error_rate, ".2%"),
-            drift,
-        )
-    emit(args, [r.to_json() for r in rows], table)
-    return 0
-
-
-def _fleet_report(args: argparse.Namespace) -> int:
-    if args.out is None:
-        raise ConfigError("fleet report needs --out report.html")
-    store = open_store(args.db)
-    try:
-        page = render_report(store, bucket_s=args.bucket)
-    finally:
-        store.close()
-    try:
-        args.out.write_text(page, encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"cannot write {args.out}: {e.strerror}") from None
-    emit(args, {"out": str(args.out), "bytes": len(page)}, f"wrote {args.out}")
     return 0
 
 
@@ -326,7 +291,8 @@ def _fleet_report(args: argparse.Namespace) -> int:
 def register(command: CommandFn) -> None:
     """Add the fleet commands; ``command(name, func, help)`` makes one subcommand parser."""
     _register_serve_publish(command)
-    _register_collect_fleet(command)
+    _register_collect(command)
+    _fleet_views.register(command)
 
 
 def _register_serve_publish(command: CommandFn) -> None:
@@ -338,16 +304,18 @@ def _register_serve_publish(command: CommandFn) -> None:
     p = command("publish", cmd_publish, "set the retained desired bundle of devices")
     p.add_argument("bundle", type=Path)
     p.add_argument("--url", required=True, help="where devices download the bundle (http/https)")
-    p.add_argument("--trust", type=Path, help="verify the bundle against this trust policy first")
+    p.add_argument(
+        "--trust", type=Path, help="verify the bundle against this trust root or policy first"
+    )
     _mqtt_options(p)
     _selection_options(p)
 
 
-def _register_collect_fleet(command: CommandFn) -> None:
+def _register_collect(command: CommandFn) -> None:
     p = command("collect", cmd_collect, "store fleet telemetry, events and state in a database")
     _mqtt_options(p, fleet_required=False)
     p.add_argument("--fleet", default="+", help="fleet id (default: every fleet)")
-    p.add_argument("--db", default=_DEFAULT_DB, help="SQLite path or postgresql:// URL")
+    p.add_argument("--db", default=_fleet_views.DEFAULT_DB, help="SQLite path or postgresql:// URL")
     p.add_argument(
         "--group",
         help="shared-subscription group: collectors in one group split the messages"
@@ -375,15 +343,4 @@ def _register_collect_fleet(command: CommandFn) -> None:
         help="give up when the broker does not answer within this (default 10)",
     )
     p.add_argument("--duration", type=float, help="stop after this many seconds")
-
-    p = command("fleet", cmd_fleet, "fleet overview from the collector's database")
-    p.add_argument(
-        "view",
-        choices=["status", "report"],
-        help="status: a table of devices; report: a self-contained HTML page (--out)",
-    )
-    p.add_argument("--out", type=Path, help="report: the HTML file to write")
-    p.add_argument("--bucket", type=float, default=60.0, help="report: seconds per chart point")
-    p.add_argument("--db", default=_DEFAULT_DB, help="SQLite path or postgresql:// URL")
-    p.add_argument("--fleet", help="only this fleet")
-    p.add_argument("--window", type=float, default=900.0, help="error-rate window in seconds")
+    _fleet_views.metrics_options(p, default_port=None)

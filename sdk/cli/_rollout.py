@@ -27,15 +27,15 @@ from agent.messages.topics import check_id
 from agent.plumbing.mqtt import MqttClient
 from agent.plumbing.tls import TlsConfig
 from sdk.cli._fleet import (
-    _DEFAULT_DB,
     CommandFn,
     _client,
     _mqtt_options,
     _policy,
     _select,
     _selection_options,
-    _until_signal,
+    until_signal,
 )
+from sdk.cli._fleet_views import DEFAULT_DB
 from sdk.cli._output import emit
 from sdk.fleet._preflight import preflight
 from sdk.fleet._rollout_lease import Runner, RunnerInfo
@@ -176,7 +176,7 @@ def _drive(
             reason = f" ({d.reason})" if d.reason else ""
             print(f"[{r.id}] {d.action}{extra}{reason}", flush=True)
 
-    with _until_signal() as stop:
+    with until_signal() as stop:
         return run_rollout(
             client,
             runner,
@@ -299,7 +299,9 @@ def register(command: CommandFn) -> None:
     p.add_argument("--fleet", help="fleet id")
     _selection_options(p)
     p.add_argument(
-        "--db", default=_DEFAULT_DB, help="the fleet store: SQLite path or postgresql://"
+        "--db",
+        default=DEFAULT_DB,
+        help="the fleet store: SQLite path or postgresql:// (default: %(default)s)",
     )
     p.add_argument("--id", help="rollout id (default NAME-VERSION-random)")
     _plan_options(p)
@@ -308,34 +310,40 @@ def register(command: CommandFn) -> None:
 
 
 def _plan_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--waves", default="1%,10%,50%,100%", help="cumulative share per wave")
+    p.add_argument(
+        "--waves",
+        default="1%,10%,50%,100%",
+        help="cumulative share per wave (default: %(default)s)",
+    )
     p.add_argument(
         "--max-failure-rate",
         type=float,
         default=0.0,
         metavar="R",
-        help="halt when failed / published devices exceeds R (default 0)",
+        help="halt when failed / published devices exceeds R (default: %(default)s)",
     )
     p.add_argument(
         "--min-healthy-time",
         type=float,
         default=60.0,
         metavar="S",
-        help="seconds a device stays committed before the next wave",
+        help="seconds a device stays committed before the next wave (default: %(default)s)",
     )
     p.add_argument(
         "--wave-timeout",
         type=float,
         default=600.0,
         metavar="S",
-        help="a device not committed this long after publishing counts as failed",
+        help="a device not committed this long after publishing counts as failed"
+        " (default: %(default)s)",
     )
     p.add_argument(
         "--download-failures",
         type=int,
         default=3,
         metavar="N",
-        help="transient download failures a device may report before it counts as failed",
+        help="transient download failures a device may report before it counts as failed"
+        " (default: %(default)s)",
     )
     p.add_argument(
         "--revert-on-halt",
@@ -347,7 +355,8 @@ def _plan_options(p: argparse.ArgumentParser) -> None:
         type=float,
         default=30.0,
         metavar="S",
-        help="a runner without a heartbeat for this long is gone (resume may take over)",
+        help="a runner without a heartbeat for this long is gone (resume may take over)"
+        " (default: %(default)s)",
     )
 
 
@@ -367,5 +376,5 @@ def _preflight_options(p: argparse.ArgumentParser) -> None:
         "--max-bundle-bytes",
         type=int,
         default=DEFAULT_MAX_BUNDLE_BYTES,
-        help="resume: the most the preflight downloads from the URL",
+        help="resume: the most the preflight downloads from the URL (default: %(default)s)",
     )

@@ -13,6 +13,11 @@ Tables (JSON kept as text so the SQL stays portable):
   that reaches the database can see and resume a rollout (:mod:`sdk.fleet._rollout_store`).
 * ``schema_version``: the migrations applied (:data:`MIGRATIONS`, :func:`apply_migrations`).
 
+Migration 3 gives ``devices`` what a scrape of the fleet's Prometheus metrics reads in
+one pass (:mod:`sdk.fleet.metrics`): the ``seq`` of the device's latest telemetry message
+(a unique-index lookup instead of a scan of the telemetry table) and running totals of
+requests and errors over every telemetry message stored (Prometheus counters).
+
 :class:`SqlStore` is the batch writer both databases share; :mod:`sdk.fleet.store` says
 how each one connects, opens a transaction and locks.
 """
@@ -84,12 +89,21 @@ CREATE INDEX rollout_devices_order ON rollout_devices (rollout, ordinal);
 CREATE INDEX events_received ON events (fleet, received_at)
 """
 
+# The latest telemetry of each device and its running totals (sdk.fleet.metrics reads
+# them on every scrape). A database migrated from version 2 counts from the migration on.
+_DEVICE_TOTALS = """
+ALTER TABLE devices ADD COLUMN telemetry_seq BIGINT;
+ALTER TABLE devices ADD COLUMN requests_total BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE devices ADD COLUMN errors_total BIGINT NOT NULL DEFAULT 0
+"""
+
 # Each migration is applied once, in order, and recorded in schema_version. Number 1 is
 # the collector's first schema, all IF NOT EXISTS: a database made before versioning is
 # adopted as it is. Never edit a published migration; add the next one.
 MIGRATIONS: tuple[tuple[int, str, str], ...] = (
     (1, "collector tables", SCHEMA),
     (2, "rollout records", _ROLLOUTS),
+    (3, "latest telemetry and totals per device", _DEVICE_TOTALS),
 )
 _VERSION_TABLE = (
     "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY,"
@@ -173,7 +187,10 @@ _GAP_SQL = (
 )
 _DEVICE_SQL = (
     "UPDATE devices SET max_seq = ?,"
-    " last_seen = CASE WHEN last_seen IS NULL OR last_seen < ? THEN ? ELSE last_seen END"
+    " last_seen = CASE WHEN last_seen IS NULL OR last_seen < ? THEN ? ELSE last_seen END,"
+    " telemetry_seq = CASE WHEN telemetry_seq IS NULL OR telemetry_seq < ? THEN ?"
+    " ELSE telemetry_seq END,"
+    " requests_total = requests_total + ?, errors_total = errors_total + ?"
     " WHERE fleet = ? AND device = ?"
 )
 
@@ -222,6 +239,27 @@ def _split(first: int, last: int, filled: Sequence[int]) -> list[tuple[int, int]
     if lo <= last:
         left.append((lo, last))
     return left
+
+
+# A device without new telemetry in the batch: its telemetry_seq stays, totals add 0.
+_NO_TELEMETRY: tuple[int | None, int | None, int, int] = (None, None, 0, 0)
+
+
+def _totals(
+    telemetry: Sequence[TelemetryRecord], stored: set[tuple[str, str, int]]
+) -> dict[tuple[str, str], tuple[int | None, int | None, int, int]]:
+    """Per device, of the telemetry stored (not the duplicates): the highest ``seq`` (twice,
+    for :data:`_DEVICE_SQL`), and the requests and errors it counts."""
+    out: dict[tuple[str, str], tuple[int | None, int | None, int, int]] = {}
+    for r in telemetry:
+        if (r.fleet, r.device, r.seq) not in stored:
+            continue
+        top, _, requests, errors = out.get((r.fleet, r.device), _NO_TELEMETRY)
+        top = r.seq if top is None else max(top, r.seq)
+        out[(r.fleet, r.device)] = (
+            top, top, requests + (r.requests or 0), errors + (r.error_count or 0),
+        )  # fmt: skip
+    return out
 
 
 class SqlStore:
@@ -277,38 +315,52 @@ class SqlStore:
                 cur.executemany(self._sql(_STATUS_SQL), [_status_row(r) for r in statuses])
             if states:
                 cur.executemany(self._sql(_STATE_SQL), [_state_row(r) for r in states])
-            stored: dict[tuple[str, str], list[int]] = {}
             event_rows = [_event_row(r, received_at) for r in events]
             telemetry_rows = [_telemetry_row(r, received_at) for r in telemetry]
-            for table, columns, rows in (
-                ("events", _EVENT_COLUMNS, event_rows),
-                ("telemetry", _TELEMETRY_COLUMNS, telemetry_rows),
-            ):
-                for fleet, device, seq in self._insert_new(cur, table, columns, rows):
-                    stored.setdefault((str(fleet), str(device)), []).append(int(seq))
-            n_stored = sum(len(seqs) for seqs in stored.values())
+            stored = self._insert_new(cur, "events", _EVENT_COLUMNS, event_rows)
+            fresh = self._insert_new(cur, "telemetry", _TELEMETRY_COLUMNS, telemetry_rows)
+            n_stored = len(stored) + len(fresh)
             result.stored = len(statuses) + len(states) + n_stored
             result.duplicates = len(events) + len(telemetry) - n_stored
-            new_gaps: list[tuple[str, str, int, int, float]] = []
-            for key in sorted(stored):
-                seqs = sorted(stored[key])
-                before = highest[key]
-                if seqs[0] <= before:  # late messages: they fill (parts of) recorded gaps
-                    self._heal_gaps(cur, key, [s for s in seqs if s <= before])
-                top = before
-                for seq in seqs:
-                    if seq > top + 1:
-                        new_gaps.append((key[0], key[1], top + 1, seq - 1, received_at))
-                    top = max(top, seq)
-                highest[key] = top
+            seqs: dict[tuple[str, str], list[int]] = {}
+            for fleet, device, seq in (*stored, *fresh):
+                seqs.setdefault((str(fleet), str(device)), []).append(int(seq))
+            new_gaps = self._gaps(cur, seqs, highest, received_at)
             if new_gaps:
                 cur.executemany(self._sql(_GAP_SQL), new_gaps)
                 result.gaps.extend((f, d, lo, hi) for f, d, lo, hi, _ in new_gaps)
+            totals = _totals(telemetry, {(str(f), str(d), int(q)) for f, d, q in fresh})
             cur.executemany(
                 self._sql(_DEVICE_SQL),
-                [(highest[k], received_at, received_at, k[0], k[1]) for k in keys],
+                [
+                    (highest[k], received_at, received_at, *totals.get(k, _NO_TELEMETRY), *k)
+                    for k in keys
+                ],
             )
         return result
+
+    def _gaps(
+        self,
+        cur: Cursor,
+        stored: dict[tuple[str, str], list[int]],
+        highest: dict[tuple[str, str], int],
+        received_at: float,
+    ) -> list[tuple[str, str, int, int, float]]:
+        """The new missing ranges the ``stored`` seqs reveal (``highest`` moves up with
+        them); late seqs heal the recorded gaps they fall in."""
+        new_gaps: list[tuple[str, str, int, int, float]] = []
+        for key in sorted(stored):
+            seqs = sorted(stored[key])
+            before = highest[key]
+            if seqs[0] <= before:  # late messages: they fill (parts of) recorded gaps
+                self._heal_gaps(cur, key, [s for s in seqs if s <= before])
+            top = before
+            for seq in seqs:
+                if seq > top + 1:
+                    new_gaps.append((key[0], key[1], top + 1, seq - 1, received_at))
+                top = max(top, seq)
+            highest[key] = top
+        return new_gaps
 
     def _lock_devices(self, cur: Cursor, keys: list[tuple[str, str]]) -> dict[tuple[str, str], int]:
         """Create the devices' rows if new, lock them (in ``keys`` order), return ``max_seq``.

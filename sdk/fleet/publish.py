@@ -1,8 +1,10 @@
-"""Desired state: which bundle a device should run, published retained per device.
+"""Desired state: which bundle a device should run, published retained per device; and
+the fleet's trust documents, published retained per fleet.
 
-The payload is defined, written and read by :mod:`agent.messages.desired` (docs/mqtt.md,
-"desired"); an empty retained payload clears it. The transport is untrusted: the device
-verifies the bundle's signature whatever the payload says.
+The desired payload is defined, written and read by :mod:`agent.messages.desired`
+(docs/mqtt.md, "desired"); an empty retained payload clears it. The trust root and the
+heartbeat travel as the signed files themselves (:func:`publish_trust`). The transport is
+untrusted: the device verifies every signature whatever it receives.
 """
 
 from __future__ import annotations
@@ -18,10 +20,17 @@ from agent.bundle.manifest import Manifest
 from agent.bundle.signing import TrustPolicy
 from agent.errors import ConfigError, ManifestMismatchError
 from agent.messages.desired import BundleRef, Desired
-from agent.messages.topics import Topics
+from agent.messages.topics import Topics, trust_topic
 from agent.plumbing.transport import Transport, publish_many
 
-__all__ = ["BundleRef", "bundle_ref", "clear_desired", "desired_payload", "publish_desired"]
+__all__ = [
+    "BundleRef",
+    "bundle_ref",
+    "clear_desired",
+    "desired_payload",
+    "publish_desired",
+    "publish_trust",
+]
 
 _CHUNK_BYTES = 1 << 20
 
@@ -116,3 +125,16 @@ def clear_desired(transport: Transport, fleet: str, devices: Iterable[str]) -> N
     """
     messages = [(Topics(fleet, device).desired, b"") for device in devices]
     publish_many(transport, messages, retain=True)
+
+
+def publish_trust(transport: Transport, fleet: str, document: str, data: bytes) -> str:
+    """Publish the fleet's trust ``root`` or ``heartbeat`` (the signed file), retained;
+    returns the topic. Check the file before (devices refuse what does not verify).
+
+    Raises:
+        BrokerError: the publish was not acknowledged.
+        ValueError: the fleet id cannot be a topic level, or the document is unknown.
+    """
+    topic = trust_topic(fleet, document)
+    publish_many(transport, [(topic, data)], retain=True)
+    return topic

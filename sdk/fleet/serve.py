@@ -9,6 +9,11 @@ works as well: the transport is untrusted, the bundle's signature is the trust.
 Only ``GET`` and ``HEAD`` of regular files inside the folder are served: no directory
 listings, no paths that leave the folder (``..``, absolute paths, symlinks pointing
 outside). The default address is loopback: exposing the folder is an explicit choice.
+
+The same folder serves the fleet's trust chain: ``root/<N>.json`` for every root version
+(:func:`add_root` writes them), so a device that missed versions fetches the ones between
+its root and the newest, and ``heartbeat.json``. Like bundles, they are only files here:
+the device verifies each against the root before it.
 """
 
 from __future__ import annotations
@@ -26,7 +31,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["BundleServer", "ByteRange", "parse_range"]
+from agent.errors import ConfigError
+from agent.plumbing.files import atomic_write
+
+__all__ = ["BundleServer", "ByteRange", "add_root", "parse_range", "served_root"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +81,38 @@ def parse_range(header: str, size: int) -> ByteRange | None:
     if start >= size:
         raise ValueError(f"range starts at {start}, the file has {size} bytes")
     return ByteRange(start, end)
+
+
+def served_root(root_dir: Path, version: int) -> bytes | None:
+    """The file the folder serves as root ``version`` (``root/<N>.json``), if any."""
+    try:
+        return (root_dir / "root" / f"{version}.json").read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def add_root(root_dir: Path, version: int, data: bytes) -> Path:
+    """Serve ``data`` as root ``version``: ``<root_dir>/root/<N>.json``, written atomically.
+
+    A version is served once: the same file again is fine, another one is refused (two
+    roots of one version would fork the fleet's chain).
+
+    Raises:
+        ConfigError: another root of this version is served, or the file cannot be written.
+    """
+    path = root_dir / "root" / f"{version}.json"
+    existing = served_root(root_dir, version)
+    if existing is not None and existing != data:
+        raise ConfigError(
+            f"{path} already holds another root of version {version}; a version is published"
+            " once: make the next one"
+        )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, data)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror}") from None
+    return path
 
 
 def _etag(st: os.stat_result) -> str:

@@ -26,7 +26,7 @@ from agent.messages.topics import Topics, encode_json
 from agent.plumbing.broker import BrokerConfig, BrokerUrl
 from agent.plumbing.mqtt import MqttClient
 from agent.plumbing.transport import Message
-from agent.telemetry import Outbox, Reporter, TelemetryConfig
+from agent.telemetry import Metrics, Outbox, Reporter, TelemetryConfig
 
 __all__ = ["FakeDevice", "ReportingDevice", "start_devices"]
 
@@ -185,7 +185,16 @@ class ReportingDevice:
     Raises (start): RuntimeError when it cannot connect.
     """
 
-    def __init__(self, host: str, port: int, fleet: str, device: str, state_dir: Path) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        fleet: str,
+        device: str,
+        state_dir: Path,
+        *,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.device = device
         topics = Topics(fleet, device)
         self.outbox = Outbox(state_dir / f"{device}.outbox")
@@ -197,7 +206,11 @@ class ReportingDevice:
         )
         # The timer is the test's (report()); the reporter thread sends and deletes on ack.
         self.reporter = Reporter(
-            topics, self.outbox, self.transport, config=TelemetryConfig(interval_s=3600.0)
+            topics,
+            self.outbox,
+            self.transport,
+            metrics=metrics,
+            config=TelemetryConfig(interval_s=3600.0),
         )
         self.sent: list[int] = []
 

@@ -111,11 +111,22 @@ def import_runtime(runtime: str, module: str) -> ModuleType:
 
 
 def threads_for(spec: ModelSpec, options: RuntimeOptions) -> int | None:
-    """The intra-op thread count to configure; ``None`` leaves the runtime's default."""
+    """The intra-op thread count to configure; ``None`` leaves the runtime's default.
+
+    A model is small when one request holds at most :data:`SMALL_MODEL_ELEMENTS` input
+    elements. Where every dimension but a leading batch is fixed, the shapes say it (per
+    sample); otherwise the manifest's ``request_elements`` (counted by the SDK on a real
+    golden request) does. With neither, the size is unknown and the runtime's default is
+    kept: counting dynamic dimensions as 1 made image models with dynamic height and width
+    run on one thread, which costs more than a thread pool costs a small model.
+    """
     if options.threads is not None:
         return options.threads
-    per_sample = sum(math.prod(d or 1 for d in s.shape) for s in spec.inputs)
-    return 1 if per_sample <= SMALL_MODEL_ELEMENTS else None
+    if all(None not in s.shape[1:] for s in spec.inputs):
+        elements: int | None = sum(math.prod(d or 1 for d in s.shape) for s in spec.inputs)
+    else:
+        elements = spec.request_elements
+    return 1 if elements is not None and elements <= SMALL_MODEL_ELEMENTS else None
 
 
 def cpu_count() -> int:

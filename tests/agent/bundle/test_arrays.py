@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.bundle.arrays import npz_bytes, read_npz, write_npz
+from agent.bundle.arrays import case_arrays, npz_bytes, read_npz, split_cases, write_npz
 from agent.errors import HealthCheckError
 
 ARRAYS = {
@@ -161,3 +161,44 @@ def test_the_limit_counts_all_members_together() -> None:
 def test_a_missing_file_cannot_be_read(tmp_path: Path) -> None:
     with pytest.raises(HealthCheckError, match=r"cannot read absent\.npz"):
         read_npz(tmp_path / "absent.npz", "absent.npz")
+
+
+def test_a_zip_of_a_version_zipfile_does_not_support_is_refused() -> None:
+    data = bytearray(npz_bytes({"x": np.zeros(4, np.float32)}))
+    end = data.rfind(b"PK\x01\x02")  # the central directory entry: "version needed" at +6
+    data[end + 6] = 80  # version 8.0
+    with pytest.raises(HealthCheckError, match="zip file version"):
+        read_npz(bytes(data), "cases.npz")
+
+
+# --- golden cases: "<case>/<name>" keys (schema 1.2) -----------------------------------
+
+
+def test_cases_split_back_into_the_requests_they_were_made_of() -> None:
+    cases = [{"x": np.zeros((1, 2)), "a/b": np.array(3)}, {"x": np.ones((1, 2))}]
+    back = split_cases(read_npz(npz_bytes(case_arrays(cases)), "c.npz"), 2, "c.npz")
+    assert [sorted(c) for c in back] == [["a/b", "x"], ["x"]]
+    np.testing.assert_array_equal(back[1]["x"], cases[1]["x"])
+
+
+@pytest.mark.parametrize(
+    ("key", "count", "match"),
+    [
+        ("x", 1, "is not <case>/<name>"),
+        ("0/", 1, "is not <case>/<name>"),
+        ("01/x", 2, "is not <case>/<name>"),
+        ("-1/x", 1, "is not <case>/<name>"),
+        ("2/x", 2, "case 2 is beyond the 2"),
+    ],
+)
+def test_case_keys_that_are_not_case_slash_name_fail_the_gate(
+    key: str, count: int, match: str
+) -> None:
+    arrays = {f"{i}/x": np.zeros(1) for i in range(count)} | {key: np.zeros(1)}
+    with pytest.raises(HealthCheckError, match=match):
+        split_cases(arrays, count, "c.npz")
+
+
+def test_a_case_the_manifest_lists_but_the_file_lacks_fails_the_gate() -> None:
+    with pytest.raises(HealthCheckError, match="case 1 holds no arrays"):
+        split_cases({"0/x": np.zeros(1)}, 2, "c.npz")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,16 +15,18 @@ from agent.bundle.manifest import (
     SCHEMA_MINOR,
     SCHEMA_VERSION,
     FileEntry,
+    GoldenCases,
     Manifest,
     ModelCard,
     ModelSpec,
     QuantParams,
     TensorSpec,
+    Tolerance,
     is_safe_member_path,
     scores_output,
 )
 from agent.errors import MalformedManifestError, SchemaVersionError
-from tests.support.bundles import make_manifest
+from tests.support.bundles import DEFAULT_PAYLOAD, make_manifest
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -92,7 +95,7 @@ def test_created_and_expires_are_whole_seconds_utc() -> None:
 
 
 def test_default_schema_version_is_current() -> None:
-    assert make_manifest().schema_version == SCHEMA_VERSION == "1.1"
+    assert make_manifest().schema_version == SCHEMA_VERSION == "1.2"
 
 
 def _edited(edit: dict[str, Any]) -> bytes:
@@ -322,3 +325,63 @@ def test_scores_output_is_the_first_float_output_shaped_batch_by_classes(
 ) -> None:
     spec = scores_output(outputs)
     assert (spec.name if spec is not None else None) == found
+
+
+# --- golden cases and request_elements (schema 1.2) -----------------------------------
+
+CASE_PAYLOAD = {
+    "health/case_expected.npz": b"expected\n",
+    "health/case_inputs.npz": b"inputs\n",
+    **DEFAULT_PAYLOAD,
+}
+
+
+def _with_cases(count: int = 3, **tolerances: Tolerance) -> Manifest:
+    cases = GoldenCases(
+        count, "health/case_inputs.npz", "health/case_expected.npz", tolerances=tolerances
+    )
+    base = make_manifest(CASE_PAYLOAD)
+    return replace(
+        base,
+        health=replace(base.health, cases=cases),
+        model=replace(base.model, request_elements=4),
+    )
+
+
+def test_golden_cases_and_request_elements_round_trip() -> None:
+    m = _with_cases(y=Tolerance(atol=0.02))
+    back = Manifest.from_bytes(m.to_bytes())
+    assert back == m
+    assert back.health.cases is not None
+    assert back.health.cases.tolerance("y", back.health.tolerance) == Tolerance(atol=0.02)
+
+
+def test_a_schema_1_1_manifest_is_written_without_cases_or_request_elements() -> None:
+    m = make_manifest(schema_version="1.1")
+    doc = m.to_json()
+    assert "cases" not in doc["health"]
+    assert "request_elements" not in doc["model"]
+    assert Manifest.from_bytes(m.to_bytes()).health.cases is None
+
+
+def test_a_schema_1_1_manifest_carrying_cases_is_refused() -> None:
+    doc = replace(_with_cases(), schema_version="1.1").to_json()
+    with pytest.raises(MalformedManifestError, match=r"unknown key\(s\)"):
+        Manifest.from_bytes(json.dumps(doc).encode())
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda d: d["health"]["cases"]["tolerances"].update(z={"atol": 1, "rtol": 0}), "'z'"),
+        (lambda d: d["health"]["cases"].update(count=1025), "count"),
+        (lambda d: d["health"]["cases"].update(inputs="health/other.npz"), "not listed"),
+    ],
+)
+def test_golden_cases_that_do_not_fit_the_manifest_are_refused(
+    edit: Callable[[dict[str, Any]], None], match: str
+) -> None:
+    doc = _with_cases().to_json()
+    edit(doc)
+    with pytest.raises(MalformedManifestError, match=match):
+        Manifest.from_bytes(json.dumps(doc).encode())

@@ -90,3 +90,11 @@ def test_missing_misshapen_or_nan_outputs_fail(actual: dict[str, np.ndarray], me
 def test_empty_expected_outputs_fail() -> None:
     with pytest.raises(HealthCheckError, match="empty"):
         compare_outputs({}, {"y": np.zeros(1)}, Tolerance(atol=1.0))
+
+
+def test_a_schema_1_1_bundle_gates_on_its_single_golden_request(tmp_path: Path) -> None:
+    model, manifest, target = staged(tmp_path, schema_version="1.1")
+    assert manifest.schema_version == "1.1"
+    assert manifest.health.cases is None
+    with model:
+        assert check_health(model, manifest, target, runs=2).worst_output == "probs"

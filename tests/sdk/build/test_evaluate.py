@@ -17,8 +17,7 @@ from agent.plumbing.stats import percentile
 from sdk.build import Gates, evaluate, quantize
 from sdk.build._evaluate import scores_index
 from sdk.build.datasets import Dataset
-from sdk.build.golden import derive_golden
-from sdk.build.model_io import open_model, run_dataset
+from sdk.build.model_io import open_model
 from tests.support.bundles import make_manifest
 from tests.support.models import make_onnx_mlp, make_tflite_mlp
 
@@ -260,65 +259,6 @@ def test_latency_percentiles_are_nearest_rank_as_on_the_device(
     assert (o.p50_ms, o.p95_ms) == pytest.approx((10.0, 19.0))
     assert (q.p50_ms, q.p95_ms) == pytest.approx((20.0, 38.0))
     assert o.p95_ms == pytest.approx(percentile(original_ms.tolist(), 0.95))
-
-
-# --- golden outputs and tolerance ------------------------------------------------------
-
-
-def test_golden_expected_outputs_are_the_single_threaded_outputs(
-    work: dict[str, Path], inputs: np.ndarray
-) -> None:
-    golden = derive_golden(work["onnx_q"], Dataset({"x": inputs}), count=5)
-    assert golden.inputs["x"].shape == (5, 64)
-    with open_model(work["onnx_q"], threads=1) as model:
-        (expected,) = run_dataset(model, Dataset({"x": inputs[:5]}), batch_size=1)
-    np.testing.assert_array_equal(golden.expected["probs"], expected)
-    assert set(golden.details["deviations"]) == {
-        "threads=1 per-sample",
-        "threads=1 batched",
-        "threads=0 per-sample",
-        "threads=0 batched",
-        "reference kernels",
-    }
-
-
-def test_qdq_model_tolerance_covers_the_reference_kernels_disagreement(
-    work: dict[str, Path], inputs: np.ndarray
-) -> None:
-    data = Dataset({"x": inputs})
-    golden = derive_golden(work["onnx_static"], data, count=32)
-    # Fused integer kernels and unfused QDQ round differently (by an output step or two
-    # on x86); whatever is measured, the tolerance admits it with the safety factor.
-    measured = golden.details["deviations"]["reference kernels"]
-    assert golden.spread >= measured
-    assert golden.tolerance.atol >= 4 * measured
-    assert golden.tolerance.atol == pytest.approx(max(4 * golden.spread, golden.details["floor"]))
-
-
-def test_tolerance_is_at_least_one_output_step_for_int8_outputs(
-    work: dict[str, Path], inputs: np.ndarray
-) -> None:
-    golden = derive_golden(work["tflite_q"], Dataset({"x": inputs}))
-    with open_model(work["tflite_q"]) as model:
-        scale = model.spec.outputs[0].quantization
-    assert scale is not None
-    assert golden.tolerance.atol >= scale.scale
-    assert golden.details["floor"] == pytest.approx(scale.scale)
-
-
-def test_tolerance_scales_with_the_measured_spread(
-    work: dict[str, Path], inputs: np.ndarray
-) -> None:
-    data = Dataset({"x": inputs})
-    base = derive_golden(work["onnx"], data, count=4)
-    # Another runtime that deviates by 1e-3 widens the tolerance to safety x 1e-3.
-    reference = {"probs": base.expected["probs"] + np.float32(1e-3)}
-    wider = derive_golden(work["onnx"], data, count=4, reference_outputs=reference, safety_factor=4)
-    assert wider.spread == pytest.approx(1e-3, rel=1e-3)
-    assert wider.tolerance.atol == pytest.approx(4e-3, rel=1e-3)
-    assert base.tolerance.atol < wider.tolerance.atol
-    # Float model, bit-identical runs: the tolerance is the float floor, small but not 0.
-    assert 0 < base.tolerance.atol < 1e-4
 
 
 def test_the_scores_output_is_found_on_the_shapes_the_model_produced() -> None:

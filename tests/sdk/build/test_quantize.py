@@ -264,3 +264,25 @@ def test_auto_per_channel_reports_both_calibration_passes_as_one_run(
     )
     assert [d for _, d, _ in seen] == list(range(1, 21))
     assert {t for _, _, t in seen} == {20}
+
+
+def _without_signature(src: Path, dst: Path) -> Path:
+    from ai_edge_litert.tools import flatbuffer_utils  # noqa: PLC0415 - test helper
+
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(src.read_bytes()))
+    model.signatureDefs = []
+    dst.write_bytes(bytes(flatbuffer_utils.convert_object_to_bytearray(model)))
+    return dst
+
+
+def test_static_tflite_calibrates_a_model_without_a_signature_def(
+    models: dict[str, Path], calib: Dataset, check: Dataset, tmp_path: Path
+) -> None:
+    bare = _without_signature(models["tflite"], tmp_path / "bare.tflite")
+    assert Interpreter(model_path=str(bare)).get_signature_list() == {}
+    result = quantize(bare, tmp_path / "q.tflite", scheme="static", calibration=calib)
+    assert result.details["signature_added"] == "serving_default"
+    agreement = np.mean(
+        _outputs(models["tflite"], check).argmax(1) == _outputs(result.path, check).argmax(1)
+    )
+    assert agreement >= 0.9

@@ -358,5 +358,7 @@ def test_collect_without_a_broker_fails_fast_and_leaves_no_writer_behind(
     started = time.monotonic()
     assert main(["collect", "--broker", url, "--db", str(tmp_path / "f.sqlite"), "--json"]) == 1
     assert time.monotonic() - started < 10
-    assert f"cannot connect to the MQTT broker at {url}" in capsys.readouterr().err
+    error = json.loads(capsys.readouterr().out)["error"]
+    assert error["code"] == "broker"
+    assert f"cannot connect to the MQTT broker at {url}" in error["message"]
     assert "edgeship-collect" not in {t.name for t in threading.enumerate()}

@@ -209,8 +209,9 @@ def test_a_store_that_refuses_for_good_stops_collect_and_acknowledges_nothing_un
         publish_many(sender, [("edgeship/v1/f/d1/telemetry", json.dumps(body).encode())])
     code, stats = collector.wait(30)
     assert (code, stats["store"], stats["stored"]) == (1, "failed", 0)
-    assert "no such table: telemetry" in collector.stderr()
-    assert "fix the file" in collector.stderr()
+    assert stats["error"]["code"] == "store"
+    assert "no such table: telemetry" in stats["error"]["message"]
+    assert "fix the file" in stats["error"]["message"]
     with sqlite3.connect(db) as conn:
         conn.execute("ALTER TABLE telemetry_away RENAME TO telemetry")
     again = collect_processes(broker, str(db), tmp_path / "again.log", options=kept)

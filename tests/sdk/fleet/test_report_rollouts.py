@@ -1,4 +1,4 @@
-"""The HTML report lists the rollouts recorded in the fleet store."""
+"""The HTML report lists the rollouts: model, waves, status, halt reason, each device."""
 
 from __future__ import annotations
 
@@ -15,19 +15,11 @@ from sdk.fleet.store import SqliteStore
 REF = BundleRef("http://h/b.edgeship", "a" * 64, "d" * 64, 7, "digits", "1.1.0")
 
 
-def cells(page: str) -> list[list[str]]:
-    table = re.search(r'<table id="rollouts">(.*?)</table>', page, re.S)
-    assert table is not None
-    rows = re.findall(r"<tr>(.*?)</tr>", table.group(1), re.S)
-    return [re.findall(r"<td>(.*?)</td>", row) for row in rows if "<td>" in row]
-
-
-def test_the_report_shows_each_rollout_with_its_counts_status_and_runner(tmp_path: Path) -> None:
+def test_a_halted_rollout_shows_its_reason_and_each_devices_outcome(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "fleet.sqlite")
-    records = RolloutRecords(store)
-    plan = RolloutPlan((1.0,), 0.5, 0.0)
+    plan = RolloutPlan((0.5, 1.0), 0.5, 0.0)
     rollout = Rollout("r<1>", "f", REF, ("d1", "d2", "d3"), plan, created_at=1.0)
-    with records.create(rollout) as runner:
+    with RolloutRecords(store).create(rollout) as runner:
         done = {
             "d1": DeviceProgress("d1", 0, 2.0, outcome="succeeded"),
             "d2": DeviceProgress("d2", 0, 2.0, outcome="failed", reason="refused: floor 9"),
@@ -36,8 +28,21 @@ def test_the_report_shows_each_rollout_with_its_counts_status_and_runner(tmp_pat
                             reason="1 of 2 devices failed"))  # fmt: skip
     page = render_report(store, now=10.0)
     store.close()
-    [row] = cells(page)
-    assert row[:7] == [
-        "r&lt;1&gt;", "f", "digits 1.1.0", "halted (1 of 2 devices failed)", "2/3", "1", "1",
-    ]  # fmt: skip
-    assert row[7].startswith("none since")
+    table = re.search(r'<table id="rollouts">(.*?)</table>\s*<h2>', page, re.S)
+    assert table is not None
+    row = re.search(r'<tr class="halted">(.*)', table.group(1), re.S)
+    assert row is not None
+    cells = re.findall(r"<td>(.*?)</td>", row.group(1))
+    assert cells[:6] == [
+        "r&lt;1&gt;",
+        "f",
+        "digits 1.1.0",
+        "50%, 100%",
+        "halted",
+        "1 of 2 devices failed",
+    ]
+    assert "1 succeeded / 1 failed / 0 pending / 1 waiting" in row.group(1)
+    assert (
+        '<tr class="failed"><td>d2</td><td>1</td><td>failed</td><td>refused: floor 9</td></tr>'
+        in page
+    )

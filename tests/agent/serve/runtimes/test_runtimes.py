@@ -354,6 +354,19 @@ def test_threads_default_to_one_for_small_models_only() -> None:
     assert threads_for(small, RuntimeOptions(threads=3)) == 3
 
 
+def test_dynamic_spatial_dims_are_sized_by_a_real_request_not_counted_as_one() -> None:
+    dynamic = ModelSpec(
+        format="onnx",
+        file="det.onnx",
+        inputs=(TensorSpec("x", "float32", (None, 3, None, None)),),
+        outputs=(TensorSpec("y", "float32", (None, 1, None, None)),),
+    )
+    assert threads_for(dynamic, RuntimeOptions()) is None  # unknown: the runtime's default
+    sized = replace(dynamic, request_elements=3 * 640 * 640)
+    assert threads_for(sized, RuntimeOptions()) is None
+    assert threads_for(replace(dynamic, request_elements=3 * 32 * 32), RuntimeOptions()) == 1
+
+
 @pytest.mark.parametrize("field", ["threads", "inter_op_threads"])
 def test_thread_counts_below_one_are_refused(field: str) -> None:
     with pytest.raises(ValueError, match=field):
