@@ -22,6 +22,7 @@ the build measures is what a device computes.
 """
 
 from sdk.build._bundle import BuildResult, Progress, QuantizeOptions, build_bundle
+from sdk.build._bundle_provenance import ProvenanceOptions
 from sdk.build._cases import InputHint
 from sdk.build._evaluate import EvaluationReport, Gates, evaluate
 from sdk.build._metadata import BuildMetadata, creation_time, load_metadata, parse_target
@@ -41,6 +42,7 @@ __all__ = [
     "Golden",
     "InputHint",
     "Progress",
+    "ProvenanceOptions",
     "QuantizationResult",
     "QuantizeOptions",
     "Scheme",

@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from agent.bundle.manifest import (
 from agent.errors import ConfigError, InferenceError
 from agent.plumbing.files import atomic_replace
 from agent.serve.runtimes import Model, installed_runtimes
+from sdk.build._bundle_provenance import ProvenanceOptions, start_provenance
 from sdk.build._bundle_quant import QuantizeOptions, bundled_model, cost_gates
 from sdk.build._cases import (
     Case,
@@ -125,27 +127,25 @@ def build_bundle(
     progress: Progress | None = None,
     encrypt_for: Sequence[X25519PublicKey] = (),
     overwrite: bool = False,
+    provenance: ProvenanceOptions | None = None,
 ) -> BuildResult:
-    """Quantize, evaluate, compute golden outputs, sign and write a bundle.
-
-    The bundle file appears only when everything succeeded and every gate passed.
+    """Quantize, evaluate, compute golden outputs, sign and write a bundle: the file
+    appears only when everything succeeded and every gate passed.
 
     Golden inputs come from ``golden_inputs``, else the validation set, else the
-    calibration set, else are synthesised; the expected outputs are computed with the
-    bundled model through the agent's own runtime layer, and the tolerance is derived
-    from the measured spread (:func:`sdk.build.golden.derive_golden`) unless the metadata
-    fixes ``atol`` / ``rtol``. The drift reference comes from the calibration set (else
-    the validation set). With ``encrypt_for`` (device X25519 public keys), every payload
-    file is encrypted for those devices (:mod:`agent.bundle.crypto`); the manifest stays
-    readable and the signature and digests cover the ciphertext. An existing
-    ``out_path`` is replaced only with ``overwrite``.
+    calibration set, else are synthesised; expected outputs and tolerances come from the
+    bundled model through the agent's own runtime layer (:mod:`sdk.build.golden`). With
+    ``encrypt_for`` (device X25519 keys) every payload file is encrypted; the manifest
+    stays readable. An existing ``out_path`` is replaced only with ``overwrite``. Every
+    bundle carries its provenance (:mod:`sdk.build._bundle_provenance`: it checks the
+    source model's OpenSSF signature first, when ``provenance`` names one).
 
     Raises:
         ConfigError: bad model, data sets, metadata or targets.
         QuantizationError: the quantizer failed.
         GateError: the candidate missed a gate (``exc.report`` shows which and by how much).
-        KeyFileError: no usable signing key.
-        RuntimeUnavailableError: no target runtime is installed here.
+        KeyFileError, RuntimeUnavailableError: no usable key; no target runtime here.
+        ModelSignatureError: the source model's signature does not verify.
     """
     if not keys:
         raise ConfigError("a bundle needs at least one signing key (--key)")
@@ -153,11 +153,14 @@ def build_bundle(
     if out_path.exists() and not overwrite:
         raise ConfigError(f"{out_path} already exists; pass --force to replace it")
     options = quantize or QuantizeOptions()
+    created = creation_time()
+    record = start_provenance(
+        model_path, provenance, options, golden_inputs, metadata, created, bool(encrypt_for)
+    )
     report = progress or (lambda step, done, total: None)
     src = _read_inputs(
         model_path, targets, options, golden_inputs, golden_count=golden_count, metadata=metadata
     )
-    created = creation_time()
     with tempfile.TemporaryDirectory(prefix="edgeship-build-") as tmp:
         stage = Path(tmp)
         bundled, quantization = bundled_model(
@@ -177,7 +180,8 @@ def build_bundle(
         golden = _golden(bundled, src, quantization.scheme != "none", report)
         evaluation["golden"] = dict(golden.details)
         spec = _model_section(bundled, stage, golden)
-        payload, encryption = _payload(stage, spec.file, golden, encrypt_for)
+        add = partial(record.members, stage, spec.file, src.runtimes, quantization, evaluation)
+        payload, encryption = _payload(stage, spec.file, golden, encrypt_for, add=add)
         manifest = _manifest(
             src,
             spec,
@@ -342,8 +346,11 @@ def _payload(
     model_member: str,
     golden: Golden,
     encrypt_for: Sequence[X25519PublicKey],
+    *,
+    add: Callable[[Mapping[str, Path]], Mapping[str, Path]],
 ) -> tuple[dict[str, Path], Encryption | None]:
-    """The payload files by member path, encrypted for ``encrypt_for`` when given.
+    """The payload files by member path, encrypted for ``encrypt_for`` when given;
+    ``add`` makes more members from the plain ones (the provenance, which names them).
 
     Raises:
         ConfigError: the files cannot be encrypted.
@@ -359,6 +366,7 @@ def _payload(
     for member, arrays in files.items():
         write_npz(stage / member, arrays)
     payload = {p: stage / p for p in (model_member, *files)}
+    payload.update(add(payload))
     if not encrypt_for:
         return payload, None
     try:

@@ -5,6 +5,7 @@ target runtimes, and the creation time (``SOURCE_DATE_EPOCH`` for reproducible b
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import re
 import tomllib
@@ -52,6 +53,8 @@ class BuildMetadata:
     probation: Probation = field(default_factory=Probation)
     # How to synthesise golden inputs, by input name (the TOML's [inputs.NAME] tables).
     input_hints: Mapping[str, InputHint] = field(default_factory=dict)
+    # How the model was trained (the TOML's [training] table), for the provenance.
+    training: Mapping[str, Any] = field(default_factory=dict)
 
 
 def parse_target(text: str) -> RuntimeRequirement:
@@ -95,6 +98,7 @@ def load_metadata(path: Path | None, overrides: Mapping[str, Any]) -> BuildMetad
     probation = health.pop("probation", {}) if isinstance(health, dict) else {}
     compat = doc.pop("compatibility", {})
     inputs = doc.pop("inputs", {})
+    training = _training(doc.pop("training", {}))
     if not isinstance(inputs, dict):
         raise ConfigError("metadata [inputs] must hold one [inputs.NAME] table per input")
     try:
@@ -124,6 +128,7 @@ def load_metadata(path: Path | None, overrides: Mapping[str, Any]) -> BuildMetad
                 max_p95_ms=_opt(probation, "max_p95_ms", float),
             ),
             input_hints=parse_hints(table=inputs),
+            training=training,
         )
     except (TypeError, AttributeError) as exc:
         raise ConfigError(f"metadata: {exc}") from None
@@ -135,7 +140,7 @@ def load_metadata(path: Path | None, overrides: Mapping[str, Any]) -> BuildMetad
 _KEYS: Mapping[str, frozenset[str]] = {
     "": frozenset(
         {"name", "version", "sequence", "expires_in_days", "model_card", "health"}
-        | {"compatibility", "inputs"}
+        | {"compatibility", "inputs", "training"}
     ),
     "model_card": frozenset(
         {"description", "intended_use", "data_sources", "limitations"}
@@ -144,7 +149,33 @@ _KEYS: Mapping[str, frozenset[str]] = {
     "health": frozenset({"atol", "rtol", "latency_budget_p95_ms", "probation"}),
     "health.probation": frozenset({"requests", "seconds", "max_error_rate", "max_p95_ms"}),
     "compatibility": frozenset({"arch", "device_classes"}),
+    "training": frozenset({"architecture", "data_version", "code_revision", "hyperparameters"}),
 }
+
+_Scalar = str | int | float | bool
+
+
+def _training(table: Any) -> dict[str, Any]:
+    """The [training] table: text fields and a flat [training.hyperparameters] table of
+    scalars (JSON for the provenance: a TOML date or a nested table is refused).
+
+    Raises:
+        ConfigError: a field of the wrong type.
+    """
+    if not isinstance(table, dict):
+        raise ConfigError("metadata [training] must be a table")
+    for key in ("architecture", "data_version", "code_revision"):
+        if key in table and not isinstance(table[key], str):
+            raise ConfigError(f"metadata training.{key} must be a string")
+    params = table.get("hyperparameters", {})
+    if not isinstance(params, dict) or not all(
+        isinstance(v, _Scalar) and not (isinstance(v, float) and not math.isfinite(v))
+        for v in params.values()
+    ):
+        raise ConfigError(
+            "metadata [training.hyperparameters] must map names to strings, numbers or booleans"
+        )
+    return dict(table)
 
 
 def _check_keys(doc: Mapping[str, Any]) -> None:

@@ -40,6 +40,7 @@ from sdk.build import (
 )
 from sdk.build import Progress as ProgressFn
 from sdk.build._cases import merge_hints, parse_hints
+from sdk.cli import _provenance
 from sdk.cli._inspect_view import manifest_tables
 from sdk.cli._output import emit
 from sdk.errors import GateError
@@ -112,11 +113,11 @@ def _ratio(text: str) -> float | None:
     return value
 
 
-def _load_keys(args: argparse.Namespace) -> list[SigningKey]:
+def _load_keys(args: argparse.Namespace) -> tuple[list[SigningKey], bytes]:
     if not args.key:
         raise ConfigError("give at least one signing key with --key PATH")
     passphrase = _passphrase(args.passphrase_env, confirm=False)
-    return [load_signing_key(path, passphrase) for path in args.key]
+    return [load_signing_key(path, passphrase) for path in args.key], passphrase
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -130,7 +131,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     metadata: BuildMetadata = load_metadata(args.metadata, overrides)
     cli_hints = parse_hints(args.input_shape, args.input_value, args.input_range)
     metadata = replace(metadata, input_hints=merge_hints(metadata.input_hints, cli_hints))
-    keys = _load_keys(args)
+    keys, passphrase = _load_keys(args)
     targets = [parse_target(t) for t in args.target]
     options = QuantizeOptions(
         scheme=args.quantize,
@@ -162,6 +163,7 @@ def cmd_build(args: argparse.Namespace) -> int:
                 progress=progress,
                 encrypt_for=recipients,
                 overwrite=args.force,
+                provenance=_provenance.options(args, keys, passphrase),
             )
     except GateError as exc:
         report = exc.report
@@ -200,18 +202,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise ConfigError(f"cannot read {args.bundle}: {exc.strerror}") from None
     keyids = [s.keyid for s in envelope.signatures]
+    statement = _provenance.from_unverified(args.bundle)
     if args.json:
-        print(
-            json.dumps(
-                {"manifest": manifest.to_json(), "signed_by": keyids, "verified": False},
-                indent=2,
-                sort_keys=True,
-            )
-        )
+        doc = {"manifest": manifest.to_json(), "signed_by": keyids, "verified": False}
+        print(json.dumps(doc | {"provenance": statement}, indent=2, sort_keys=True))
         return 0
     console = Console()
     for table in manifest_tables(manifest, f"{args.bundle} (NOT verified: use edgeship verify)"):
         console.print(table)
+    if statement is not None:
+        console.print(_provenance.table(statement))
     console.print(f"signed by key id(s): {', '.join(keyids)}")
     if manifest.encryption is not None:
         ids = ", ".join(r.key_id for r in manifest.encryption.recipients)
@@ -252,17 +252,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise ConfigError(f"cannot read {args.bundle}: {exc.strerror}") from None
     m = verified.manifest
+    statement = _provenance.from_verified(args.bundle, m)
     doc = {
         "ok": True,
         "digest": verified.digest,
         "name": m.name,
         "version": m.version,
         "sequence": m.sequence,
+        "provenance": statement,
     }
     emit(
         args,
         doc,
-        f"OK {args.bundle}: {m.name} {m.version} (sequence {m.sequence})\ndigest {verified.digest}",
+        f"OK {args.bundle}: {m.name} {m.version} (sequence {m.sequence})\ndigest {verified.digest}"
+        + _provenance.source_line(statement),
     )
     return 0
 
@@ -344,6 +347,7 @@ def _build_options(p: argparse.ArgumentParser) -> None:
             help=f"the input's {option} (repeat per input)",
         )
     _quantize_options(p)
+    _provenance.add_options(p)
 
 
 def _quantize_options(p: argparse.ArgumentParser) -> None:
