@@ -127,9 +127,10 @@ def _report(name: str, wheel: WheelModel, scheme: str, work: Path, key: Any) -> 
         "build_seconds": round(seconds, 2),
         "recipe": {
             k: details.get(k)
-            for k in ("format", "per_channel", "activation_type", "folded_constants")
+            for k in ("format", "per_channel", "activation_type", "op_types", "folded_constants")
             if k in details
         },
+        "recipe_search": details.get("recipe_search"),
         "coverage": details.get("coverage"),
         "size_ratio": None if vs is None else vs["size_ratio"],
         "latency_ratio": None if vs is None else vs["latency_by_threads"],

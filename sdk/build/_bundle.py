@@ -141,11 +141,10 @@ def build_bundle(
     source model's OpenSSF signature first, when ``provenance`` names one).
 
     Raises:
-        ConfigError: bad model, data sets, metadata or targets.
-        QuantizationError: the quantizer failed.
+        ConfigError, QuantizationError: bad inputs; the quantizer failed.
         GateError: the candidate missed a gate (``exc.report`` shows which and by how much).
-        KeyFileError, RuntimeUnavailableError: no usable key; no target runtime here.
-        ModelSignatureError: the source model's signature does not verify.
+        KeyFileError, RuntimeUnavailableError, ModelSignatureError: no usable key; no
+            target runtime here; the source model's signature does not verify.
     """
     if not keys:
         raise ConfigError("a bundle needs at least one signing key (--key)")
@@ -171,6 +170,7 @@ def build_bundle(
             calibration=src.calibration,
             targets=[r.name for r in src.runtimes],
             report=report,
+            golden=(src.cases, src.reference, src.runner),
         )
         evaluation = _evaluate(model_path, bundled, src.validation, options.gates, report)
         if options.scheme != "none":

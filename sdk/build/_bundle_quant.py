@@ -23,13 +23,17 @@ from sdk.build._cost import (
 )
 from sdk.build._coverage import MIN_QUANTIZED_SHARE, weight_coverage
 from sdk.build._evaluate import Gates
-from sdk.build._quantize import Scheme
+from sdk.build._quantize import QuantizationResult, Scheme
 from sdk.build._quantize import quantize as run_quantizer
+from sdk.build._quantize_onnx import Recipe
+from sdk.build._recipe_search import search_recipes
 from sdk.build.datasets import Dataset, Progress
 from sdk.build.model_io import ModelFormat
 from sdk.errors import GateError, QuantizationError
 
 __all__ = ["QuantizeOptions", "bundled_model", "cost_gates"]
+
+Arrays = Mapping[str, npt.NDArray[Any]]
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,8 @@ class QuantizeOptions:
     # quantized / fp32 on this machine; None: not gated. A change is recorded as such.
     max_size_ratio: float | None = DEFAULT_MAX_SIZE_RATIO
     max_latency_ratio: float | None = DEFAULT_MAX_LATENCY_RATIO
+    # Static ONNX whose default recipe does not pay: seconds to try others (0: do not).
+    recipe_budget_s: float = 120.0
 
 
 def bundled_model(
@@ -57,8 +63,13 @@ def bundled_model(
     calibration: Dataset | None,
     targets: Sequence[str],
     report: Progress,
+    golden: tuple[Sequence[Arrays], Sequence[Arrays], str] | None = None,
 ) -> tuple[Path, Quantization]:
     """The model file the bundle carries (``stage/model/model.FORMAT``) and how it was made.
+
+    ``golden`` (the cases, the float model's outputs for them, the runtime that runs
+    them) lets a static ONNX build search other recipes when the default one does not
+    pay (:mod:`sdk.build._recipe_search`).
 
     Raises:
         ConfigError, QuantizationError: as :func:`sdk.build.quantize`.
@@ -68,17 +79,38 @@ def bundled_model(
     if options.scheme == "none":
         shutil.copyfile(model_path, bundled)
         return bundled, Quantization()
-    result = run_quantizer(
-        model_path,
-        stage / f"quantized.{fmt}",
-        scheme=cast(Scheme, options.scheme),
-        calibration=calibration,
-        targets=targets,
-        per_channel=options.per_channel,
-        progress=report,
-    )
+
+    def quantize(recipe: Recipe | None, out: Path) -> QuantizationResult:
+        return run_quantizer(
+            model_path,
+            out,
+            scheme=cast(Scheme, options.scheme),
+            calibration=calibration,
+            targets=targets,
+            per_channel=options.per_channel,
+            progress=report,
+            recipe=recipe,
+        )
+
+    result = quantize(None, stage / f"quantized.{fmt}")
+    search = None
+    if golden is not None and fmt == "onnx" and options.scheme == "static":
+        cases, reference, runtime = golden
+        result, search = search_recipes(
+            model_path,
+            result,
+            quantize_with=quantize,
+            work=stage,
+            cases=cases,
+            reference=reference,
+            runtime=runtime,
+            limits=(options.max_size_ratio, options.max_latency_ratio),
+            budget_s=options.recipe_budget_s,
+        )
     shutil.copyfile(result.path, bundled)
     details = {**result.details, "coverage": _coverage(model_path, bundled, options)}
+    if search is not None:
+        details["recipe_search"] = search
     return bundled, replace(result.to_manifest(), details=details)
 
 

@@ -37,7 +37,7 @@ from typing import Any
 from agent.bundle.manifest import Quantization, QuantParams
 from agent.errors import ConfigError
 from sdk.build._quantize_common import KNOWN_BAD_RECIPES, SCHEMES, Scheme
-from sdk.build._quantize_onnx import quantize_onnx
+from sdk.build._quantize_onnx import Recipe, quantize_onnx
 from sdk.build._quantize_tflite import quantize_tflite
 from sdk.build.datasets import Dataset, Progress
 from sdk.build.model_io import ModelFormat, detect_format
@@ -85,6 +85,7 @@ def quantize(
     per_channel: bool | None = None,
     max_calibration_samples: int = DEFAULT_MAX_CALIBRATION_SAMPLES,
     progress: Progress | None = None,
+    recipe: Recipe | None = None,
 ) -> QuantizationResult:
     """Write a quantized copy of ``model_path`` to ``out_path``.
 
@@ -92,7 +93,8 @@ def quantize(
     by the model's input names (see :meth:`Dataset.bind`) and its digest (of the samples
     used, at most ``max_calibration_samples``) is recorded. ``targets`` are the runtimes
     the bundle declares (``onnxruntime``, ``litert``, ``tflite-runtime``).
-    ``per_channel=None`` chooses by measurement.
+    ``per_channel=None`` chooses by measurement. ``recipe`` fixes the static ONNX recipe
+    (:class:`sdk.build._quantize_onnx.Recipe`; ignored for TFLite).
 
     Raises:
         ConfigError: unknown scheme, a scheme the format does not support, missing
@@ -119,7 +121,13 @@ def quantize(
         return QuantizationResult("none", fmt, dst, None, {"tool": None})
     if fmt == "onnx":
         details = quantize_onnx(
-            src, dst, scheme=scheme, calib=calib, per_channel=per_channel, progress=progress
+            src,
+            dst,
+            scheme=scheme,
+            calib=calib,
+            per_channel=per_channel,
+            progress=progress,
+            recipe=recipe,
         )
         return QuantizationResult(scheme, fmt, dst, digest, details)
     details, in_q, out_q = quantize_tflite(

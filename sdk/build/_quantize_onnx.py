@@ -8,6 +8,7 @@ import math
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,39 @@ from sdk.errors import QuantizationError
 _MAX_ONNX_OPSET = 21
 _MAX_ONNX_IR = 10
 _ONNX_DYNAMIC_OPS = ("MatMul", "Gemm", "Attention", "LSTM")
+# The ops whose int8 kernels carry the speed-up; the rest (Add, Mul, Concat, Resize...)
+# cost a quantize/dequantize pair each in QDQ form and often run slower than in float.
+_COMPUTE_OPS = ("Conv", "ConvTranspose", "MatMul", "Gemm")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One point of onnxruntime's static recipe space."""
+
+    format: str = "QDQ"  # or "QOperator"
+    activation: str = "int8"  # or "uint8"
+    per_channel: bool = False
+    op_types: tuple[str, ...] | None = None  # None: every op onnxruntime quantizes
+
+    @property
+    def name(self) -> str:
+        ops = "all ops" if self.op_types is None else "+".join(self.op_types)
+        grain = "per-channel" if self.per_channel else "per-tensor"
+        return f"{self.format} {self.activation} activations, {grain}, {ops}"
+
+
+def alternate_recipes(per_channel: bool) -> list[Recipe]:
+    """What to try, in order, when the default recipe (QDQ, int8 activations, every op)
+    does not pay: fewer quantized ops first (no quantize/dequantize pairs around cheap
+    ops), then the QOperator format (fused integer kernels), then uint8 activations."""
+    compute = _COMPUTE_OPS
+    return [
+        Recipe(per_channel=per_channel, op_types=compute),
+        Recipe(per_channel=not per_channel, op_types=compute),
+        Recipe("QOperator", "uint8", per_channel, compute),
+        Recipe("QOperator", "uint8", per_channel),
+        Recipe("QDQ", "uint8", per_channel),
+    ]
 
 
 def quantize_onnx(
@@ -44,8 +78,11 @@ def quantize_onnx(
     calib: Dataset | None,
     per_channel: bool | None,
     progress: Progress | None,
+    recipe: Recipe | None = None,
 ) -> dict[str, Any]:
-    """Write the quantized ``src`` to ``dst``; the details for the manifest.
+    """Write the quantized ``src`` to ``dst``; the details for the manifest. A static
+    ``recipe`` is used as it is; without one, the default recipe with per-channel
+    chosen by measurement (or as ``per_channel`` says).
 
     Raises:
         ConfigError: weight-only (no ONNX format for it), or calibration data that does
@@ -70,7 +107,13 @@ def quantize_onnx(
         else:
             assert calib is not None  # checked by quantize()
             _static(
-                model_in, dst, calib, per_channel=per_channel, progress=progress, details=details
+                model_in,
+                dst,
+                calib,
+                recipe=recipe or Recipe(per_channel=bool(per_channel)),
+                choose=recipe is None and per_channel is None,
+                progress=progress,
+                details=details,
             )
     details.update(_check_opset(dst))
     check_loads(dst, "onnxruntime", version)
@@ -195,17 +238,19 @@ def _static(
     dst: Path,
     calib: Dataset,
     *,
-    per_channel: bool | None,
+    recipe: Recipe,
+    choose: bool,
     progress: Progress | None,
     details: dict[str, Any],
 ) -> None:
-    """Static QDQ; with ``per_channel`` None both variants, and the better one is kept."""
+    """Static quantization with ``recipe``; with ``choose``, per-tensor and per-channel
+    both, and the more faithful one is kept."""
     with tempfile.TemporaryDirectory(prefix="edgeship-quant-") as tmp:
         work = Path(tmp)
         model_in = _pre_process(src, work / "pre.onnx", details)
         dtypes = {s.name: np.dtype(s.dtype) for s in read_signature(model_in)[1]}
         check_inputs(calib, list(dtypes))
-        choices = [per_channel] if per_channel is not None else [False, True]
+        choices = [False, True] if choose else [recipe.per_channel]
         candidates: dict[bool, Path] = {}
         for n, pc in enumerate(choices):
             out = work / f"static-{'pc' if pc else 'pt'}.onnx"
@@ -215,14 +260,14 @@ def _static(
                     out,
                     calib,
                     dtypes=dtypes,
-                    per_channel=pc,
+                    recipe=replace(recipe, per_channel=pc),
                     progress=part(progress, n, len(choices)),
                 )
                 # Per-channel QDQ on an opset-12 export (PaddlePaddle's) writes a
                 # DequantizeLinear with an axis, which needs opset 13: it does not load.
                 check_loads(out, "onnxruntime", tool_version("onnxruntime"))
             except QuantizationError as exc:
-                if per_channel is not None or not pc:
+                if not choose or not pc:
                     raise
                 # onnxruntime 1.32's per-channel bias adjustment fails on 2-D biases
                 # (skl2onnx MatMul+Add): keep the per-tensor model, say why.
@@ -234,9 +279,10 @@ def _static(
             chosen = choose_per_channel(src, candidates, calib.take(CHOICE_SAMPLES), details)
         shutil.copyfile(candidates[chosen], dst)
     details.update(
-        format="QDQ",
-        activation_type="int8",
+        format=recipe.format,
+        activation_type=recipe.activation,
         per_channel=chosen,
+        op_types="all" if recipe.op_types is None else list(recipe.op_types),
         calibration_method="minmax",
         calibration_samples=len(calib),
     )
@@ -264,7 +310,7 @@ def _quantize_static(
     calib: Dataset,
     *,
     dtypes: Mapping[str, np.dtype[Any]],
-    per_channel: bool,
+    recipe: Recipe,
     progress: Progress | None,
 ) -> None:
     from onnxruntime.quantization import (  # noqa: PLC0415 - loaded when used
@@ -287,10 +333,12 @@ def _quantize_static(
             src,
             dst,
             _Reader(),
-            quant_format=QuantFormat.QDQ,
-            per_channel=per_channel,
-            # S8S8 QDQ: onnxruntime's recommended default; U8S8 can saturate on AVX2.
-            activation_type=QuantType.QInt8,
+            quant_format=QuantFormat.QDQ if recipe.format == "QDQ" else QuantFormat.QOperator,
+            op_types_to_quantize=None if recipe.op_types is None else list(recipe.op_types),
+            per_channel=recipe.per_channel,
+            # S8S8 QDQ is onnxruntime's recommended default (U8S8 can saturate on AVX2);
+            # the others are alternates the recipe search measures.
+            activation_type=QuantType.QInt8 if recipe.activation == "int8" else QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
         )

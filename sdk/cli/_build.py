@@ -146,6 +146,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         accept_unquantized=args.accept_unquantized,
         max_size_ratio=args.max_size_ratio,
         max_latency_ratio=args.max_latency_ratio,
+        recipe_budget_s=args.recipe_budget_s,
     )
     recipients = [load_public_key(k) for k in args.encrypt_for]
     out = args.out or Path(f"{metadata.name}-{metadata.version}.edgeship")
@@ -383,6 +384,14 @@ def _quantize_options(p: argparse.ArgumentParser) -> None:
             help=f"quantized {what} / fp32 {what} on this machine (default 1: int8 must pay);"
             " a changed limit is recorded in the bundle",
         )
+    p.add_argument(
+        "--recipe-budget-s",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="static ONNX: when the default recipe does not pay, seconds to try others"
+        " (QDQ/QOperator, int8/uint8 activations, compute ops only; 0: do not)",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing bundle file")
     p.add_argument(
         "--accept-unquantized",
