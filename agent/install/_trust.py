@@ -472,6 +472,8 @@ class TrustKeeper:
             "root_expired": root.expired(now, self.slack_s),
             "heartbeat_expires": None if beat is None else format_time(beat.expires),
             "held_back": held,
+            # What serves, when the root no longer vouches for it (revoked or expired key).
+            "unvouched": self._reported.get("unvouched"),
         }
 
     def _report(self, kind: str, reason: str, **fields: Any) -> bool:

@@ -3,8 +3,8 @@
 What it does, each step through the real command-line tools:
 
 1. trains the digits classifier (scikit-learn's bundled digits) and exports ONNX;
-2. makes a signing key and the trust policy the devices get, and each device's
-   decryption key (`edgeship-agent keygen`);
+2. makes a root key, a release (bundle-signing) key and trust root v1, which the devices
+   boot from, and each device's decryption key (`edgeship-agent keygen`);
 3. builds and signs three bundles: v1 (float32), v2 (static int8, gated against v1's
    accuracy, its payload encrypted for the two devices), and v3, which is fine on the
    build machine but carries a latency budget no device can meet, so the device's own
@@ -16,7 +16,11 @@ What it does, each step through the real command-line tools:
 5. sends prediction traffic to both devices the whole time, and rolls v1 out, then v2
    (hot swap under that traffic), then v3 (refused on the device, rolled back, the
    rollout halts);
-6. prints the fleet status and writes the HTML fleet report.
+6. rotates the release key over the air: trust root v2, signed with the root key, trusts
+   a new release key and revokes the old one (`edgeship trust revoke`, `trust publish`);
+   both devices take it up, one refuses a bundle signed with the revoked key, and v5,
+   signed with the new key, rolls out;
+7. prints the fleet status and writes the HTML fleet report.
 
 Every process it starts is stopped at the end, also on failure or Ctrl-C.
 
@@ -39,9 +43,10 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -50,6 +55,7 @@ BIN = Path(sys.executable).parent
 PASSPHRASE_ENV = "EDGESHIP_DEMO_PASSPHRASE"
 FLEET = "demo"
 DEVICES = ("demo-1", "demo-2")
+T = TypeVar("T")
 
 
 def say(text: str) -> None:
@@ -151,6 +157,102 @@ class Traffic(threading.Thread):
         conn.close()
 
 
+def wait_until(what: str, check: Callable[[], T | None], timeout_s: float = 60.0) -> T:
+    """Poll ``check`` until it returns something other than None."""
+    deadline = time.monotonic() + timeout_s
+    while (found := check()) is None:
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out after {timeout_s:.0f} s waiting for {what}")
+        time.sleep(0.25)
+    return found
+
+
+def rotate_the_release_key(
+    out: Path,
+    *,
+    data: Path,
+    root_1: Path,
+    broker_url: str,
+    serve_port: int,
+    rollout: Callable[..., None],
+) -> None:
+    """Steps 8-9: trust root v2 trusts a new release key and revokes the old one; the
+    devices take it up over MQTT; a bundle the old key signs is refused, v5 installs."""
+    # Imported here: the rest of the demo drives the SDK only through its commands; this
+    # is only how the demo waits for what the devices report to the collector.
+    from sdk.fleet.status import fleet_status  # noqa: PLC0415
+    from sdk.fleet.store import open_store  # noqa: PLC0415
+
+    edgeship, agent_cli = str(BIN / "edgeship"), str(BIN / "edgeship-agent")
+    keys, bundles, root_2 = out / "keys", out / "bundles", out / "root-2.json"
+    broker = ["--broker", broker_url, "--fleet", FLEET]
+
+    say("8. rotate the release key: trust root v2 trusts release-2 and revokes release")
+    run(edgeship, "keygen", keys / "release-2", "--passphrase-env", PASSPHRASE_ENV)
+    # As after a leak: root v2 drops the old key and adds the new one in one step, signed
+    # with the root key (which never signs bundles). `trust publish` checks that root v1
+    # accepts it, writes bundles/root/2.json for the bundle server and publishes it,
+    # retained, on the broker, where the running agents get it.
+    run(edgeship, "trust", "revoke", root_1, keys / "release.pub",
+        "--add-bundle-key", keys / "release-2.pub", "--sign", keys / "root",
+        "--passphrase-env", PASSPHRASE_ENV, "--out", root_2)  # fmt: skip
+    run(edgeship, "trust", "publish", root_2, "--previous", root_1, "--dir", bundles, *broker)
+
+    def roots() -> dict[str, int | None]:
+        store = open_store(str(out / "fleet.sqlite"))
+        try:
+            rows = fleet_status(store, now=time.time(), fleet=FLEET)
+        finally:
+            store.close()
+        return {r.device: r.root_version for r in rows}
+
+    wait_until(
+        "both devices to report trust root v2",
+        lambda: True if all(roots().get(d) == 2 for d in DEVICES) else None,
+    )
+    # Both still serve v2, which only the revoked key signed: with the root's default
+    # `unvouched = keep-serving` they keep it (and report it) until step 9's v5 arrives.
+    run(edgeship, "fleet", "status", "--db", out / "fleet.sqlite")
+
+    say("9. a bundle signed with the revoked key is refused on the device; v5 (release-2) installs")
+
+    def build(version: str, sequence: str, key: Path, name: str) -> None:
+        run(edgeship, "build", data / "digits.onnx",
+            "--metadata", ROOT / "examples" / "quickstart" / "digits.toml",
+            "--key", key, "--passphrase-env", PASSPHRASE_ENV,
+            "--golden-inputs", data / "validation.npz",
+            "--version", version, "--sequence", sequence, "--out", bundles / name)  # fmt: skip
+
+    # What whoever holds the old key can still sign: a higher sequence than anything the
+    # devices run. It goes straight to demo-1 (no --trust: that would refuse it here).
+    build("4.0.0", "4", keys / "release", "digits-v4-old-key.edgeship")
+    build("5.0.0", "5", keys / "release-2", "digits-v5.edgeship")
+    device, config = DEVICES[0], out / "devices" / f"{DEVICES[0]}.toml"
+    sent = time.time()
+    run(edgeship, "publish", bundles / "digits-v4-old-key.edgeship",
+        "--url", f"http://127.0.0.1:{serve_port}/digits-v4-old-key.edgeship",
+        "--device", device, *broker)  # fmt: skip
+
+    def refused() -> dict[str, Any] | None:
+        status = subprocess.run(
+            [agent_cli, "status", "--config", str(config), "--json"],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        doc: dict[str, Any] = json.loads(status.stdout)
+        failure = doc["last_failure"]
+        return None if failure is None or failure["time"] < sent else doc
+
+    # The device's own view: what it serves, the root in force and why it refused.
+    doc = wait_until(f"{device} to refuse the bundle", refused)
+    run(agent_cli, "status", "--config", config)
+    reason, serving = doc["last_failure"]["reason"], doc["current"]["version"]
+    if "trust root v2 trusts" not in reason or serving != "2.0.0":
+        raise SystemExit(f"{device} serves {serving} and refused the bundle because: {reason}")
+    print(f"({device} refused it and still serves {serving}; now v5, signed with release-2:)")
+    # One wave: the point here is the new key, not the staging (steps 5-7 show that).
+    rollout("v5", root_2, waves="100%")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "fleet-demo")
@@ -163,14 +265,22 @@ def main() -> int:
     (out / "bundles").mkdir(parents=True)
     edgeship, agent_cli = str(BIN / "edgeship"), str(BIN / "edgeship-agent")
     key = out / "keys" / "release"
+    root_key = out / "keys" / "root"
+    signed_by_root: list[str | Path] = ["--sign", root_key, "--passphrase-env", PASSPHRASE_ENV]
 
     say("1. train the digits classifier and export it to ONNX")
     run(sys.executable, ROOT / "examples" / "digits" / "train.py", "--out", out / "digits")
     data = out / "digits"
 
-    say("2. a signing key and the trust policy every device gets; each device's own key")
+    say("2. a root key, a release key and trust root v1 every device gets; each device's own key")
+    # The devices boot from a signed root rather than a bare trust policy, so that step 8 can
+    # change their keys over the air. One root key keeps the demo short; a real fleet holds
+    # k of n root keys offline, one per person (docs/keys.md).
+    run(edgeship, "keygen", root_key, "--passphrase-env", PASSPHRASE_ENV)
     run(edgeship, "keygen", key, "--passphrase-env", PASSPHRASE_ENV)
-    run(edgeship, "trust", f"{key}.pub", "--out", out / "trust.toml")
+    root_1 = out / "root-1.json"
+    run(edgeship, "trust", "init", "--root-key", f"{root_key}.pub", "--bundle-key",
+        f"{key}.pub", "--fleet", FLEET, *signed_by_root, "--out", root_1)  # fmt: skip
     device_keys = {d: out / "devices" / f"{d}.key" for d in DEVICES}
     (out / "devices").mkdir()
     for device_key in device_keys.values():
@@ -180,7 +290,7 @@ def main() -> int:
         "3. build and sign v1 (float32), v2 (static int8, gated, encrypted for the devices)"
         " and v3 (will fail on device)"
     )
-    common = [
+    common: list[str | Path] = [
         "--metadata",
         ROOT / "examples" / "quickstart" / "digits.toml",
         "--key",
@@ -280,7 +390,7 @@ def main() -> int:
             "verify",
             out / "tampered.edgeship",
             "--trust",
-            out / "trust.toml",
+            root_1,
             check=False,
         ).returncode
         == 0
@@ -345,9 +455,12 @@ def main() -> int:
             config = state.parent / f"{device}.toml"
             config.write_text(
                 f'device_id = "{device}"\nfleet = "{FLEET}"\nstate_dir = "{state}"\n'
-                f'trust_policy = "{out / "trust.toml"}"\n'
+                f'trust_policy = "{root_1}"\n'
                 f'decryption_key = "{device_keys[device]}"\n\n'
                 f'[broker]\nurl = "{broker_url}"\n\n'
+                # Where a device that missed a root fetches it (root/N.json), beside the
+                # retained latest root on the broker.
+                f'[trust]\nserver_url = "http://127.0.0.1:{serve_port}/"\n\n'
                 "[telemetry]\ninterval_s = 2.0\n\n"
                 f"[http]\nenabled = true\nport = {http_port}\nmetrics = true\n"
                 f'token_file = "{state.parent / f"{device}.token"}"\n\n'
@@ -365,7 +478,9 @@ def main() -> int:
             traffic.append(t)
         (out / "groups.toml").write_text(f"[groups]\ndemo = {json.dumps(list(DEVICES))}\n")
 
-        def rollout(version: str, *, expect_halt: bool = False) -> None:
+        def rollout(
+            version: str, trust: Path, *, waves: str = "50%,100%", expect_halt: bool = False
+        ) -> None:
             result = run(
                 edgeship,
                 "rollout",
@@ -373,7 +488,7 @@ def main() -> int:
                 "--url",
                 f"http://127.0.0.1:{serve_port}/digits-{version}.edgeship",
                 "--trust",
-                out / "trust.toml",
+                trust,
                 "--broker",
                 broker_url,
                 "--fleet",
@@ -383,7 +498,7 @@ def main() -> int:
                 "--group",
                 "demo",
                 "--waves",
-                "50%,100%",
+                waves,
                 "--max-failure-rate",
                 "0",
                 "--min-healthy-time",
@@ -399,11 +514,19 @@ def main() -> int:
                 raise SystemExit(f"rollout of {version} ended with exit {result.returncode}")
 
         say("5. roll out v1: both devices install, health-check and serve it")
-        rollout("v1")
+        rollout("v1", root_1)
         say("6. roll out v2 while traffic flows: hot swap, no failed request")
-        rollout("v2")
+        rollout("v2", root_1)
         say("7. roll out v3: the first device's health check refuses it; the rollout halts")
-        rollout("v3", expect_halt=True)
+        rollout("v3", root_1, expect_halt=True)
+        rotate_the_release_key(
+            out,
+            data=data,
+            root_1=root_1,
+            broker_url=broker_url,
+            serve_port=serve_port,
+            rollout=rollout,
+        )
         time.sleep(3)  # one more telemetry interval for the report
         for t in traffic:
             t.stop_event.set()
@@ -420,7 +543,7 @@ def main() -> int:
             print("\n".join(failed[:10]))
             raise SystemExit("requests failed during the rollouts")
 
-        say("8. fleet status, Prometheus metrics and the HTML report")
+        say("10. fleet status, Prometheus metrics and the HTML report")
         run(edgeship, "fleet", "status", "--db", out / "fleet.sqlite")
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         with urllib.request.urlopen(metrics_url, timeout=10) as response:

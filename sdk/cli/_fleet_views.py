@@ -74,9 +74,12 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _trust_cell(r: DeviceStatus) -> str:
-    """``v3``; ``v2 BEHIND``; ``held back: <why>`` (what to look at first, first)."""
+    """``v3``; ``v2 BEHIND``; ``held back: <why>``; ``v2 UNVOUCHED: <why>`` (what to look
+    at first, first)."""
     if r.held_back is not None:
         return f"held back: {r.held_back}"
+    if r.unvouched is not None:
+        return f"v{r.root_version} UNVOUCHED: {r.unvouched}"
     if r.root_version is None:
         return "-"
     return f"v{r.root_version}" + (" BEHIND" if r.root_behind else "")

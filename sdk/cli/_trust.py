@@ -277,7 +277,10 @@ def cmd_publish(args: argparse.Namespace) -> int:
     if not args.no_mqtt:
         with _client(args) as client:
             doc["topic"] = publish_trust(client, args.fleet, "root", data)
-    emit(args, doc, f"published trust root v{root.version} for fleet {args.fleet}: {doc}")
+    where = [f"served as {doc['file']}"] if "file" in doc else []
+    where += [f"retained on {doc['topic']}"] if "topic" in doc else []
+    text = f"published trust root v{root.version} for fleet {args.fleet}: {', '.join(where)}"
+    emit(args, doc, text)
     return 0
 
 

@@ -33,6 +33,7 @@ class DeviceStatus:
     root_version: int | None = None  # the trust root it holds (None: not reported)
     root_behind: bool | None = None  # holds an older root than the latest
     held_back: str | None = None  # why it knows updates are withheld, if it does
+    unvouched: str | None = None  # why its root no longer vouches for what it serves
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -55,7 +56,7 @@ def fleet_status(
     )
     trust = {(d["fleet"], d["device"]): _trust(d["state"]) for d in devices}
     newest: dict[str, int] = {}
-    for (f, _), (version, _) in trust.items():
+    for (f, _), (version, _, _) in trust.items():
         if version is not None:
             newest[f] = max(version, newest.get(f, version))
     errors = {
@@ -80,7 +81,7 @@ def fleet_status(
         key = (d["fleet"], d["device"])
         e, t = errors.get(key, {}), latest.get(key, {})
         requests = e.get("requests")
-        root_version, held_back = trust[key]
+        root_version, held_back, unvouched = trust[key]
         target = latest_root if latest_root is not None else newest.get(d["fleet"])
         out.append(
             DeviceStatus(
@@ -100,23 +101,26 @@ def fleet_status(
                 if root_version is None or target is None
                 else root_version < target,
                 held_back=held_back,
+                unvouched=unvouched,
             )
         )
     return out
 
 
-def _trust(state: str | None) -> tuple[int | None, str | None]:
-    """The root version and the held-back reason a reported state carries (None: absent or
-    not what a device writes: the collector stores what devices send, unchecked)."""
+def _trust(state: str | None) -> tuple[int | None, str | None, str | None]:
+    """The root version, the held-back reason and the unvouched reason a reported state
+    carries (None: absent or not what a device writes: the collector stores what devices
+    send, unchecked)."""
     try:
         doc = json.loads(state) if state else None
     except ValueError:
-        return None, None
+        return None, None, None
     trust = doc.get("trust") if isinstance(doc, dict) else None
     if not isinstance(trust, dict):
-        return None, None
-    version, held = trust.get("root_version"), trust.get("held_back")
+        return None, None, None
+    version, held, unvouched = (trust.get(k) for k in ("root_version", "held_back", "unvouched"))
     return (
         version if isinstance(version, int) and not isinstance(version, bool) else None,
         held if isinstance(held, str) else None,
+        unvouched if isinstance(unvouched, str) else None,
     )

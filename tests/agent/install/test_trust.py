@@ -335,6 +335,7 @@ def test_a_revoked_signer_of_what_serves_is_reported_and_serving_goes_on(
     assert (event["digest"], event["action"]) == (current, "keep-serving")
     assert "trust root v2" in event["reason"]
     assert updater.status().current == current
+    assert keeper.document()["unvouched"] == event["reason"]  # what fleet status shows
     with pytest.raises(UntrustedSignerError):  # and it cannot be installed again
         updater.install(str(next(tmp_path.glob("bundles/bundle-2-*"))))
 
