@@ -11,11 +11,11 @@ commented example.
 from __future__ import annotations
 
 import re
-import tomllib
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal, TypeVar, Union
 
 from agent.errors import ConfigError
 from agent.install._config import FetchConfig, TrustConfig, UpdateConfig
@@ -29,6 +29,11 @@ from agent.serve._http_config import HttpServerConfig, ServerTls
 from agent.serve.mqtt import MqttServingConfig
 from agent.serve.runtimes import RuntimeOptions
 from agent.telemetry._reporter import TelemetryConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the backport, a dependency on these Pythons only
+    import tomli as tomllib
 
 T = TypeVar("T")
 
@@ -46,7 +51,7 @@ __all__ = [
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 LOG_LEVELS: tuple[LogLevel, ...] = ("debug", "info", "warning", "error")
-AttributeValue = str | int | float | bool
+AttributeValue = Union[str, int, float, bool]
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,7 @@ class AgentConfig:
 
 
 _HINT = "see docs/agent.md, 'Configuration'"
+_PROVIDER = re.compile(r"[A-Za-z][A-Za-z0-9]*ExecutionProvider")
 _NON_EMPTY = re.compile(r".+", re.DOTALL)
 
 
@@ -223,12 +229,49 @@ def _update(t: Doc) -> UpdateConfig:
 def _runtime(t: Doc) -> RuntimeOptions:
     threads = t.integer("threads", 0, minimum=0)
     inter = t.integer("inter_op_threads", 0, minimum=0)
+    providers = t.texts("providers") if t.has("providers") else ()
+    delegates = t.texts("delegates") if t.has("delegates") else ()
+    for name in providers:
+        if not _PROVIDER.fullmatch(name):
+            raise ConfigError(
+                f"runtime.providers: {name!r} is not an onnxruntime execution provider name"
+                " (such as OpenVINOExecutionProvider or CPUExecutionProvider)"
+            )
+    for name in delegates:
+        if name not in ("xnnpack", "cpu") and not name.startswith("/"):
+            raise ConfigError(
+                f"runtime.delegates: {name!r} is not xnnpack, cpu or the absolute path of a"
+                " delegate library"
+            )
     return RuntimeOptions(
         threads=threads or None,
         inter_op_threads=inter or None,
         load_from_memory=t.boolean("load_from_memory", True),
         cpu_mem_arena=t.boolean("cpu_mem_arena", True),
+        providers=providers,
+        delegates=delegates,
+        provider_options=_provider_options(t, {*providers, *delegates}),
     )
+
+
+def _provider_options(t: Doc, named: set[str]) -> dict[str, dict[str, str]]:
+    """``[runtime.provider_options.<name>]``: options of a provider named above, as text."""
+    if not t.has("provider_options"):
+        return {}
+    tables = t.any_obj("provider_options")
+    out: dict[str, dict[str, str]] = {}
+    for name, table in sorted(tables.items()):
+        where = f"runtime.provider_options.{name}"
+        if name not in named:
+            raise ConfigError(f"{where}: {name} is not in runtime.providers or runtime.delegates")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where} must be a table")
+        out[name] = {}
+        for key, value in sorted(table.items()):
+            if not isinstance(value, (str, int, float, bool)):
+                raise ConfigError(f"{where}.{key} must be a string, number or boolean")
+            out[name][key] = str(value).lower() if isinstance(value, bool) else str(value)
+    return out
 
 
 def _telemetry(t: Doc) -> TelemetryConfig:
@@ -314,7 +357,7 @@ def _attributes(t: Doc) -> dict[str, AttributeValue]:
     out: dict[str, AttributeValue] = {}
     for key in sorted(t.value):
         value = t.raw(key)
-        if not isinstance(value, str | int | float | bool):
+        if not isinstance(value, (str, int, float, bool)):
             raise t.bad(key, "a string, number or boolean")
         out[key] = value
     return out

@@ -434,7 +434,7 @@ class Agent:
                 manifest = self.store.manifest(digest)
             except StateError as exc:
                 log.warning("no telemetry reference for the serving model: %s", exc)
-        drift = self.predictor.model_changed(digest, manifest)
+        drift = self.predictor.model_changed(digest, manifest, self.updater.models.serving(digest))
         if self.reporter is not None:
             self.reporter.set_drift(drift)
 
@@ -448,6 +448,7 @@ class Agent:
             probation=probation,
             desired_digest=None if desired is None else desired.digest,
             trust=self.trust.document(),
+            serving=self.updater.models.serving(self.slot.digest),
         )
 
     def _publish_state(self) -> None:

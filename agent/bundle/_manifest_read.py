@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import re
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from functools import partial
 from typing import Any, Literal, cast
 
@@ -130,7 +130,7 @@ def _time(o: Doc, key: str) -> datetime:
         t = datetime.strptime(v, "%Y-%m-%dT%H:%M:%SZ")
     except ValueError:
         raise o.bad(key, "a UTC time like 2026-01-31T12:00:00Z") from None
-    return t.replace(tzinfo=UTC)
+    return t.replace(tzinfo=timezone.utc)
 
 
 _X25519_P = 2**255 - 19

@@ -19,7 +19,7 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from typing import Any, Literal
 
 from agent.bundle._manifest_write import drift_json, tensor_json, tolerance_json
@@ -109,7 +109,7 @@ def _schema_minor(version: str) -> int | None:
 
 def format_time(t: datetime) -> str:
     """RFC 3339 UTC with a trailing ``Z`` and whole seconds: the manifest's time format."""
-    return t.astimezone(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return t.astimezone(timezone.utc).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # --- typed parts -------------------------------------------------------------------

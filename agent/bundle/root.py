@@ -22,7 +22,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -74,7 +74,7 @@ def parse_time(doc: Doc, key: str) -> datetime:
     """
     text = doc.text(key, max_len=20, pattern=_TIME_RE, what="a UTC time like 2026-01-31T12:00:00Z")
     try:
-        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
     except ValueError:
         raise doc.bad(key, "a valid date and time") from None
 

@@ -19,7 +19,7 @@ import base64
 import binascii
 import hashlib
 import json
-import tomllib
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +33,11 @@ from agent.errors import (
     UntrustedSignerError,
 )
 from agent.plumbing.strict import Doc, load_json
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the backport, a dependency on these Pythons only
+    import tomli as tomllib
 
 __all__ = [
     "Envelope",

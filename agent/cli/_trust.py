@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -82,7 +82,7 @@ def _describe(root: TrustRoot, source: str) -> dict[str, Any]:
         "source": source,
         "version": root.version,
         "expires": None if root.expires is None else format_time(root.expires),
-        "expired": root.expires is not None and datetime.now(UTC) > root.expires,
+        "expired": root.expires is not None and datetime.now(timezone.utc) > root.expires,
         "fleet": root.fleet,
         "root": role(root.root),
         "bundles": {**role(root.bundles), "scopes": {k: list(v) for k, v in root.scopes.items()}},

@@ -192,7 +192,7 @@ class UrlFetcher:
 
 def _transient_tls(exc: ssl.SSLError) -> bool:
     """A TLS connection cut by the network (worth a retry), not a TLS refusal."""
-    return isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError | ssl.SSLWantReadError)
+    return isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLWantReadError))
 
 
 def _tls_failure(netloc: str, exc: ssl.SSLError) -> str:

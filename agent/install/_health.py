@@ -23,6 +23,7 @@ from agent.bundle.arrays import read_npz, split_cases
 from agent.bundle.manifest import Manifest, Tolerance
 from agent.bundle.payload import read_payload
 from agent.errors import EdgeshipError, HealthCheckError
+from agent.plumbing.compat import zip_strict
 from agent.plumbing.stats import percentile_ms
 from agent.serve._slot import ServingModel
 
@@ -102,7 +103,7 @@ def golden_requests(
         split_cases(load_payload_arrays(manifest, model_dir, path, key), cases.count, path)
         for path in (cases.inputs, cases.expected)
     )
-    return list(zip(inputs, expected, strict=True))
+    return list(zip_strict(inputs, expected))
 
 
 def compare_outputs(
@@ -202,7 +203,7 @@ def check_health(
             model.predict(inputs)
         except EdgeshipError as exc:
             raise HealthCheckError(f"the model fails on a repeated run: {exc}") from None
-        latencies.append(max(0.0, min(c() - t for c, t in zip(clocks, starts, strict=True))))
+        latencies.append(max(0.0, min(c() - t for c, t in zip_strict(clocks, starts))))
     observed = percentile_ms(latencies, 0.95)
     budget = health.latency_budget_p95_ms
     if budget is not None and observed > budget:

@@ -34,10 +34,12 @@ def status_document(
     probation: Mapping[str, Any] | None = None,
     desired_digest: str | None = None,
     trust: Mapping[str, Any] | None = None,
+    serving: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The state as a JSON-ready document: pending and last failure as ``state.json`` holds
-    them, versions named by their manifests, and the device's trust (its root version,
-    whether updates are held back: :meth:`agent.install._trust.TrustKeeper.document`)."""
+    them, versions named by their manifests, the device's trust (its root version,
+    whether updates are held back: :meth:`agent.install._trust.TrustKeeper.document`) and
+    what serves (its digest, runtime and provider)."""
     return {
         "current": version_info(store, state.current),
         "previous": version_info(store, state.previous),
@@ -48,4 +50,5 @@ def status_document(
         "probation": None if probation is None else dict(probation),
         "desired_digest": desired_digest,
         "trust": None if trust is None else dict(trust),
+        "serving": None if serving is None else dict(serving),
     }

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -99,7 +99,7 @@ class TrustKeeper:
         self._fetcher = fetcher
         self._events = events
         self._changed = changed
-        self._clock = wall_clock or (lambda: datetime.now(UTC))
+        self._clock = wall_clock or (lambda: datetime.now(timezone.utc))
         self._lock = threading.RLock()
         self._inbox = _Inbox()
         self._retry = Backoff(self.config.retry_initial_s, self.config.retry_max_s)

@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -118,11 +118,13 @@ class Updater:
         )
         self._device = device
         self._fetcher = fetcher
-        self.models = ModelLoading(self.config, lambda: self.device, loader)
+        self.models = ModelLoading(
+            self.config, lambda: self.device, loader, self.store.root / "providers.json", events
+        )
         self.key = self.models.key
         self.slot = slot
         self._events = events
-        self._wall_clock = wall_clock or (lambda: datetime.now(UTC))
+        self._wall_clock = wall_clock or (lambda: datetime.now(timezone.utc))
         self._lock = threading.RLock()  # one state change at a time within this process
 
     @property
@@ -429,14 +431,8 @@ class Updater:
         Raises:
             EdgeshipError: incompatible, does not load, or fails the gate.
         """
-        passed = self.models.gate(manifest, self.store.version_dir(digest))
-        self._emit(
-            "health-check-passed",
-            digest=digest,
-            p95_ms=passed.report.p95_ms,
-            gate=passed.gate,
-            seconds=passed.seconds,
-        )
+        passed = self.models.gate(manifest, self.store.version_dir(digest), digest)
+        self._emit("health-check-passed", digest=digest, **passed.event_fields())
         return passed.model, passed.report
 
     def _serve(self, digest: str | None) -> None:
@@ -448,7 +444,7 @@ class Updater:
         if self.slot.digest == digest and self.slot.monitor() is None:
             return
         manifest = self.store.manifest(digest)
-        self.slot.swap(self.models.load(manifest, self.store.version_dir(digest)), digest)
+        self.slot.swap(self.models.load(manifest, self.store.version_dir(digest), digest), digest)
 
     def _rollback(self, state: AgentState, reason: str) -> AgentState:
         new = rollback_state(state, reason, time.time())
@@ -490,7 +486,7 @@ class Updater:
         self.store.save(state)
         if crash_point == "phase" and state.pending is not None:
             faults.crash_point(state.pending.phase)
-        elif crash_point not in (None, "phase"):
+        elif crash_point is not None and crash_point != "phase":
             faults.crash_point(crash_point)
         return state
 

@@ -19,6 +19,8 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from agent.plumbing.compat import json_int
+
 __all__ = ["MISSING", "Doc", "check_printable", "load_json"]
 
 T = TypeVar("T")
@@ -102,7 +104,10 @@ def load_json(data: bytes, *, what: str, error: ErrorType, duplicate_keys: bool 
     hook = None if duplicate_keys else no_duplicates
     try:
         return json.loads(
-            data.decode("utf-8"), object_pairs_hook=hook, parse_constant=reject_constant
+            data.decode("utf-8"),
+            object_pairs_hook=hook,
+            parse_constant=reject_constant,
+            parse_int=json_int,
         )
     # ValueError covers bad UTF-8, bad JSON and integers over Python's digit limit;
     # RecursionError covers deep nesting. Both are reachable with hostile bytes.

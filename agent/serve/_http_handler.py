@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Union
 
 from agent.errors import EdgeshipError, InputValidationError, error_code
 from agent.serve._cache import predict_versioned
@@ -128,7 +128,7 @@ TOO_MANY_FROM_CLIENT = _unavailable(
     "busy", "too many connections from your address; reuse or close some, then retry"
 )
 
-Body = bytes | list[bytes]  # an answer, whole or in parts written one after the other
+Body = Union[bytes, list[bytes]]  # an answer, whole or in parts written one after the other
 _WRITE_BYTES = 1 << 16
 
 
@@ -221,7 +221,7 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
             elif self.parse_request():
                 self._dispatch()
-        except TimeoutError:
+        except socket.timeout:  # TimeoutError from 3.10 on; a plain OSError before
             # An idle keep-alive connection just closes; a request stalled half-way gets 408.
             self.close_connection = True
             if started and not self.responding:
@@ -378,7 +378,7 @@ class Handler(BaseHTTPRequestHandler):
             body = self.rfile.read(length)
         except OSError as exc:  # a read timed out, or the client reset the connection
             self.close_connection = True
-            if isinstance(exc, TimeoutError):
+            if isinstance(exc, socket.timeout):
                 raise HttpError(
                     HTTPStatus.REQUEST_TIMEOUT,
                     "too-slow",

@@ -27,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.errors import InputValidationError
+from agent.plumbing.compat import compile_possessive, json_int, zip_strict
 
 __all__ = ["Budget", "NumericArray", "holds_array", "load", "narrowed", "utf8"]
 
@@ -41,12 +42,12 @@ _NUM = rb"-?+(?:0|[1-9][0-9]*+)(?:\.[0-9]++)?+(?:[eE][-+]?+[0-9]++)?+"
 # One token at a time: a whole string (so brackets inside strings are never taken for
 # arrays), or a run of the characters an array of numbers is made of. Possessive
 # quantifiers keep every match linear, also on hostile input.
-_TOKEN = re.compile(rb'"(?:[^"\\]++|\\.)*+"?|\[[-+.0-9eE,\[\] \t\n\r]*+', re.DOTALL)
-_LEAD = re.compile(rb"(?:\[" + _WS + rb")++")
+_TOKEN = compile_possessive(rb'"(?:[^"\\]++|\\.)*+"?|\[[-+.0-9eE,\[\] \t\n\r]*+', re.DOTALL)
+_LEAD = compile_possessive(rb"(?:\[" + _WS + rb")++")
 _NO_BRACKETS = bytes.maketrans(b"[]", b"  ")
 # An integer literal of 19 digits or more: from a separator to a separator, so that the
 # digits of a fraction or an exponent never count.
-_LONG_INTEGER = re.compile(rb"[\[, \t\n\r]-?[0-9]{19}[0-9]*+(?=[\], \t\n\r])")
+_LONG_INTEGER = compile_possessive(rb"[\[, \t\n\r]-?[0-9]{19}[0-9]*+(?=[\], \t\n\r])")
 _MAX_REPEAT = 1 << 31  # below the regular-expression engine's own repeat limit
 # Plain integers decode to the first type whose digits hold them all.
 _NARROW = ((2, np.dtype(np.int8)), (4, np.dtype(np.int16)), (9, np.dtype(np.int32)))
@@ -55,7 +56,7 @@ _NARROW = ((2, np.dtype(np.int8)), (4, np.dtype(np.int16)), (9, np.dtype(np.int3
 @functools.cache
 def _closing(depth: int) -> re.Pattern[bytes]:
     """``depth`` closing brackets in a row: the end of the first array at that depth."""
-    return re.compile(rb"\](?:" + _WS + rb"\]){" + str(depth - 1).encode() + rb"}")
+    return compile_possessive(rb"\](?:" + _WS + rb"\]){" + str(depth - 1).encode() + rb"}")
 
 
 @functools.lru_cache(maxsize=64)
@@ -68,7 +69,7 @@ def _rectangular(shape: tuple[int, ...]) -> re.Pattern[bytes]:
     inner = _NUM
     for d in reversed(shape):
         inner = rb"\[(?:" + _WS + inner + _WS + rb"(?:,|(?=\]))){" + str(d).encode() + rb"}+\]"
-    return re.compile(inner)
+    return compile_possessive(inner)
 
 
 @dataclass(frozen=True, eq=False)
@@ -197,10 +198,10 @@ def load(body: bytes, max_structure_bytes: int, max_rank: int) -> Any:
 def _loads(text: bytes, arrays: dict[str, NumericArray]) -> Any:
     def parse_int(literal: str) -> Any:
         lifted = arrays.get(literal)
-        return int(literal) if lifted is None else lifted
+        return json_int(literal) if lifted is None else lifted
 
     try:
-        return json.loads(text, parse_int=parse_int if arrays else None)
+        return json.loads(text, parse_int=parse_int if arrays else json_int)
     except json.JSONDecodeError as exc:
         # Positions in the text without its arrays would mislead: name them only in full.
         where = f" ({exc.msg}, outside its arrays of numbers)" if arrays else f": {exc}"
@@ -244,7 +245,7 @@ def _measure(body: bytes, start: int, run_end: int, max_rank: int) -> NumericArr
         ends.append(close.end())
     shape = [body.count(b",", opens[-1], ends[-1]) + 1]
     closes_below = 1  # closing brackets in one array of the level below
-    for first, end in zip(reversed(opens[:-1]), reversed(ends[:-1]), strict=True):
+    for first, end in zip_strict(reversed(opens[:-1]), reversed(ends[:-1])):
         inner, rest = divmod(body.count(b"]", first, end) - 1, closes_below)
         if rest or inner < 1:
             return None

@@ -19,6 +19,7 @@ import numpy.typing as npt
 
 from agent.bundle.manifest import ModelSpec, QuantParams
 from agent.errors import InferenceError, MalformedManifestError
+from agent.plumbing.compat import zip_strict
 from agent.serve._validation import InputPolicy, InputValidator
 
 __all__ = ["Backend", "Model"]
@@ -97,7 +98,7 @@ class Model:
             outputs = self._run(feed)
         except self._errors as exc:
             raise InferenceError(f"{self.runtime} failed to run {self.spec.file}: {exc}") from exc
-        result = dict(zip(self._output_names, outputs, strict=True))
+        result = dict(zip_strict(self._output_names, outputs))
         for name, q in self._quant_out:
             result[name] = _dequantize(result[name], q)
         return result

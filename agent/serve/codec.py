@@ -59,6 +59,7 @@ import numpy.typing as npt
 
 from agent.bundle.manifest import DTYPES
 from agent.errors import InputValidationError
+from agent.plumbing.compat import json_int
 from agent.serve import _json_read
 from agent.serve._json_read import Budget, NumericArray, holds_array
 
@@ -226,7 +227,7 @@ def _plain(name: str, value: object, budget: Budget) -> npt.NDArray[Any]:
 
 
 def _numbers(name: str, value: object) -> npt.NDArray[Any]:
-    if not isinstance(value, list | int | float) or isinstance(value, bool):
+    if not isinstance(value, (list, int, float)) or isinstance(value, bool):
         _refuse(f"tensor {name!r} must be a (nested) list of numbers or a typed object")
     try:
         a = np.asarray(value)
@@ -436,7 +437,7 @@ def _read_header(view: memoryview, limits: CodecLimits) -> tuple[dict[str, Any],
     if end > len(view):
         _refuse(f"the binary message is truncated: its header needs {end} bytes, got {len(view)}")
     try:
-        header = json.loads(bytes(view[_PREFIX.size : end]))
+        header = json.loads(bytes(view[_PREFIX.size : end]), parse_int=json_int)
     except (ValueError, RecursionError) as exc:
         _refuse(f"the binary header is not valid UTF-8 JSON: {_short(exc)}")
     if not isinstance(header, dict) or not isinstance(header.get("tensors"), list):

@@ -51,6 +51,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from agent.plumbing.compat import zip_strict
+
 __all__ = [
     "ALPHA",
     "MIN_EXPECTED_ROWS",
@@ -81,7 +83,7 @@ def chi2_sf(x: FloatArray, df: npt.NDArray[np.integer[Any]]) -> FloatArray:
     y = np.clip(np.asarray(x, dtype=np.float64), 0.0, 1e6) / 2
     df = np.asarray(df)
     odd = df % 2 == 1
-    erfc = np.array([math.erfc(math.sqrt(v)) if o else 0.0 for v, o in zip(y, odd, strict=True)])
+    erfc = np.array([math.erfc(math.sqrt(v)) if o else 0.0 for v, o in zip_strict(y, odd)])
     e = np.exp(-y)
     q = np.where(odd, erfc, e)
     term = np.where(odd, 2 * np.sqrt(y / math.pi) * e, y * e)  # the series' first term

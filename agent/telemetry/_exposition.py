@@ -14,6 +14,7 @@ representative value, so the bucket counts are exact to the histogram's relative
 
 from __future__ import annotations
 
+from agent.plumbing.compat import zip_strict
 from agent.telemetry._metrics import Metrics
 
 __all__ = ["BUCKETS_S", "CONTENT_TYPE", "exposition"]
@@ -56,7 +57,7 @@ def exposition(metrics: Metrics) -> bytes:
                     below[j] += count
                     break
     cumulative = 0
-    for bound, count in zip(BUCKETS_S, below, strict=True):
+    for bound, count in zip_strict(BUCKETS_S, below):
         cumulative += count
         lines.append(f'{_PREFIX}{name}_bucket{{le="{bound}"}} {cumulative}')
     lines += [

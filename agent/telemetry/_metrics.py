@@ -12,10 +12,11 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.plumbing.compat import zip_strict
 from agent.plumbing.stats import quantile_rank
 
 __all__ = [
@@ -107,6 +108,9 @@ class ModelInfo:
     version: str
     sequence: int
     latency_budget_p95_ms: float | None = None  # the manifest's health budget, if any
+    # The runtime and the execution provider (or delegate) it serves on, when known.
+    runtime: str | None = None
+    provider: str | None = None
 
 
 @dataclass(frozen=True)
@@ -158,8 +162,13 @@ class MetricsSnapshot:
                 {}
                 if self.model.latency_budget_p95_ms is None
                 else {"latency_budget_p95_ms": self.model.latency_budget_p95_ms}
-            ),
+            )
+            | ({} if self.model.provider is None else self._serving()),
         }
+
+    def _serving(self) -> dict[str, Any]:
+        assert self.model is not None  # the caller checked
+        return {"runtime": self.model.runtime, "provider": self.model.provider}
 
 
 @dataclass(frozen=True)
@@ -215,10 +224,24 @@ class Metrics:
         self._last_bucket = len(layout.counts) - 1
 
     def set_model(
-        self, name: str, version: str, sequence: int, latency_budget_p95_ms: float | None = None
+        self,
+        name: str,
+        version: str,
+        sequence: int,
+        latency_budget_p95_ms: float | None = None,
+        serving: Mapping[str, str] | None = None,
     ) -> None:
-        """Name the model serving from now on (reported with every snapshot)."""
-        self._model = ModelInfo(name, version, sequence, latency_budget_p95_ms)
+        """Name the model serving from now on (reported with every snapshot), and the
+        runtime and provider it serves on (``serving``: ``runtime``, ``provider``)."""
+        serving = serving or {}
+        self._model = ModelInfo(
+            name,
+            version,
+            sequence,
+            latency_budget_p95_ms,
+            serving.get("runtime"),
+            serving.get("provider"),
+        )
 
     @property
     def layout(self) -> LogHistogram:
@@ -231,7 +254,7 @@ class Metrics:
             w, t = self._window, self._totals
             errors = dict(t.errors)
             _add_errors(errors, w.errors)
-            counts = tuple(a + b for a, b in zip(t.hist.counts, w.hist.counts, strict=True))
+            counts = tuple(a + b for a, b in zip_strict(t.hist.counts, w.hist.counts))
             requests, lat_sum = t.requests + w.requests, t.lat_sum + w.lat_sum
         return MetricsTotals(requests, lat_sum, errors, counts, self._model)
 
@@ -268,7 +291,7 @@ class Metrics:
             t.requests += w.requests
             t.lat_sum += w.lat_sum
             _add_errors(t.errors, w.errors)
-            t.hist.counts = [a + b for a, b in zip(t.hist.counts, w.hist.counts, strict=True)]
+            t.hist.counts = [a + b for a, b in zip_strict(t.hist.counts, w.hist.counts)]
         elapsed = max(now - w.started, 1e-9)
         latency = None
         qs = w.hist.quantiles((0.5, 0.95, 0.99))

@@ -101,8 +101,15 @@ class ObservedPredictor:
                 log.debug("drift observation skipped: %s", exc)
         return version or "", outputs
 
-    def model_changed(self, digest: str | None, manifest: Manifest | None) -> DriftMonitor | None:
+    def model_changed(
+        self,
+        digest: str | None,
+        manifest: Manifest | None,
+        serving: Mapping[str, str] | None = None,
+    ) -> DriftMonitor | None:
         """Name the serving model in the metrics and give it a drift monitor of its own.
+
+        ``serving`` names the runtime and provider it runs on (``runtime``, ``provider``).
 
         Returns the new monitor (None when nothing serves or its manifest is unknown).
         """
@@ -110,7 +117,7 @@ class ObservedPredictor:
             self._drift = None
             return None
         budget = manifest.health.latency_budget_p95_ms
-        self.metrics.set_model(manifest.name, manifest.version, manifest.sequence, budget)
+        self.metrics.set_model(manifest.name, manifest.version, manifest.sequence, budget, serving)
         output, classifier = watched_output(manifest, self._output_kind)
         drift = DriftMonitor(manifest.drift_reference, classifier=classifier)
         self._drift = (digest, drift, output)

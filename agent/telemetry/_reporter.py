@@ -48,6 +48,7 @@ EVENT_KINDS = (
     "verified",
     "staged",
     "health-check-passed",
+    "provider-fallback",
     "activated",
     "committed",
     "rolled-back",

@@ -262,7 +262,13 @@ def test_predictions_are_recorded_in_telemetry(
     assert t is not None
     assert t["metrics"]["requests"] == 6
     assert t["metrics"]["errors"] == {"invalid-input": 1}
-    assert t["metrics"]["model"] == {"name": "mlp", "version": "1.1", "sequence": 1}
+    assert t["metrics"]["model"] == {
+        "name": "mlp",
+        "version": "1.1",
+        "sequence": 1,
+        "runtime": "onnxruntime",
+        "provider": "CPUExecutionProvider",
+    }
     assert t["drift"]["outputs"]["kind"] == "top_score"
 
 

@@ -25,10 +25,13 @@ from agent.errors import ConfigError, HealthCheckError, RuntimeUnavailableError
 from agent.serve._model import Backend, Model
 from agent.serve._validation import InputPolicy
 from agent.serve.runtimes._base import (
+    CPU_PROVIDERS,
+    DEFAULT_PROVIDERS,
     RUNTIME_EXTRAS,
     SMALL_MODEL_ELEMENTS,
     RuntimeOptions,
     installed_runtimes,
+    provider_chain,
     threads_for,
 )
 
@@ -36,6 +39,8 @@ if TYPE_CHECKING:
     from agent.bundle.crypto import DeviceKey
 
 __all__ = [
+    "CPU_PROVIDERS",
+    "DEFAULT_PROVIDERS",
     "RUNTIME_EXTRAS",
     "SMALL_MODEL_ELEMENTS",
     "InputPolicy",
@@ -44,6 +49,7 @@ __all__ = [
     "installed_runtimes",
     "load_model",
     "load_model_file",
+    "provider_chain",
 ]
 
 
@@ -65,14 +71,16 @@ def load_model(
         manifest: the verified manifest; its ``model`` section describes the file.
         model_dir: the directory the bundle's payload was extracted to.
         runtime: ``onnxruntime``, ``litert`` or ``tflite-runtime``.
-        options: threads and memory options (default :class:`RuntimeOptions()`).
+        options: threads, memory and the execution provider or delegate (the first one
+            preferred: loading never falls back; default :class:`RuntimeOptions()`).
         policy: limits for every request (default :class:`InputPolicy()`).
         key: the device key that opens an encrypted bundle; the model is decrypted in
             memory and never written anywhere.
 
     Raises:
         RuntimeUnavailableError: the runtime is unknown, cannot run this model format, or
-            is not installed (the message names the extra to install).
+            is not installed (the message names the extra to install); or the provider
+            or delegate is not available.
         HealthCheckError: the file is missing or does not load, or its signature differs
             from the manifest's.
         MalformedManifestError: the manifest quantizes a non-integer tensor.

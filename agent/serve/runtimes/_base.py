@@ -6,11 +6,12 @@ import importlib
 import math
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from types import ModuleType
 
 from agent.bundle.manifest import ModelSpec, QuantParams, TensorSpec
 from agent.errors import HealthCheckError, RuntimeUnavailableError
+from agent.plumbing.compat import zip_strict
 from agent.serve.runtimes._dists import installed_version
 
 # Runtime name -> the pip extra that installs it.
@@ -38,6 +39,19 @@ _DISTRIBUTIONS: Mapping[str, tuple[str, ...]] = {
 # more than the work. On the 224x224 conv model two threads are ~1.3-1.6x faster.
 # `bench/predict.py` reprints the comparison on the machine at hand.
 SMALL_MODEL_ELEMENTS = 16_384
+# The CPU path each runtime falls back to: onnxruntime's own kernels, and TFLite's builtin
+# kernels without the XNNPACK delegate that LiteRT and tflite-runtime apply by default.
+CPU_PROVIDERS: Mapping[str, str] = {
+    "onnxruntime": "CPUExecutionProvider",
+    "litert": "cpu",
+    "tflite-runtime": "cpu",
+}
+# What a runtime runs on when the device names nothing: what it always ran on.
+DEFAULT_PROVIDERS: Mapping[str, str] = {
+    "onnxruntime": "CPUExecutionProvider",
+    "litert": "xnnpack",
+    "tflite-runtime": "xnnpack",
+}
 
 
 @dataclass(frozen=True)
@@ -69,6 +83,14 @@ class RuntimeOptions:
             model once more this way, as a second implementation of the same arithmetic
             standing in for a device's kernels, to measure how far outputs may differ
             before it sets the health check's tolerance.
+        providers: onnxruntime execution providers (``OpenVINOExecutionProvider``, ...),
+            best first. A model loads on the first one only, never on another in its
+            place; the health gate falls back along the list (:func:`provider_chain`).
+            Empty: ``CPUExecutionProvider``.
+        delegates: the same for LiteRT / tflite-runtime: ``xnnpack`` (the runtime's
+            default), ``cpu`` (builtin kernels, no delegate) or the absolute path of a
+            delegate library. Empty: ``xnnpack``.
+        provider_options: options per provider or delegate name, passed to it as strings.
     """
 
     threads: int | None = None
@@ -77,12 +99,44 @@ class RuntimeOptions:
     cpu_mem_arena: bool = True
     allow_spinning: bool = False
     reference_kernels: bool = False
+    providers: tuple[str, ...] = ()
+    delegates: tuple[str, ...] = ()
+    provider_options: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in ("threads", "inter_op_threads"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1 (or None for the default)")
+        # Lists arrive from JSON (the gate's child) and TOML: keep the frozen form.
+        object.__setattr__(self, "providers", tuple(self.providers))
+        object.__setattr__(self, "delegates", tuple(self.delegates))
+
+    def provider_for(self, runtime: str) -> str:
+        """The provider (or delegate) ``runtime`` loads a model on: the first preferred."""
+        preferred = self.providers if runtime == "onnxruntime" else self.delegates
+        return preferred[0] if preferred else DEFAULT_PROVIDERS.get(runtime, "")
+
+    def pinned(self, runtime: str, provider: str) -> RuntimeOptions:
+        """These options with ``provider`` alone for ``runtime``: what the gate passed."""
+        if runtime == "onnxruntime":
+            return replace(self, providers=(provider,))
+        return replace(self, delegates=(provider,))
+
+
+def provider_chain(runtime: str, options: RuntimeOptions) -> tuple[str, ...]:
+    """The providers (or delegates) to try for ``runtime``, best first, CPU last.
+
+    The device's preference, then the runtime's CPU path if the preference leaves it out:
+    a provider that fails must never leave the device without a way to serve. With no
+    preference, only what the runtime always ran on.
+    """
+    preferred = options.providers if runtime == "onnxruntime" else options.delegates
+    if not preferred:
+        return (DEFAULT_PROVIDERS.get(runtime, ""),)
+    cpu = CPU_PROVIDERS.get(runtime)
+    chain = tuple(dict.fromkeys(preferred))
+    return chain if cpu is None or cpu in chain else (*chain, cpu)
 
 
 def installed_runtimes() -> dict[str, str]:
@@ -172,7 +226,7 @@ def check_signature(
             )
         if len(f.shape) != len(spec.shape) or any(
             m is not None and (d != m if kind == "input" else d not in (None, m))
-            for d, m in zip(spec.shape, f.shape, strict=True)
+            for d, m in zip_strict(spec.shape, f.shape)
         ):
             raise HealthCheckError(
                 f"{where} has shape {list(f.shape)} in the model but {list(spec.shape)} in"

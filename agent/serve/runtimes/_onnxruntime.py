@@ -1,4 +1,4 @@
-"""The onnxruntime adapter (CPU execution provider)."""
+"""The onnxruntime adapter: one execution provider per session, the one the device chose."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import numpy.typing as npt
 
 from agent.bundle.manifest import ModelSpec
-from agent.errors import HealthCheckError
+from agent.errors import HealthCheckError, RuntimeUnavailableError
 from agent.serve.runtimes._base import Found, RuntimeOptions, check_signature, import_runtime
 
 # onnxruntime's type strings -> numpy dtype names.
@@ -68,15 +68,36 @@ class OnnxRuntimeBackend:
         )
         if options.reference_kernels:
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        self.provider = options.provider_for(self.runtime)
+        available = ort.get_available_providers()
+        if self.provider not in available:
+            raise RuntimeUnavailableError(
+                f"this onnxruntime has no {self.provider}; it has {', '.join(available)}"
+            )
+        provider_options = dict(options.provider_options.get(self.provider, {}))
         load_errors: tuple[type[BaseException], ...] = (*self.errors, OSError)
         try:
             session = ort.InferenceSession(
                 source if isinstance(source, bytes) else str(source),
                 so,
-                providers=["CPUExecutionProvider"],
+                # The bare name unless there are options: with a (name, {}) pair,
+                # onnxruntime 1.32 kept a thread started at the gate's lowered priority
+                # serving after the reload at normal priority (tests/agent/install/test_gate.py).
+                providers=[
+                    (self.provider, provider_options) if provider_options else self.provider
+                ],
             )
         except load_errors as exc:
-            raise HealthCheckError(f"onnxruntime cannot load {spec.file}: {exc}") from exc
+            raise HealthCheckError(
+                f"onnxruntime cannot load {spec.file} on {self.provider}: {exc}"
+            ) from exc
+        # onnxruntime may drop a provider that fails to initialise and run on the CPU
+        # instead; the agent must serve on exactly the provider its health gate checked.
+        if session.get_providers()[0] != self.provider:
+            raise HealthCheckError(
+                f"onnxruntime did not start {self.provider} for {spec.file} (it runs on"
+                f" {', '.join(session.get_providers())})"
+            )
         for kind, declared, nodes in (
             ("input", spec.inputs, session.get_inputs()),
             ("output", spec.outputs, session.get_outputs()),

@@ -10,6 +10,7 @@ interpreter costs the model's activation memory again.
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.bundle.manifest import ModelSpec, QuantParams
-from agent.errors import HealthCheckError, InferenceError
+from agent.errors import HealthCheckError, InferenceError, RuntimeUnavailableError
 from agent.serve.runtimes._base import (
     Found,
     RuntimeOptions,
@@ -57,8 +58,17 @@ class TfliteBackend:
         kwargs: dict[str, Any] = (
             {"model_content": source} if isinstance(source, bytes) else {"model_path": str(source)}
         )
+        self.provider = options.provider_for(runtime)
         if options.reference_kernels:
             kwargs["experimental_op_resolver_type"] = module.OpResolverType.BUILTIN_REF
+        elif self.provider == "cpu":
+            kwargs["experimental_op_resolver_type"] = (
+                module.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+            )
+        elif self.provider != "xnnpack":
+            kwargs["experimental_delegates"] = [
+                _delegate(module, self.provider, options.provider_options.get(self.provider))
+            ]
         load_errors: tuple[type[BaseException], ...] = (*self.errors, OSError)
         try:
             interp = module.Interpreter(
@@ -66,7 +76,9 @@ class TfliteBackend:
             )
             interp.allocate_tensors()
         except load_errors as exc:
-            raise HealthCheckError(f"{runtime} cannot load {spec.file}: {exc}") from exc
+            raise HealthCheckError(
+                f"{runtime} cannot load {spec.file} with {self.provider}: {exc}"
+            ) from exc
         inputs = _resolve(
             interp, interp.get_input_details(), "input", [s.name for s in spec.inputs]
         )
@@ -114,6 +126,27 @@ class TfliteBackend:
     def close(self) -> None:
         with self._lock:  # waits for the call in flight
             self._interp = None
+
+
+def _delegate(module: Any, library: str, options: Mapping[str, str] | None) -> Any:
+    """An external delegate (an accelerator's TFLite delegate library) to load with.
+
+    Raises:
+        RuntimeUnavailableError: the library is missing or refuses these options.
+    """
+    if not Path(library).is_absolute():
+        raise RuntimeUnavailableError(
+            f"unknown delegate {library!r}: use xnnpack, cpu or the absolute path of a"
+            " delegate library"
+        )
+    if not Path(library).is_file():
+        # Checked here: LiteRT's Delegate object raises again when collected after a
+        # failed load, which would only add noise to the error.
+        raise RuntimeUnavailableError(f"cannot load the delegate {library}: no such file")
+    try:
+        return module.load_delegate(library, dict(options or {}))
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise RuntimeUnavailableError(f"cannot load the delegate {library}: {exc}") from exc
 
 
 def _resolve(

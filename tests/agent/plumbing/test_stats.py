@@ -7,6 +7,7 @@ import random
 import numpy as np
 import pytest
 
+from agent.plumbing.compat import zip_strict
 from agent.plumbing.stats import percentile, percentile_ms, quantile_rank
 from agent.telemetry import LogHistogram
 
@@ -45,5 +46,5 @@ def test_the_telemetry_histogram_reports_the_same_rank_within_its_accuracy() -> 
         hist.add(v)
     estimates = hist.quantiles((0.5, 0.95, 0.99))
     assert estimates is not None
-    for q, estimate in zip((0.5, 0.95, 0.99), estimates, strict=True):
+    for q, estimate in zip_strict((0.5, 0.95, 0.99), estimates):
         assert estimate == pytest.approx(percentile(values, q), rel=0.0101)

@@ -32,7 +32,7 @@ def silent_server() -> Iterator[int]:
         while not stop.is_set():
             try:
                 held.append(server.accept()[0])
-            except TimeoutError:
+            except socket.timeout:  # TimeoutError from Python 3.10 on
                 continue
 
     thread = threading.Thread(target=accept)
