@@ -20,6 +20,7 @@ from agent.bundle.manifest import (
     FORMAT_RUNTIMES,
     HUMAN_VERSION_RE,
     HUMAN_VERSION_WHAT,
+    MAX_GOLDEN_CASES,
     NAME_RE,
     NAME_WHAT,
     QUANT_SCHEMES,
@@ -57,7 +58,6 @@ __all__ = ["read_manifest"]
 
 # Golden cases are a few requests replayed at every install; a bound keeps a hostile
 # manifest from promising millions.
-MAX_GOLDEN_CASES = 1024
 _TIME_RE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z")
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "DTYPES",
     "FORMAT_RUNTIMES",
     "MANIFEST_PATH",
+    "MAX_GOLDEN_CASES",
     "PAYLOAD_TYPE",
     "RUNTIMES",
     "SCHEMA_VERSION",
@@ -58,6 +59,8 @@ SCHEMA_MAJOR = 1
 # 1.1 added model.scores_output; 1.2 model.request_elements and health.cases.
 SCHEMA_MINOR = 2
 SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
+# Golden cases a manifest may list (health.cases.count): the health gate replays each.
+MAX_GOLDEN_CASES = 1024
 SCHEMA_VERSION_RE = re.compile(r"([0-9]+)\.([0-9]+)")
 # The first minor whose manifests carry model.scores_output (absent before: a strict
 # reader of an older minor refuses it as unknown).

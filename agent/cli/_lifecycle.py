@@ -287,15 +287,20 @@ def _failure_line(state: AgentState) -> str:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from agent.install._providers import ProviderRecord  # noqa: PLC0415 - when run
     from agent.install._trust_files import persisted_root  # noqa: PLC0415 - when run
 
     store = Store(args.state_dir)
     state = store.load()
     root = persisted_root(args.state_dir)
+    # The provider the current version passed its gate on, as the agent recorded it.
+    passed = ProviderRecord(store.root / "providers.json").get(state.current)
     if args.json:
         # What the state directory knows; a running agent adds expiry and freshness.
         trust = None if root is None else {"root_version": root.version}
-        print(json.dumps(status_document(store, state, trust=trust), indent=2, sort_keys=True))
+        serving = None if passed is None else {"digest": state.current, **passed.to_json()}
+        doc = status_document(store, state, trust=trust, serving=serving)
+        print(json.dumps(doc, indent=2, sort_keys=True))
         return 0
     p = state.pending
     rows = [
@@ -307,6 +312,7 @@ def _status(args: argparse.Namespace) -> int:
         ),
         ("floor", "-" if state.floor is None else str(state.floor)),
         ("trust root", "the bootstrap file" if root is None else f"v{root.version} (persisted)"),
+        ("serves on", "-" if passed is None else f"{passed.runtime} {passed.provider}"),
         ("last failure", _failure_line(state)),
     ]
     width = max(len(k) for k, _ in rows)

@@ -27,6 +27,7 @@ from agent.bundle.arrays import case_arrays, write_npz
 from agent.bundle.crypto import encrypt_files
 from agent.bundle.manifest import (
     FORMAT_RUNTIMES,
+    MAX_GOLDEN_CASES,
     PAYLOAD_TYPE,
     Compatibility,
     Encryption,
@@ -227,8 +228,11 @@ def _read_inputs(
         )
     if any(v is not None for v in vars(options.gates).values()) and options.validation is None:
         raise ConfigError("build gates need a validation data set (--validation)")
-    if golden_count < 1:
-        raise ConfigError(f"--golden-count must be at least 1, not {golden_count}")
+    if not 1 <= golden_count <= MAX_GOLDEN_CASES:
+        raise ConfigError(
+            f"--golden-count must be 1 to {MAX_GOLDEN_CASES} (the cases a manifest may list),"
+            f" not {golden_count}"
+        )
     names = [s.name for s in float_inputs]
 
     def load(path: Path | None) -> Dataset | None:

@@ -25,7 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from agent.bundle.arrays import split_cases
-from agent.bundle.manifest import TensorSpec
+from agent.bundle.manifest import MAX_GOLDEN_CASES, TensorSpec
 from agent.errors import ConfigError, HealthCheckError
 from sdk.build.datasets import Dataset, load_dataset
 
@@ -175,6 +175,11 @@ def load_cases(path: Path, specs: Sequence[TensorSpec], count: int) -> list[Case
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise ConfigError(f"cannot read golden cases {path}: {exc}") from None
     numbers = {k.partition("/")[0] for k in arrays}
+    if len(numbers) > MAX_GOLDEN_CASES:
+        raise ConfigError(
+            f"{path} holds {len(numbers)} golden cases; a bundle carries at most"
+            f" {MAX_GOLDEN_CASES} (the health gate replays every one): keep fewer"
+        )
     try:
         cases = split_cases(arrays, len(numbers), str(path))
     except HealthCheckError as exc:

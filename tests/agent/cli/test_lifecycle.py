@@ -64,9 +64,15 @@ def test_install_commits_and_status_shows_the_version(
     assert lines["current"].startswith("mlp 1.1 (sequence 1,")
     assert lines["previous"].strip() == "-"
     assert lines["floor"].strip() == "1"
+    assert lines["serves"].split() == ["on", "onnxruntime", "CPUExecutionProvider"]
     doc = _status(capsys, tmp_path)
     assert doc["current"]["sequence"] == 1  # type: ignore[index]
     assert doc["pending"] is None
+    assert doc["serving"] == {
+        "digest": doc["current"]["digest"],  # type: ignore[index]
+        "runtime": "onnxruntime",
+        "provider": "CPUExecutionProvider",
+    }
 
 
 def test_install_from_a_url_checks_the_given_sha256(

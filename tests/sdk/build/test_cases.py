@@ -11,7 +11,7 @@ import pytest
 
 from agent.bundle import verify_bundle
 from agent.bundle.arrays import write_npz
-from agent.bundle.manifest import Manifest, TensorSpec
+from agent.bundle.manifest import MAX_GOLDEN_CASES, Manifest, TensorSpec
 from agent.bundle.signing import TrustPolicy
 from agent.errors import ConfigError, HealthCheckError
 from agent.install import check_health
@@ -175,3 +175,17 @@ def test_the_gate_names_the_golden_case_that_deviates(
         pytest.raises(HealthCheckError, match=r"^golden case 1: .*'prob' deviates by 0\.2"),
     ):
         check_health(model, manifest, tmp_path / "x", runs=1)
+
+
+def test_more_golden_cases_than_a_manifest_takes_are_refused_before_building(
+    tmp_path: Path, key: SigningKey, stateful: Path
+) -> None:
+    cases: dict[str, np.ndarray] = {}
+    for i in range(MAX_GOLDEN_CASES + 1):
+        cases |= {f"{i}/x": np.zeros((1, 16), np.float32)}
+    np.savez(tmp_path / "cases.npz", **cases)
+    with pytest.raises(ConfigError, match=f"at most {MAX_GOLDEN_CASES}"):
+        _build(stateful, tmp_path / "b.edgeship", key, golden_inputs=tmp_path / "cases.npz")
+    with pytest.raises(ConfigError, match="--golden-count must be 1 to"):
+        _build(stateful, tmp_path / "b.edgeship", key, golden_count=MAX_GOLDEN_CASES + 1)
+    assert not (tmp_path / "b.edgeship").exists()
