@@ -16,7 +16,6 @@ and users can plug another transport in through the :class:`Fetcher` protocol.
 from __future__ import annotations
 
 import errno
-import hashlib
 import http.client
 import os
 import re
@@ -29,10 +28,10 @@ from typing import BinaryIO, Protocol
 from agent.errors import ConfigError, DownloadError, DownloadRefusedError
 from agent.install._config import FetchConfig
 from agent.install._store import partial_path
-from agent.plumbing.files import NotRegularFileError, open_regular
+from agent.plumbing.files import NotRegularFileError, file_sha256, open_regular
 from agent.plumbing.tls import TlsConfig
 
-__all__ = ["Fetcher", "UrlFetcher", "file_sha256"]
+__all__ = ["Fetcher", "UrlFetcher"]
 
 
 class Fetcher(Protocol):
@@ -46,15 +45,6 @@ class Fetcher(Protocol):
                 match ``sha256``.
         """
         ...
-
-
-def file_sha256(path: Path, chunk_bytes: int = 1024**2) -> str:
-    """sha256 (hex) of a file, read in chunks."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(chunk_bytes):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class _Interrupted(Exception):  # noqa: N818 - internal signal, never escapes this module

@@ -11,6 +11,7 @@ created with :func:`write_new`.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
 import stat
@@ -22,6 +23,7 @@ __all__ = [
     "NotRegularFileError",
     "atomic_replace",
     "atomic_write",
+    "file_sha256",
     "fsync_dir",
     "open_regular",
     "write_new",
@@ -138,3 +140,12 @@ def _kind(mode: int) -> str | None:
     if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
         return "a device"
     return "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+
+
+def file_sha256(path: Path, chunk_bytes: int = 1024**2) -> str:
+    """sha256 (hex) of a file, read in chunks."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(chunk_bytes):
+            h.update(chunk)
+    return h.hexdigest()

@@ -42,7 +42,7 @@ from agent.bundle.manifest import (
     Tolerance,
 )
 from agent.errors import ConfigError, InferenceError
-from agent.plumbing.files import atomic_replace
+from agent.plumbing.files import atomic_replace, file_sha256
 from agent.serve.runtimes import Model, installed_runtimes
 from sdk.build._bundle_provenance import ProvenanceOptions, start_provenance
 from sdk.build._bundle_quant import QuantizeOptions, bundled_model, cost_gates
@@ -436,7 +436,7 @@ def _manifest(
         drift_reference=drift_reference(drift_source) if drift_source is not None else None,
         model_card=metadata.model_card,
         files=tuple(
-            FileEntry(path=p, size=path.stat().st_size, sha256=_sha256(path))
+            FileEntry(path=p, size=path.stat().st_size, sha256=file_sha256(path))
             for p, path in sorted(payload.items())
         ),
         evaluation=evaluation,
@@ -470,11 +470,3 @@ def _sign_and_write(
         digest=hashlib.sha256(manifest_bytes).hexdigest(),
         size=out_path.stat().st_size,
     )
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1024**2):
-            digest.update(chunk)
-    return digest.hexdigest()

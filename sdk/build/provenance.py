@@ -31,6 +31,7 @@ from typing import Any
 
 from agent.bundle.manifest import format_time
 from agent.errors import ConfigError
+from agent.plumbing.files import file_sha256
 from sdk.build.oms import UpstreamSignature
 
 __all__ = [
@@ -108,12 +109,12 @@ def digest_path(path: Path) -> str:
     try:
         if path.is_dir():
             lines = sorted(
-                f"{_file_sha256(p)}  {p.relative_to(path).as_posix()}\n"
+                f"{file_sha256(p)}  {p.relative_to(path).as_posix()}\n"
                 for p in path.rglob("*")
                 if p.is_file()
             )
             return hashlib.sha256("".join(lines).encode()).hexdigest()
-        return _file_sha256(path)
+        return file_sha256(path)
     except OSError as exc:
         raise ConfigError(f"cannot read {path} for the provenance: {exc.strerror}") from None
 
@@ -201,14 +202,6 @@ def _tool_versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             continue
     return versions
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def parse_statement(data: bytes) -> dict[str, Any]:

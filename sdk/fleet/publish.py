@@ -21,6 +21,7 @@ from agent.bundle.signing import TrustPolicy
 from agent.errors import ConfigError, ManifestMismatchError
 from agent.messages.desired import BundleRef, Desired
 from agent.messages.topics import Topics, trust_topic
+from agent.plumbing.files import file_sha256
 from agent.plumbing.transport import Transport, publish_many
 
 __all__ = [
@@ -33,14 +34,6 @@ __all__ = [
 ]
 
 _CHUNK_BYTES = 1 << 20
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK_BYTES):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def bundle_ref(
@@ -70,7 +63,7 @@ def bundle_ref(
                         f"{path}: manifest.json is not the manifest that was signed"
                     )
                 digest = hashlib.sha256(envelope.payload).hexdigest()
-        sha256 = _file_sha256(path)
+        sha256 = file_sha256(path)
     except OSError as e:
         raise ConfigError(f"cannot read bundle {path}: {e.strerror}") from None
     return BundleRef(
