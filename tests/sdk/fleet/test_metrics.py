@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,8 @@ from sdk.fleet.metrics import DEVICE_SERIES, FleetCollector, MetricsServer
 from sdk.fleet.publish import BundleRef
 from sdk.fleet.records import StateRecord, StatusRecord, TelemetryRecord
 from sdk.fleet.rollout import DeviceProgress, Rollout, RolloutPlan
-from sdk.fleet.store import SqliteStore
+from sdk.fleet.store import SqliteStore, open_store
+from tests.support.postgres import PgServer, create_database
 
 NOW = 1_800_000_000.0
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -187,3 +190,28 @@ def test_the_scrape_bench_runs_and_counts_every_devices_series() -> None:
     sqlite = json.loads(done.stdout)["sqlite"]
     assert 10 <= sqlite["series_per_device_max"] <= DEVICE_SERIES + 3
     assert sqlite["scrape_over_raw"] > 0
+
+
+def test_a_scrape_recovers_after_postgres_restarts(
+    pg_factory: Callable[[], PgServer],
+) -> None:
+    # The exporter outlives its database: while PostgreSQL is down a scrape says so
+    # (store_up 0), and once it is back the next scrape reads the fleet again.
+    pg = pg_factory()
+    store = open_store(create_database(pg.url))
+    try:
+        store.write(
+            [StatusRecord("f", "d1", NOW - 30, "online", {}, "{}"), telemetry("d1", 1)], NOW
+        )
+        collector = FleetCollector(store, clock=lambda: NOW)
+        assert scrape(collector)[("edgeship_fleet_store_up", ())] == 1
+        pg.stop("fast")
+        assert scrape(collector) == {("edgeship_fleet_store_up", ()): 0}
+        pg.start()
+        deadline = time.monotonic() + 30
+        while scrape(collector)[("edgeship_fleet_store_up", ())] != 1:
+            assert time.monotonic() < deadline, "the exporter never read the store again"
+            time.sleep(0.2)
+        assert scrape(collector)[dev("edgeship_device_online")] == 1
+    finally:
+        store.close()
