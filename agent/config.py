@@ -13,21 +13,23 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal, TypeVar, Union
 
 from agent.errors import ConfigError
 from agent.install._config import FetchConfig, TrustConfig, UpdateConfig
-from agent.install._sched import check_priority
+from agent.messages.desired import DEFAULT_MODEL, MODEL_RE
 from agent.messages.topics import TRUST_LEVEL, check_id
 from agent.plumbing.broker import BrokerConfig, BrokerUrl
+from agent.plumbing.sched import check_priority
 from agent.plumbing.strict import MISSING, Doc
 from agent.plumbing.tls import TlsConfig
 from agent.serve._cache import CacheConfig
 from agent.serve._http_config import HttpServerConfig, ServerTls
 from agent.serve.mqtt import MqttServingConfig
 from agent.serve.runtimes import RuntimeOptions
+from agent.telemetry._observe import OutputKind
 from agent.telemetry._reporter import TelemetryConfig
 
 if sys.version_info >= (3, 11):
@@ -42,6 +44,7 @@ __all__ = [
     "BrokerConfig",
     "FetchConfig",
     "LoggingConfig",
+    "ModelConfig",
     "TelemetryConfig",
     "TrustConfig",
     "UpdateConfig",
@@ -60,6 +63,22 @@ class LoggingConfig:
 
     level: LogLevel = "info"
     format: Literal["json", "text"] = "json"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """``[models.NAME]``: a model with its own state (``<state_dir>/models/NAME``; ``default``
+    keeps ``<state_dir>``), runtime options and cache (else ``[runtime]``, ``[cache]``)."""
+
+    name: str
+    state_dir: Path
+    runtime: RuntimeOptions = field(default_factory=RuntimeOptions)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    output_kind: OutputKind = "auto"
+
+
+MAX_MODELS = 16
+_KINDS = ("auto", "top_score", "values")
 
 
 @dataclass(frozen=True)
@@ -88,6 +107,14 @@ class AgentConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     attributes: Mapping[str, AttributeValue] = field(default_factory=dict)
+    models: tuple[ModelConfig, ...] = ()  # empty: one model, "default"
+
+    def model_configs(self) -> tuple[ModelConfig, ...]:
+        """The models served: the ``[models.NAME]`` tables, or one model named ``default``."""
+        if self.models:
+            return self.models
+        kind = self.telemetry.output_kind
+        return (ModelConfig(DEFAULT_MODEL, self.state_dir, self.runtime, self.cache, kind),)
 
 
 # --- the strict reader -------------------------------------------------------------------
@@ -97,9 +124,7 @@ _HINT = "see docs/agent.md, 'Configuration'"
 _PROVIDER = re.compile(r"[A-Za-z][A-Za-z0-9]*ExecutionProvider")
 _NON_EMPTY = re.compile(r".+", re.DOTALL)
 
-
-def _error(message: str) -> ConfigError:
-    return ConfigError(message)
+_error = ConfigError
 
 
 def _table(root: Doc, key: str) -> Doc:
@@ -280,7 +305,7 @@ def _telemetry(t: Doc) -> TelemetryConfig:
         interval_s=t.number("interval_s", d.interval_s, positive=True),
         outbox_max_bytes=t.integer("outbox_max_bytes", d.outbox_max_bytes, minimum=64 * 1024),
         ttl_s=t.number("ttl_s", d.ttl_s or 24 * 3600.0, positive=True),
-        output_kind=t.choice("output_kind", ("auto", "top_score", "values"), d.output_kind),  # type: ignore[arg-type]
+        output_kind=t.choice("output_kind", _KINDS, d.output_kind),  # type: ignore[arg-type]
     )
 
 
@@ -345,6 +370,36 @@ def _cache(t: Doc) -> CacheConfig:
     )
 
 
+def _models(root: Doc, config: AgentConfig) -> tuple[ModelConfig, ...]:
+    """``[models.NAME]`` tables: optional ``output_kind``, ``[...runtime]``, ``[...cache]``."""
+    if not root.has("models"):
+        return ()
+    tables = root.obj("models")
+    if not 0 < len(tables.value) <= MAX_MODELS:
+        raise ConfigError(f"[models] must name between 1 and {MAX_MODELS} models")
+    out = []
+    for name in tables.value:
+        if not MODEL_RE.fullmatch(name):
+            raise ConfigError(f"models.{name}: a model name must match {MODEL_RE.pattern}")
+        t = tables.obj(name)
+        sub = {k: t.obj(k) for k in ("runtime", "cache") if t.has(k)}
+        kind = t.choice(
+            "output_kind", ("auto", "top_score", "values"), config.telemetry.output_kind
+        )
+        out.append(
+            ModelConfig(
+                name,
+                config.state_dir / "models" / name if name != DEFAULT_MODEL else config.state_dir,
+                _runtime(sub["runtime"]) if "runtime" in sub else config.runtime,
+                _cache(sub["cache"]) if "cache" in sub else config.cache,
+                kind,  # type: ignore[arg-type]
+            )
+        )
+        for table in (*sub.values(), t):
+            table.done(_HINT)
+    return tuple(out)
+
+
 def _logging(t: Doc) -> LoggingConfig:
     d = LoggingConfig()
     return LoggingConfig(
@@ -363,17 +418,8 @@ def _attributes(t: Doc) -> dict[str, AttributeValue]:
     return out
 
 
-_SECTIONS = (
-    "fetch",
-    "trust",
-    "update",
-    "runtime",
-    "telemetry",
-    "http",
-    "mqtt_serving",
-    "cache",
-    "logging",
-)
+_SECTIONS: tuple[str, ...] = ("fetch", "trust", "update", "runtime", "telemetry", "http")
+_SECTIONS += ("mqtt_serving", "cache", "logging")
 
 
 def parse_config(data: bytes | str, *, base_dir: Path = Path()) -> AgentConfig:
@@ -421,6 +467,7 @@ def parse_config(data: bytes | str, *, base_dir: Path = Path()) -> AgentConfig:
         logging=_logging(t["logging"]),
         attributes=_attributes(t["attributes"]),
     )
+    config = replace(config, models=_models(root, config))
     for table in [root, *t.values(), *([] if broker_table is None else [broker_table])]:
         table.done(_HINT)
     if config.mqtt_serving.enabled and config.broker is None:

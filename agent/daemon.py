@@ -27,31 +27,24 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import numpy.typing as npt
 
+from agent._host import ModelHost
 from agent.bundle import DeviceInfo
 from agent.config import AgentConfig
-from agent.errors import EdgeshipError, StateError
-from agent.install._config import UpdaterConfig
-from agent.install._follower import DesiredFollower
-from agent.install._status import status_document
+from agent.errors import EdgeshipError
 from agent.install._store import Store
 from agent.install._trust import TrustKeeper
-from agent.install._updater import Updater
 from agent.messages.desired import Desired, parse_desired
 from agent.messages.topics import Topics
-from agent.serve._cache import PredictionCache, Predictor
-from agent.serve._slot import ModelSlot
+from agent.serve._router import Router
 from agent.serve.runtimes import installed_runtimes
-from agent.telemetry._metrics import Metrics
-from agent.telemetry._observe import ObservedPredictor
 
 if TYPE_CHECKING:
     from agent.install._fetch import Fetcher
@@ -83,14 +76,11 @@ class Agent:
     ) -> None:
         self.config = config
         self.topics = Topics(config.fleet, config.device_id)
-        self.slot = ModelSlot()
         self.stopping = False
         self._started = False
         self._stopped = False
-        self._lock = threading.Lock()  # the reported state's own bookkeeping
-        self._probation: dict[str, Any] | None = None
-        self._candidate: str | None = None
         self._claim: int | None = None
+        self._root = Store(config.state_dir)  # the agent's claim; the default model's store
         self.trust = TrustKeeper(
             config.state_dir,
             config.trust_policy,
@@ -100,101 +90,131 @@ class Agent:
             slack_s=config.update.clock_slack_s,
             fetcher=lambda: self.updater.fetcher,
             events=self._emit,
-            changed=self._publish_state,
+            changed=self._publish_all,
         )
-        self.updater = Updater(
-            config.state_dir,
-            self.trust.install_policy,
-            config=UpdaterConfig(
-                update=config.update,
-                fetch=config.fetch,
-                runtime=config.runtime,
-                decryption_key=config.decryption_key,
-            ),
-            device=DeviceInfo(runtimes=installed_runtimes(), device_class=config.device_class),
-            fetcher=fetcher,
-            slot=self.slot,
-            events=self._on_event,
-        )
-        self.store: Store = self.updater.store
-        self.follower = DesiredFollower(
-            self.updater, emit=self._emit, changed=self._publish_state, trust=self.trust
-        )
+        device = DeviceInfo(runtimes=installed_runtimes(), device_class=config.device_class)
+        self.hosts: dict[str, ModelHost] = {}
+        for model in config.model_configs():
+            self.hosts[model.name] = ModelHost(
+                config,
+                model,
+                trust=self.trust,
+                device=device,
+                fetcher=fetcher,
+                emit=self._emit,
+                changed=self._publish_host,
+                stopping=lambda: self.stopping,
+            )
+        self.router = Router(self.hosts)
+        # The default model (or the first): what the one-model API and attributes name.
+        first = self.hosts[self.router.default or next(iter(self.hosts))]
+        self.slot = first.slot
+        self.updater = first.updater
+        self.store: Store = first.store
+        self.follower = first.follower
+        self.cache = first.cache
+        self.metrics = first.metrics
+        self.predictor = first.predictor
         self.transport: Transport | None = transport
         if transport is None and config.broker is not None:
             self.transport = _mqtt_transport(config)
         self.reporter: Reporter | None = None
         self.outbox: Outbox | None = None
-        inner: Predictor = self.slot
-        self.cache = None
-        if config.cache.enabled:
-            self.cache = PredictionCache(self.slot, config.cache)
-            inner = self.cache
-        self.metrics = Metrics()
-        self.predictor = ObservedPredictor(
-            inner,
-            self.metrics,
-            serving=lambda: self.slot.digest,
-            output_kind=config.telemetry.output_kind,
-            stopping=lambda: self.stopping,
-        )
         self.http: HttpServer | None = None
         self.mqtt_server: MqttInferenceServer | None = None
 
     # --- the public API ------------------------------------------------------------------
 
     @property
-    def digest(self) -> str | None:
-        """The version new calls go to (None: nothing is serving)."""
-        return self.slot.digest
+    def models(self) -> list[str]:
+        """The names of the models this agent serves."""
+        return list(self.hosts)
 
-    def predict(self, inputs: Mapping[str, npt.ArrayLike]) -> dict[str, npt.NDArray[Any]]:
-        """Run the serving model (through the cache, if enabled), recorded in telemetry.
+    def host(self, model: str | None = None) -> ModelHost:
+        """The model called ``model`` (None: the default model).
 
         Raises:
+            UnknownModelError: this agent serves no such model (or several, and none named).
+        """
+        served = self.router.get(model)
+        assert isinstance(served, ModelHost)  # the agent's router holds its hosts
+        return served
+
+    @property
+    def digest(self) -> str | None:
+        """The version new calls of the default model go to (None: nothing is serving)."""
+        return self.router.get(None).digest
+
+    def predict(
+        self,
+        inputs: Mapping[str, npt.ArrayLike],
+        *,
+        model: str | None = None,
+        key: str | None = None,
+        request_id: str | None = None,
+    ) -> dict[str, npt.NDArray[Any]]:
+        """Run a model (through its cache, if enabled), recorded in telemetry.
+
+        ``model`` names it (None: the default model); ``key`` keeps a caller on one side of
+        an A/B split; ``request_id`` lets :meth:`feedback` give its ground truth later.
+
+        Raises:
+            UnknownModelError: no such model.
             StateError: no model is serving, or the agent is stopping.
             InputValidationError: the inputs do not match the model.
             InferenceError: the model failed.
         """
-        return self.predictor.predict(inputs)
+        return self.predict_versioned(inputs, model=model, key=key, request_id=request_id)[1]
 
     def predict_versioned(
-        self, inputs: Mapping[str, npt.ArrayLike]
+        self,
+        inputs: Mapping[str, npt.ArrayLike],
+        *,
+        model: str | None = None,
+        key: str | None = None,
+        request_id: str | None = None,
     ) -> tuple[str, dict[str, npt.NDArray[Any]]]:
         """Like :meth:`predict`, also naming the version (manifest digest) that answered.
 
         Raises:
             as :meth:`predict`.
         """
-        return self.predictor.predict_versioned(inputs)
+        version, outputs = self.host(model).predict_request(inputs, key=key, request_id=request_id)
+        return version or "", outputs
 
-    def status(self) -> dict[str, Any]:
-        """The reported state document (as published on ``state``).
+    def feedback(
+        self, request_id: str, label: object, *, model: str | None = None
+    ) -> dict[str, Any]:
+        """The ground truth for an earlier request: scores each version that answered it.
 
         Raises:
+            UnknownModelError: no such model.
+            UnknownRequestError: the request id is unknown, or too old to be remembered.
+            InputValidationError: the label does not fit the model's output.
+        """
+        return self.host(model).feedback(request_id, label)
+
+    def status(self, model: str | None = None) -> dict[str, Any]:
+        """A model's reported state document (as published on its ``state`` topic).
+
+        Raises:
+            UnknownModelError: no such model.
             StateError: the state file is unreadable.
         """
-        return self._state_document(self.updater.status())
+        return self.host(model).state_document()
 
-    def apply_desired(self, desired: Desired | None) -> None:
-        """Ask for ``desired`` (None clears it); the worker installs it in the background.
+    def apply_desired(self, desired: Desired | None, *, model: str | None = None) -> None:
+        """Ask for ``desired`` (None clears it); the model's worker installs it in the
+        background. The model is the desired state's own (``desired.model``) or ``model``.
 
-        This is what a message on the ``desired`` topic does; an application without a
+        This is what a message on a ``desired`` topic does; an application without a
         broker may call it directly.
+
+        Raises:
+            UnknownModelError: this agent serves no such model.
         """
-        if not self.follower.apply(desired):
-            return
-        log.info(
-            "desired state",
-            extra={
-                "fields": {
-                    "digest": None if desired is None else desired.digest,
-                    "version": None if desired is None else desired.version,
-                    "rollout": None if desired is None else desired.rollout,
-                }
-            },
-        )
-        self._publish_state()
+        name = desired.model if desired is not None else model
+        self.host(name).apply_desired(desired)
 
     def start(self) -> None:
         """Resume, serve the current version, connect, report, listen for desired state.
@@ -206,7 +226,7 @@ class Agent:
         """
         if self._started:
             return
-        self._claim = self.store.claim()
+        self._claim = self._root.claim()
         try:
             self._start()
         except BaseException:
@@ -219,7 +239,7 @@ class Agent:
                 "fields": {
                     "device": self.config.device_id,
                     "fleet": self.config.fleet,
-                    "serving": self.slot.digest,
+                    "serving": {name: h.slot.digest for name, h in self.hosts.items()},
                     "http": None if self.http is None else self.http.url,
                 }
             },
@@ -246,8 +266,12 @@ class Agent:
             # Requests still queued get "unavailable"; the one running finishes and answers.
             self.mqtt_server.stop(timeout_s=left(0.1))
         self.stopping = True
-        drained = self.slot.stop(timeout_s=left())
-        self.follower.stop(left(0.1, 5.0))
+        drained = True
+        for host in self.hosts.values():  # every one, whatever the one before did
+            drained = host.stop_serving(left()) and drained
+        for host in self.hosts.values():
+            host.follower.stop(left(0.1, 5.0))
+            host.close()
         if self.reporter is not None:
             with contextlib.suppress(Exception):
                 self.reporter.report_now()  # the last interval's numbers
@@ -277,7 +301,7 @@ class Agent:
         """
         self.trust.reload(config.trust_policy)
         log.info("trust file reloaded", extra={"fields": {"path": str(config.trust_policy)}})
-        self.follower.wake()
+        self._wake_all()
         old = self.config
         interval_changed = config.telemetry.interval_s != old.telemetry.interval_s
         if interval_changed and self.reporter is not None:
@@ -322,49 +346,40 @@ class Agent:
 
     def _start(self) -> None:
         cfg = self.config
-        state = self.updater.status()  # raises StateError on a corrupt state file
-        if state.current is not None:
-            self._probation = {"digest": state.current, "passed": True}
-        if state.pending is not None and state.pending.phase == "probation":
-            self._candidate = state.pending.digest
+        for host in self.hosts.values():
+            host.updater.status()  # raises StateError on a corrupt state file
         if self.transport is not None:
             self._start_reporter()
-        # Whatever a pending candidate does, the agent starts and serves what it runs.
-        try:
-            self.updater.resume()
-        except EdgeshipError as exc:
-            log.warning("resuming the interrupted install failed: %s", exc)
-        except Exception:
-            log.exception("resuming the interrupted install failed unexpectedly")
-        try:
-            self.updater.start_serving()
-        except EdgeshipError as exc:
-            log.error("cannot serve the current version: %s", exc)  # noqa: TRY400 - expected; no traceback
-        self._model_changed()
-        self._publish_state()
+        for host in self.hosts.values():
+            host.resume()
+        self._publish_all()
         if self.transport is not None and self.reporter is not None:
             # Trust first: retained messages arrive in the order of the subscriptions.
             self.transport.subscribe(self.topics.trust_root, self._on_root)
             self.transport.subscribe(self.topics.trust_heartbeat, self._on_heartbeat)
-            self.transport.subscribe(self.topics.desired, self._on_desired)
+            for name in self.hosts:
+                self.transport.subscribe(self.topics.desired_for(name), self._desired_handler(name))
+            self.transport.subscribe(self.topics.feedback, self._on_feedback)
             self.transport.start()
             self.reporter.start()
             if cfg.mqtt_serving.enabled:
                 from agent.serve.mqtt import MqttInferenceServer  # noqa: PLC0415 - when used
 
                 self.mqtt_server = MqttInferenceServer(
-                    self.predictor, self.transport, self.topics, cfg.mqtt_serving
+                    self.router, self.transport, self.topics, cfg.mqtt_serving
                 )
                 self.mqtt_server.start()
         if cfg.http.enabled:
             from agent.serve.http import HttpServer  # noqa: PLC0415 - when used
             from agent.telemetry._exposition import exposition  # noqa: PLC0415
 
-            self.http = HttpServer(
-                self.predictor, cfg.http, metrics_text=lambda: exposition(self.metrics)
-            )
+            # One model: its series as they always were; several: each labelled model="NAME".
+            named = {name: h.metrics for name, h in self.hosts.items()}
+            metrics = self.metrics if len(named) == 1 else named
+            self.http = HttpServer(self.router, cfg.http, metrics_text=lambda: exposition(metrics))
             self.http.start()
-        self.follower.start()
+        for host in self.hosts.values():
+            host.follower.start()
 
     def _start_reporter(self) -> None:
         from agent.telemetry._outbox import Outbox  # noqa: PLC0415 - with a broker only
@@ -383,81 +398,64 @@ class Agent:
             metrics=self.metrics,
             system=SystemSampler(cfg.state_dir),
             config=cfg.telemetry,
+            sections=lambda: [host.telemetry_section() for host in self.hosts.values()],
         )
 
-    def _on_desired(self, message: Message) -> None:
-        # On the transport's network thread: parse and hand over, never block.
+    def _desired_handler(self, name: str) -> Callable[[Message], None]:
+        def on_desired(message: Message) -> None:
+            # On the transport's network thread: parse and hand over, never block.
+            try:
+                desired = parse_desired(
+                    message.payload,
+                    fleet=self.config.fleet,
+                    device=self.config.device_id,
+                    model=name,
+                )
+            except ValueError as exc:
+                log.warning("ignoring a desired-state message: %s", exc)
+                return
+            self.hosts[name].apply_desired(desired)
+
+        return on_desired
+
+    def _on_feedback(self, message: Message) -> None:
+        from agent.messages.feedback import parse_feedback  # noqa: PLC0415 - with a broker only
+
         try:
-            desired = parse_desired(
-                message.payload, fleet=self.config.fleet, device=self.config.device_id
-            )
-        except ValueError as exc:
-            log.warning("ignoring a desired-state message: %s", exc)
-            return
-        self.apply_desired(desired)
+            item = parse_feedback(message.payload)
+            self.host(item.model).feedback(item.request_id, item.label)
+        except (ValueError, EdgeshipError) as exc:
+            log.info("feedback not taken: %s", exc)
 
     def _on_root(self, message: Message) -> None:
         # On the network thread: queue only; the worker verifies (and may fetch a chain).
         self.trust.offer_root(message.payload)
-        self.follower.wake()
+        self._wake_all()
 
     def _on_heartbeat(self, message: Message) -> None:
         self.trust.offer_heartbeat(message.payload)
-        self.follower.wake()
+        self._wake_all()
 
-    def _on_event(self, kind: str, fields: Mapping[str, Any], /) -> None:
-        """The updater's event sink (called with the updater's lock held)."""
-        self._emit(kind, fields)
-        with self._lock:
-            if kind == "activated":
-                self._candidate = fields.get("digest")
-            elif kind == "committed":
-                self._probation = {"digest": fields.get("digest"), "passed": True}
-                self._candidate = None
-            elif kind == "rolled-back" and self._candidate is not None:
-                self._probation = {"digest": self._candidate, "passed": False}
-                self._candidate = None
-        if kind in ("activated", "rolled-back"):
-            self._model_changed()
-        self._publish_state()
+    def _wake_all(self) -> None:
+        for host in self.hosts.values():
+            host.follower.wake()
 
     def _emit(self, kind: str, fields: Mapping[str, Any]) -> None:
         log.info(kind, extra={"fields": dict(fields)})
         if self.reporter is not None:
             self.reporter.event_sink(kind, fields)
 
-    def _model_changed(self) -> None:
-        digest = self.slot.digest
-        manifest = None
-        if digest is not None:
-            try:
-                manifest = self.store.manifest(digest)
-            except StateError as exc:
-                log.warning("no telemetry reference for the serving model: %s", exc)
-        drift = self.predictor.model_changed(digest, manifest, self.updater.models.serving(digest))
-        if self.reporter is not None:
-            self.reporter.set_drift(drift)
-
-    def _state_document(self, state: Any) -> dict[str, Any]:
-        desired = self.follower.desired
-        with self._lock:
-            probation = self._probation
-        return status_document(
-            self.store,
-            state,
-            probation=probation,
-            desired_digest=None if desired is None else desired.digest,
-            trust=self.trust.document(),
-            serving=self.updater.models.serving(self.slot.digest),
-        )
-
-    def _publish_state(self) -> None:
+    def _publish_host(self, host: ModelHost) -> None:
         if self.reporter is None:
             return
         try:
-            self.reporter.set_state(self._state_document(self.store.load()))
+            self.reporter.set_state(host.state_document(), self.topics.state_for(host.name))
         except (EdgeshipError, ValueError) as exc:
-            log.error("cannot publish the reported state: %s", exc)  # noqa: TRY400 - expected; no traceback
+            log.error("cannot publish the reported state of model %s: %s", host.name, exc)  # noqa: TRY400 - expected; no traceback
+
+    def _publish_all(self) -> None:
+        for host in self.hosts.values():
+            self._publish_host(host)
 
 
 def _mqtt_transport(config: AgentConfig) -> Transport:

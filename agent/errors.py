@@ -19,6 +19,7 @@ Every message says what to do about the problem. The CLIs catch only
 from __future__ import annotations
 
 __all__ = [
+    "AlreadyLabelledError",
     "BadSignatureError",
     "BrokerError",
     "BundleError",
@@ -33,12 +34,15 @@ __all__ = [
     "EdgeshipError",
     "ExpiredError",
     "ExtraMemberError",
+    "FeedbackError",
     "FetchError",
     "HealthCheckError",
     "HeartbeatError",
     "HeldBackError",
     "InferenceError",
     "InputValidationError",
+    "InvalidLabelError",
+    "InvalidRequestIdError",
     "KeyFileError",
     "MalformedManifestError",
     "ManifestMismatchError",
@@ -58,6 +62,8 @@ __all__ = [
     "ThresholdError",
     "TruncatedBundleError",
     "TrustError",
+    "UnknownModelError",
+    "UnknownRequestError",
     "UnsafeMemberError",
     "UntrustedSignerError",
     "error_code",
@@ -254,16 +260,54 @@ class OverloadedError(InferenceError):
     """The agent's request queue is full; retry later."""
 
 
+class InvalidRequestIdError(InputValidationError):
+    """A request id is not 1-128 printable characters; it names no request (``invalid-input``)."""
+
+
+class InvalidLabelError(InputValidationError):
+    """A ground-truth label does not fit the model's answer: a class index where the model
+    classifies (one per row of a batch), numbers of the output's size where it returns
+    values; never a bool, NaN or infinity (``invalid-input``). Send the label again, fixed."""
+
+
+class FeedbackError(EdgeshipError):
+    """Ground truth for a request cannot be taken as sent."""
+
+
+class UnknownRequestError(FeedbackError):
+    """No answer is remembered for this request id (``unknown-request``): it was never
+    answered here, its answer was too large to keep, or it is older than the agent's
+    memory of recent requests. Send feedback sooner, and with the id the answer was for."""
+
+
+class AlreadyLabelledError(FeedbackError):
+    """The request already has its label (``already-labelled``): a request counts once,
+    so a second label (a retry, or a correction) is refused, not counted again."""
+
+
+class UnknownModelError(InputValidationError):
+    """The request names a model this agent does not serve (agent.toml ``[models]``)."""
+
+
 def error_code(exc: BaseException) -> str:
     """The stable code of a failed prediction, as callers and telemetry see it.
 
     ``invalid-input`` (the request does not fit the model; never retry as is),
     ``overloaded`` and ``unavailable`` (retry shortly, or elsewhere), ``inference-failed``
     (the model failed on this request) and ``internal`` (not an edgeship error: a bug).
-    The HTTP and MQTT endpoints answer with it, and the telemetry counts errors by it.
+    A request naming a model the agent does not serve is ``unknown-model``.
+    Feedback on an answer adds ``unknown-request`` (no answer remembered for its request
+    id) and ``already-labelled`` (that request has its label). The HTTP and MQTT endpoints
+    answer with it, and the telemetry counts errors by it.
     """
+    if isinstance(exc, UnknownModelError):
+        return "unknown-model"
     if isinstance(exc, InputValidationError):
         return "invalid-input"
+    if isinstance(exc, UnknownRequestError):
+        return "unknown-request"
+    if isinstance(exc, AlreadyLabelledError):
+        return "already-labelled"
     if isinstance(exc, OverloadedError):
         return "overloaded"
     if isinstance(exc, StateError):

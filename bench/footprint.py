@@ -110,6 +110,7 @@ def run(settle_s: float, hidden: int) -> dict[str, Any]:
         updater = Updater(root / "state", POLICY)
         result = updater.install(str(bundle.path))
         updater.commit()
+        updater.models.close()  # no warm gate worker beside what is measured
         manifest = updater.store.manifest(result.digest)
         model_file = updater.store.version_dir(result.digest) / manifest.model.file
         inputs = root / "x.npy"

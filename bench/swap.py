@@ -40,7 +40,10 @@ from agent.bundle import verify_bundle
 from agent.bundle.manifest import Manifest
 from agent.errors import EdgeshipError
 from agent.install import ChildGate, load_and_check
-from agent.serve._slot import ModelSlot
+from agent.install._gate_worker import GateWorkers
+from agent.install._health import HealthReport
+from agent.plumbing.sched import GatePriority
+from agent.serve._slot import ModelSlot, ServingModel
 from agent.serve.runtimes import load_model
 from bench._machine import machine
 from tests.support.bundles import NOW
@@ -78,6 +81,44 @@ def p99_ms(histograms: list[list[int]]) -> float:
     return EDGES[min(index, len(EDGES) - 1)] * 1000
 
 
+# Where an activation's time goes: the gate (up to the first load here), the load(s) here,
+# what follows them in load_and_check, the swap; and the whole.
+PARTS = ("gate", "load", "rest", "swap", "total", "loads")
+
+
+def activate(
+    slot: ModelSlot,
+    version: tuple[Manifest, Path, str],
+    priority: GatePriority,
+    gate: ChildGate | None,
+) -> tuple[HealthReport, dict[str, float]]:
+    """The agent's activation path, timed: ``load_and_check``, then the swap."""
+    manifest, target, digest = version
+    loads: list[tuple[float, float]] = []
+
+    def load() -> ServingModel:
+        start = time.perf_counter()
+        try:
+            return load_model(manifest, target, "onnxruntime")
+        finally:
+            loads.append((start, time.perf_counter()))
+
+    t0 = time.perf_counter()
+    model, report = load_and_check(load, manifest, target, runs=5, priority=priority, child=gate)
+    t1 = time.perf_counter()
+    slot.swap(model, digest)
+    t2 = time.perf_counter()
+    times = {
+        "gate": loads[0][0] - t0,
+        "load": sum(b - a for a, b in loads),
+        "rest": t1 - loads[-1][1],
+        "swap": t2 - t1,
+        "total": t2 - t0,
+        "loads": len(loads),
+    }
+    return report, times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--swaps", type=int, default=200)
@@ -96,6 +137,16 @@ def main() -> None:
         choices=("process", "thread"),
         default="process",
         help="health gate in a child process (the agent's default) or in a thread here",
+    )
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="each gate starts its own child process (no worker started ahead)",
+    )
+    parser.add_argument(
+        "--back-to-back",
+        action="store_true",
+        help="do not wait for the worker started ahead to be ready before an activation",
     )
     parser.add_argument(
         "--switch-interval-ms",
@@ -148,7 +199,14 @@ def main() -> None:
         time.sleep(0.5)
         rss: dict[str, float] = {"before_swaps": rss_mib()}
         tasks = {"before_swaps": os_threads()}
-        swap_seconds = []
+        parts: dict[str, list[float]] = {k: [] for k in PARTS}
+        warm_up_seconds: list[float] = []
+        workers = None if args.gate != "process" or args.cold else GateWorkers()
+        gate = None
+        if args.gate == "process":
+            gate = ChildGate("onnxruntime", workers=workers)
+        if workers is not None:
+            workers.warm_up("onnxruntime", args.priority)
         gate_p95_ms: list[float] = []
         swapping_seconds = 0.0
         # Steady and swapping phases alternate in short rounds, so load from elsewhere on
@@ -162,19 +220,17 @@ def main() -> None:
             started = time.perf_counter()
             for _ in range(args.swaps_per_round):
                 i += 1
-                manifest, target, digest = versions[i % 2]
-                t0 = time.perf_counter()
-                model, report = load_and_check(
-                    lambda m=manifest, d=target: load_model(m, d, "onnxruntime"),
-                    manifest,
-                    target,
-                    runs=5,
-                    priority=args.priority,
-                    child=ChildGate("onnxruntime") if args.gate == "process" else None,
-                )
+                if workers is not None and not args.back_to_back:
+                    # Activations are minutes apart in the agent: the next one finds the
+                    # worker started after the last one ready. Its start-up runs now, in
+                    # the swapping phase, so the p99 during swaps includes it.
+                    t = time.perf_counter()
+                    workers.wait_ready(120)
+                    warm_up_seconds.append(time.perf_counter() - t)
+                report, times = activate(slot, versions[i % 2], args.priority, gate)
                 gate_p95_ms.append(report.p95_ms)
-                slot.swap(model, digest)
-                swap_seconds.append(time.perf_counter() - t0)
+                for k, v in times.items():
+                    parts[k].append(v)
                 if i == 10:
                     rss["after_10"] = rss_mib()
             swapping_seconds += time.perf_counter() - started
@@ -184,6 +240,8 @@ def main() -> None:
         for t in threads:
             t.join()
         slot.clear()
+        if workers is not None:
+            workers.close()
 
     steady = p99_ms(histograms["steady"])
     during = p99_ms(histograms["swapping"])
@@ -201,7 +259,31 @@ def main() -> None:
         "p99_ms_steady": round(steady, 4),
         "p99_ms_during_swaps": round(during, 4),
         "p99_ratio": round(during / steady, 3),
-        "swap_ms_median": round(float(np.median(swap_seconds)) * 1000, 3),
+        # An activation: load_and_check (the gate, then the load here) and the swap.
+        "swap_ms_median": round(float(np.median(parts["total"])) * 1000, 3),
+        "activation_ms": {
+            "median": round(float(np.median(parts["total"])) * 1000, 3),
+            "p90": round(float(np.percentile(parts["total"], 90)) * 1000, 3),
+            "max": round(float(np.max(parts["total"])) * 1000, 3),
+            # The median of each part (they need not add up to the median activation).
+            "parts_median": {
+                k: round(float(np.median(parts[k])) * 1000, 3)
+                for k in PARTS
+                if k not in ("total", "loads")
+            },
+            "local_loads_mean": round(float(np.mean(parts["loads"])), 2),
+        },
+        "gate_workers": None
+        if workers is None
+        else {
+            "started_ahead_used": workers.warm_served,
+            "started_on_demand": workers.started_on_demand,
+            # How long the worker started after an activation took to be ready, under
+            # this load (waited for between activations, outside their time).
+            "warm_up_ms_median": round(float(np.median(warm_up_seconds)) * 1000, 1)
+            if warm_up_seconds
+            else None,
+        },
         # What the gate measured (wall time minus its wait for a CPU), for comparison with
         # the steady p99 of the serving threads.
         "gate_p95_ms_median": round(float(np.median(gate_p95_ms)), 4),

@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from functools import partial
 from typing import Any, Literal, cast
 
+from agent.bundle._manifest_write import b64
 from agent.bundle.manifest import (
     CASES_SINCE_MINOR,
     DTYPES,
@@ -21,8 +22,10 @@ from agent.bundle.manifest import (
     HUMAN_VERSION_RE,
     HUMAN_VERSION_WHAT,
     MAX_GOLDEN_CASES,
+    MAX_PROVIDER_TOLERANCES,
     NAME_RE,
     NAME_WHAT,
+    PROVIDER_TOLERANCES_SINCE_MINOR,
     QUANT_SCHEMES,
     RUNTIMES,
     SCHEMA_MAJOR,
@@ -48,7 +51,7 @@ from agent.bundle.manifest import (
     RuntimeRequirement,
     TensorSpec,
     Tolerance,
-    _b64,
+    is_provider_name,
     is_safe_member_path,
 )
 from agent.errors import MalformedManifestError, SchemaVersionError
@@ -176,7 +179,7 @@ def _parse_encryption(o: Doc | None) -> Encryption | None:
             data = base64.b64decode(text, validate=True)
         except ValueError:
             data = b""
-        if len(data) != size or _b64(data) != text:
+        if len(data) != size or b64(data) != text:
             raise MalformedManifestError(
                 f"{item.where}.{key} must be {size} bytes in canonical base64"
             )
@@ -301,12 +304,38 @@ def _parse_tolerance(tol: Doc) -> Tolerance:
     return tolerance
 
 
+def _parse_tolerances(table: Doc) -> dict[str, Tolerance]:
+    """Output name -> tolerance (the names are checked against the model's outputs later)."""
+    tolerances = {name: _parse_tolerance(table.obj(name)) for name in sorted(table.value)}
+    table.done()
+    return tolerances
+
+
+def _parse_provider_tolerances(o: Doc, minor: int) -> dict[str, dict[str, Tolerance]]:
+    # Not read from an older minor: there the strict reader refuses it as unknown.
+    if minor < PROVIDER_TOLERANCES_SINCE_MINOR:
+        return {}
+    table = o.obj("provider_tolerances")
+    if len(table.value) > MAX_PROVIDER_TOLERANCES:
+        raise MalformedManifestError(
+            f"{table.where} must name at most {MAX_PROVIDER_TOLERANCES} providers"
+        )
+    out = {}
+    for provider in sorted(table.value):
+        # Checked against the model's format later; here before it is part of any message.
+        if not any(is_provider_name(provider, f) for f in FORMAT_RUNTIMES):
+            raise MalformedManifestError(f"{table.where} names {provider!r}, not a provider")
+        out[provider] = _parse_tolerances(table.obj(provider))
+        if not out[provider]:
+            raise MalformedManifestError(f"{table.path(provider)} must name at least one output")
+    table.done()
+    return out
+
+
 def _parse_cases(o: Doc | None) -> GoldenCases | None:
     if o is None:
         return None
-    table = o.obj("tolerances")
-    tolerances = {name: _parse_tolerance(table.obj(name)) for name in sorted(table.value)}
-    table.done()
+    tolerances = _parse_tolerances(o.obj("tolerances"))
     cases = GoldenCases(
         count=o.integer("count", minimum=1, maximum=MAX_GOLDEN_CASES),
         inputs=_member_path(o, "inputs"),
@@ -335,6 +364,7 @@ def _parse_health(o: Doc, minor: int) -> Health:
         probation=probation,
         # Not read from an older minor: there the strict reader refuses it as unknown.
         cases=_parse_cases(o.opt(o.obj, "cases")) if minor >= CASES_SINCE_MINOR else None,
+        provider_tolerances=_parse_provider_tolerances(o, minor),
     )
     o.done()
     return health
@@ -414,12 +444,25 @@ def _check_consistency(m: Manifest) -> None:
         ("health.expected_outputs", m.health.expected_outputs),
     ]
     cases = m.health.cases
+    tables = {f"health.provider_tolerances.{p}": t for p, t in m.health.provider_tolerances.items()}
     if cases is not None:
         roles += [("health.cases.inputs", cases.inputs), ("health.cases.expected", cases.expected)]
-        unknown = sorted(set(cases.tolerances) - {t.name for t in m.model.outputs})
+        tables["health.cases.tolerances"] = cases.tolerances
+    for where, table in sorted(tables.items()):
+        unknown = sorted(set(table) - {t.name for t in m.model.outputs})
         if unknown:
             raise MalformedManifestError(
-                f"manifest health.cases.tolerances names {unknown}, which are not model outputs"
+                f"manifest {where} names {unknown}, which are not model outputs"
+            )
+    for provider in sorted(m.health.provider_tolerances):
+        if not is_provider_name(provider, m.model.format):
+            raise MalformedManifestError(
+                f"manifest health.provider_tolerances names {provider!r}, which is not"
+                + (
+                    " an onnxruntime execution provider (such as OpenVINOExecutionProvider)"
+                    if m.model.format == "onnx"
+                    else " xnnpack, cpu or the absolute path of a delegate library"
+                )
             )
     for role, path in roles:
         if path not in listed:

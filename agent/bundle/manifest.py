@@ -6,15 +6,14 @@ for a newer *minor* schema may carry fields this version does not know, which ar
 :attr:`Manifest.extensions` (and nested unknown fields ignored); a newer *major* schema is
 refused with :class:`~agent.errors.SchemaVersionError`. A manifest of an older minor is
 held to that minor: it may not carry fields added since (1.1 added ``model.scores_output``,
-1.2 ``model.request_elements`` and ``health.cases``), and it is written back without them,
-so its canonical bytes do not change.
+1.2 ``model.request_elements`` and ``health.cases``, 1.3 ``health.provider_tolerances``),
+and it is written back without them, so its canonical bytes do not change.
 
 See docs/bundle-format.md for the normative description.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -22,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Literal
 
-from agent.bundle._manifest_write import drift_json, tensor_json, tolerance_json
+from agent.bundle._manifest_write import drift_json, encryption_json, health_json, tensor_json
 from agent.errors import MalformedManifestError
 from agent.plumbing.strict import load_json
 
@@ -51,13 +50,15 @@ __all__ = [
     "TensorSpec",
     "Tolerance",
     "format_time",
+    "is_provider_name",
     "is_safe_member_path",
     "scores_output",
 ]
 
 SCHEMA_MAJOR = 1
-# 1.1 added model.scores_output; 1.2 model.request_elements and health.cases.
-SCHEMA_MINOR = 2
+# 1.1 added model.scores_output; 1.2 model.request_elements and health.cases; 1.3
+# health.provider_tolerances.
+SCHEMA_MINOR = 3
 SCHEMA_VERSION = f"{SCHEMA_MAJOR}.{SCHEMA_MINOR}"
 # Golden cases a manifest may list (health.cases.count): the health gate replays each.
 MAX_GOLDEN_CASES = 1024
@@ -67,6 +68,10 @@ SCHEMA_VERSION_RE = re.compile(r"([0-9]+)\.([0-9]+)")
 SCORES_OUTPUT_SINCE_MINOR = 1
 # The first minor with golden cases (health.cases) and model.request_elements.
 CASES_SINCE_MINOR = 2
+# The first minor with tolerances per execution provider (health.provider_tolerances).
+PROVIDER_TOLERANCES_SINCE_MINOR = 3
+# Providers a manifest may give tolerances for: a device lists a few, best first.
+MAX_PROVIDER_TOLERANCES = 16
 PAYLOAD_TYPE = "application/vnd.edgeship.manifest+json"
 MANIFEST_PATH = "manifest.json"
 SIGNATURE_PATH = "manifest.sig"
@@ -93,6 +98,11 @@ SHA256_RE = re.compile(r"[0-9a-f]{64}")
 VERSION_RE = re.compile(r"[0-9]+(\.[0-9]+)*")  # [0-9], not \d: no other scripts' digits
 _PATH_COMPONENT_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 MAX_MEMBER_PATH_BYTES = 100  # fits a plain ustar name field: no pax or GNU extensions
+# Execution providers and delegates as a device's agent.toml names them (runtime.providers,
+# runtime.delegates): onnxruntime's provider names; xnnpack, cpu or a delegate library's
+# absolute path (printable ASCII without spaces).
+_EXECUTION_PROVIDER_RE = re.compile(r"[A-Za-z][A-Za-z0-9]{0,63}ExecutionProvider")
+_DELEGATE_LIBRARY_RE = re.compile(r"/[!-~]{1,255}")
 
 
 def is_safe_member_path(path: str) -> bool:
@@ -102,6 +112,15 @@ def is_safe_member_path(path: str) -> bool:
     if path in (MANIFEST_PATH, SIGNATURE_PATH):
         return False
     return all(_PATH_COMPONENT_RE.fullmatch(part) for part in path.split("/"))
+
+
+def is_provider_name(name: str, model_format: str) -> bool:
+    """True for a name a device may serve a ``model_format`` model on: an onnxruntime
+    execution provider for ONNX; ``xnnpack``, ``cpu`` or a delegate library's absolute
+    path for TFLite."""
+    if model_format == "onnx":
+        return _EXECUTION_PROVIDER_RE.fullmatch(name) is not None
+    return name in ("xnnpack", "cpu") or _DELEGATE_LIBRARY_RE.fullmatch(name) is not None
 
 
 def _schema_minor(version: str) -> int | None:
@@ -238,6 +257,14 @@ class GoldenCases:
 
 @dataclass(frozen=True)
 class Health:
+    """The health gate's evidence: golden requests, expected outputs and tolerances.
+
+    ``provider_tolerances`` (schema 1.3) maps an execution provider or delegate (as a
+    device's ``runtime.providers`` / ``runtime.delegates`` names it) to output name ->
+    tolerance, measured by the build on that provider: on it, an output it names uses
+    that tolerance instead of the case's one (:meth:`tolerances_on`).
+    """
+
     # Before 1.2 the golden request; from 1.2 on golden case 0, for agents before 1.2.
     golden_inputs: str  # payload path of an .npz keyed by input name
     expected_outputs: str  # payload path of an .npz keyed by output name
@@ -245,6 +272,15 @@ class Health:
     latency_budget_p95_ms: float | None = None
     probation: Probation = field(default_factory=Probation)
     cases: GoldenCases | None = None  # schema 1.2; None: the golden request alone
+    provider_tolerances: Mapping[str, Mapping[str, Tolerance]] = field(default_factory=dict)
+
+    def tolerances_on(self, provider: str | None) -> dict[str, Tolerance]:
+        """Output name -> tolerance on ``provider`` (None: unknown); an output not named
+        uses :attr:`tolerance`."""
+        out = dict(self.cases.tolerances) if self.cases is not None else {}
+        if provider is not None:
+            out.update(self.provider_tolerances.get(provider, {}))
+        return out
 
 
 @dataclass(frozen=True)
@@ -390,19 +426,7 @@ class Manifest:
             }
         )
         if self.encryption is not None:  # absent, not null: plain manifests stay as they were
-            e = self.encryption
-            out["encryption"] = {
-                "scheme": e.scheme,
-                "recipients": [
-                    {
-                        "key_id": r.key_id,
-                        "ephemeral_public": _b64(r.ephemeral_public),
-                        "wrapped_key": _b64(r.wrapped_key),
-                    }
-                    for r in e.recipients
-                ],
-                "nonces": {path: _b64(n) for path, n in sorted(e.nonces.items())},
-            }
+            out["encryption"] = encryption_json(self.encryption)
         return out
 
     def _model_json(self) -> dict[str, Any]:
@@ -427,32 +451,13 @@ class Manifest:
 
     def _health_json(self) -> dict[str, Any]:
         h = self.health
-        out: dict[str, Any] = {
-            "golden_inputs": h.golden_inputs,
-            "expected_outputs": h.expected_outputs,
-            "tolerance": tolerance_json(h.tolerance),
-            "latency_budget_p95_ms": h.latency_budget_p95_ms,
-            "probation": {
-                "requests": h.probation.requests,
-                "seconds": h.probation.seconds,
-                "max_error_rate": h.probation.max_error_rate,
-                "max_p95_ms": h.probation.max_p95_ms,
-            },
-        }
-        if self._has(CASES_SINCE_MINOR, h.cases):
-            out["cases"] = (
-                None
-                if h.cases is None
-                else {
-                    "count": h.cases.count,
-                    "inputs": h.cases.inputs,
-                    "expected": h.cases.expected,
-                    "tolerances": {
-                        name: tolerance_json(t) for name, t in sorted(h.cases.tolerances.items())
-                    },
-                }
-            )
-        return out
+        return health_json(
+            h,
+            cases=self._has(CASES_SINCE_MINOR, h.cases),
+            provider_tolerances=self._has(
+                PROVIDER_TOLERANCES_SINCE_MINOR, h.provider_tolerances or None
+            ),
+        )
 
     def to_bytes(self) -> bytes:
         """Canonical bytes: sorted keys, no insignificant whitespace, UTF-8, trailing newline."""
@@ -481,7 +486,3 @@ class Manifest:
         from agent.bundle._manifest_read import read_manifest  # noqa: PLC0415 - a cycle
 
         return read_manifest(doc)
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")

@@ -44,6 +44,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
             f" {DEFAULT_CONFIG} if it exists, else {DEFAULT_STATE_DIR})",
         )
         p.add_argument("--config", type=Path, help="the agent configuration whose state_dir to use")
+        p.add_argument(
+            "--model",
+            help="the model (agent.toml [models.NAME]) whose state to use (default: the"
+            " model called default, whose state is the state directory itself)",
+        )
 
     def tls_files(p: argparse.ArgumentParser) -> None:
         p.add_argument("--ca-file", type=Path, help="https: trust this CA instead of the system's")
@@ -132,6 +137,7 @@ def _in_state_dir(command: Callable[[argparse.Namespace], int]) -> Callable[...,
                 from agent.config import load_config  # noqa: PLC0415 - only when needed
 
                 args.state_dir = load_config(config).state_dir
+        args.state_dir = _model_state_dir(args.state_dir, args.model)
         if command in (_status, _rollback) and not args.state_dir.is_dir():
             raise ConfigError(
                 f"no agent state in {args.state_dir}: give the agent's --state-dir, or its"
@@ -140,6 +146,21 @@ def _in_state_dir(command: Callable[[argparse.Namespace], int]) -> Callable[...,
         return command(args)
 
     return resolved
+
+
+def _model_state_dir(state_dir: Path, model: str | None) -> Path:
+    """Where ``model`` keeps its state (docs/agent.md, "Several models").
+
+    Raises:
+        ConfigError: not a model name.
+    """
+    from agent.messages.desired import DEFAULT_MODEL, MODEL_RE  # noqa: PLC0415
+
+    if model is None or model == DEFAULT_MODEL:
+        return state_dir
+    if not MODEL_RE.fullmatch(model):
+        raise ConfigError(f"--model {model!r} must match {MODEL_RE.pattern}")
+    return state_dir / "models" / model
 
 
 def _print_result(result: InstallResult | None, updater: Updater, as_json: bool) -> None:

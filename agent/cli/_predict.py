@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.bundle.manifest import MANIFEST_PATH, RUNTIMES
-from agent.errors import InferenceError
+from agent.errors import ConfigError, InferenceError, StateError
 from agent.serve._validation import InputPolicy
 
 __all__ = ["register"]
@@ -29,12 +29,19 @@ def register(subparsers: Any) -> None:
         help="run a bundle's model over a file of inputs",
         description=__doc__.split("\n\n")[0] + " " + __doc__.split("\n\n")[2],
     )
-    p.add_argument(
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument(
         "--bundle-dir",
         type=Path,
-        required=True,
         help=f"an extracted, verified bundle ({MANIFEST_PATH} at its root)",
     )
+    where.add_argument(
+        "--model",
+        help="the installed model of that name (agent.toml [models.NAME]; default: the"
+        " model called default): its current version, from --state-dir or --config",
+    )
+    p.add_argument("--state-dir", type=Path, help="with --model: the agent's state directory")
+    p.add_argument("--config", type=Path, help="with --model: the agent configuration")
     p.add_argument("--input", type=Path, required=True, help="inputs: .npy, .npz or .json")
     p.add_argument("--output", type=Path, required=True, help="outputs: .npy, .npz or .json")
     p.add_argument(
@@ -62,6 +69,31 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=_run)
 
 
+def _installed(args: argparse.Namespace) -> Path:
+    """The current version's directory of the model ``args.model`` names.
+
+    Raises:
+        ConfigError: no state directory given or found, or not a model name.
+        StateError: that model has no current version.
+    """
+    from agent.cli._lifecycle import DEFAULT_CONFIG, _model_state_dir  # noqa: PLC0415
+    from agent.install._store import Store  # noqa: PLC0415
+
+    state_dir = args.state_dir
+    if state_dir is None:
+        config = args.config or (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+        if config is None:
+            raise ConfigError("--model needs the agent's --state-dir or --config")
+        from agent.config import load_config  # noqa: PLC0415
+
+        state_dir = load_config(config).state_dir
+    store = Store(_model_state_dir(state_dir, args.model))
+    current = store.load().current
+    if current is None:
+        raise StateError(f"model {args.model!r} has no installed version in {store.root}")
+    return store.version_dir(current)
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -78,7 +110,7 @@ def _run(args: argparse.Namespace) -> int:
     from agent.serve.batch import predict_files  # noqa: PLC0415
     from agent.serve.runtimes import RuntimeOptions  # noqa: PLC0415
 
-    bundle_dir: Path = args.bundle_dir
+    bundle_dir: Path = args.bundle_dir or _installed(args)
     manifest_path = bundle_dir / MANIFEST_PATH
     try:
         manifest_bytes = manifest_path.read_bytes()

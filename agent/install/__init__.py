@@ -22,10 +22,10 @@ if TYPE_CHECKING:
     from agent.install._gate import ChildGate, check_in_child, load_and_check
     from agent.install._health import HealthReport, check_health
     from agent.install._loading import ModelLoader
-    from agent.install._sched import GatePriority
     from agent.install._status import status_document
     from agent.install._store import AgentState, Failure, Pending, Store
     from agent.install._updater import EventSink, InstallResult, Updater
+    from agent.plumbing.sched import GatePriority
 
 __all__ = [
     "AgentState",
@@ -65,7 +65,7 @@ __getattr__ = exports(
         "load_and_check": "agent.install._gate",
         "HealthReport": "agent.install._health",
         "check_health": "agent.install._health",
-        "GatePriority": "agent.install._sched",
+        "GatePriority": "agent.plumbing.sched",
         "status_document": "agent.install._status",
         "AgentState": "agent.install._store",
         "Failure": "agent.install._store",

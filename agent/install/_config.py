@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from agent.bundle import DEFAULT_MAX_BUNDLE_BYTES
-from agent.install._sched import GatePriority
+from agent.plumbing.sched import GatePriority
 from agent.plumbing.tls import TlsConfig
 from agent.serve.runtimes import RuntimeOptions
 

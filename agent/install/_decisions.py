@@ -65,6 +65,9 @@ def resume_action(state: AgentState) -> ResumeAction:
         "verifying": "verify",
         "staged": "health-check",
         "health-check": "health-check",
+        # Held in a stage (shadow, A/B split): gated again, then back in its stage.
+        "shadow": "health-check",
+        "split": "health-check",
         "probation": "roll-back",
     }[state.pending.phase]  # type: ignore[return-value]
 

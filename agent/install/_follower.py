@@ -30,6 +30,7 @@ from agent.errors import BundleError, EdgeshipError, FetchError, StateError, Tru
 from agent.install._decisions import check_acceptance
 from agent.install._trust import TrustKeeper
 from agent.install._updater import Updater
+from agent.install._vouch import VouchCheck
 from agent.messages.desired import Desired
 from agent.plumbing.backoff import Backoff
 
@@ -75,6 +76,11 @@ class DesiredFollower:
         self._retry_at: float | None = None
         self._held = False  # the latest desired waits for the trust to change
         self._worker: threading.Thread | None = None
+        self._trust_generation = 0 if trust is None else trust.generation
+        # Does the root still vouch for what serves? (checked in this worker)
+        self.vouch = (
+            None if trust is None else VouchCheck(trust, updater, emit=emit, changed=changed)
+        )
 
     @property
     def desired(self) -> Desired | None:
@@ -153,10 +159,15 @@ class DesiredFollower:
             return False
         try:
             changed = self.trust.process()
-            self.trust.check_serving(self.updater)
+            if self.vouch is not None:
+                self.vouch.check()
         except EdgeshipError as exc:
             log.error("applying the trust root failed: %s", exc)  # noqa: TRY400 - expected; no traceback
             return False
+        # Another model's worker may have applied the change: it concerns this one too.
+        generation = self.trust.generation
+        changed = changed or generation != self._trust_generation
+        self._trust_generation = generation
         return changed
 
     def _give_up(self, desired: Desired) -> None:

@@ -4,8 +4,10 @@ By default the gate runs in a child process (:mod:`agent.install._gate_child`): 
 its own CPU priority, loads the candidate exactly as the agent will, runs the check
 (:func:`agent.install._health.check_health`) and answers one JSON line. It shares no
 interpreter lock with the serving threads, and a candidate that crashes or hangs its
-runtime fails the gate instead of taking the agent down. Only a candidate that passed is
-then loaded here, in a thread at the gate's lowered priority (:func:`load_and_check`).
+runtime fails the gate instead of taking the agent down. Such a worker process can be
+started ahead of the check, with its runtime already imported
+(:class:`agent.install._gate_worker.GateWorkers`). Only a candidate that passed is then
+loaded here, in a thread at the gate's lowered priority (:func:`load_and_check`).
 """
 
 from __future__ import annotations
@@ -13,10 +15,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -26,8 +26,10 @@ from typing import TYPE_CHECKING, Any
 
 from agent.bundle.manifest import Manifest
 from agent.errors import EdgeshipError, HealthCheckError
+from agent.install._gate_worker import GateWorkers, start_worker
 from agent.install._health import DEFAULT_LATENCY_RUNS, HealthReport, check_health
-from agent.install._sched import (
+from agent.install.faults import gate_fault
+from agent.plumbing.sched import (
     CAN_LOWER,
     GatePriority,
     cpu_and_wait_s,
@@ -45,12 +47,6 @@ __all__ = ["ChildGate", "check_in_child", "load_and_check"]
 
 _log = logging.getLogger("agent.install._health")
 
-# The directory holding the `agent` package, for the child's import path.
-_ROOT = str(Path(__file__).resolve().parents[2])
-_BOOTSTRAP = (
-    f"import sys; sys.path.insert(0, {_ROOT!r}); from agent.install._gate_child import main; main()"
-)
-
 
 @dataclass(frozen=True)
 class ChildGate:
@@ -59,12 +55,17 @@ class ChildGate:
     The child loads the model with :func:`agent.serve.runtimes.load_model` (``runtime``,
     ``options``), so only the default way of loading can be checked this way.
     ``timeout_s`` bounds the whole check: a candidate that hangs its runtime fails.
+    ``priority``: the child's CPU priority (None: the one :func:`load_and_check` loads at).
+    With ``workers``, the check takes the worker they started ahead, if any, and then
+    starts the next one; without, it starts its own.
     """
 
     runtime: str
     options: RuntimeOptions = field(default_factory=RuntimeOptions)
     timeout_s: float = 300.0
     key_file: Path | None = None  # the device key, for an encrypted bundle
+    priority: GatePriority | None = None
+    workers: GateWorkers | None = field(default=None, compare=False, repr=False)
 
 
 def check_in_child(
@@ -87,49 +88,57 @@ def check_in_child(
             ``gate.timeout_s``) or could not start.
     """
     request = {
-        "parent": os.getpid(),
-        "priority": priority,
         "manifest": manifest.to_json(),
         "model_dir": str(model_dir),
         "runtime": gate.runtime,
         "options": dataclasses.asdict(gate.options),
         "runs": runs,
         "key_file": None if gate.key_file is None else str(gate.key_file),
+        # Read here, at the check: a worker started ahead has an older environment.
+        "fault": gate_fault(),
     }
-    proc = _start()
+    workers = gate.workers
+    proc = (
+        start_worker(gate.runtime, priority)
+        if workers is None
+        else workers.take(gate.runtime, priority)
+    )
     try:
-        out, err = proc.communicate(json.dumps(request) + "\n", timeout=gate.timeout_s)
+        return _report(_answer(*_ask(proc, request, gate.timeout_s)))
+    finally:
+        if workers is not None:
+            workers.warm_up(gate.runtime, priority)
+
+
+def _ask(
+    proc: subprocess.Popen[str], request: dict[str, Any], timeout_s: float
+) -> tuple[str, str, int]:
+    """Send ``request`` to a worker; its stdout, stderr and exit status, once it ended."""
+    # A worker started ahead has run (and waited) before: only this check's share counts.
+    before = cpu_and_wait_s(proc.pid)
+    try:
+        out, err = proc.communicate(json.dumps(request) + "\n", timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        used = cpu_and_wait_s(proc.pid)
+        used = _since(before, cpu_and_wait_s(proc.pid))
         proc.kill()
         proc.communicate()
         raise HealthCheckError(
-            f"the health check did not finish within {gate.timeout_s:g} s;"
-            f" {_why_late(used, gate.timeout_s)}"
+            f"the health check did not finish within {timeout_s:g} s; {_why_late(used, timeout_s)}"
         ) from None
     except BaseException:
         proc.kill()
         proc.wait()
         raise
-    return _report(_answer(out, err, proc.returncode))
+    return out, err, proc.returncode
 
 
-def _start() -> subprocess.Popen[str]:
-    if not sys.executable or getattr(sys, "frozen", False):
-        raise HealthCheckError(
-            "no Python interpreter to run the health check process in (a frozen or embedded"
-            ' application); set update.health_gate = "thread"'
-        )
-    try:
-        return subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            [sys.executable, "-c", _BOOTSTRAP],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-    except OSError as exc:
-        raise HealthCheckError(f"cannot start the health check process: {exc}") from exc
+def _since(
+    before: tuple[float, float] | None, now: tuple[float, float] | None
+) -> tuple[float, float] | None:
+    if before is None or now is None:
+        return now
+    # A thread that ended meanwhile takes its share out of the sum: never below zero.
+    return max(0.0, now[0] - before[0]), max(0.0, now[1] - before[1])
 
 
 def _why_late(used: tuple[float, float] | None, timeout_s: float) -> str:
@@ -137,7 +146,9 @@ def _why_late(used: tuple[float, float] | None, timeout_s: float) -> str:
     if used is None:
         return "the candidate hangs, or the device is too busy to check it"
     cpu_s, wait_s = used
-    if wait_s > 0.25 * timeout_s:
+    # Waiting longer than it ran: starved (a spinning candidate on a busy device runs
+    # more than it waits).
+    if wait_s > 0.25 * timeout_s and wait_s > cpu_s:
         return (
             f"it waited {wait_s:.0f} s for a CPU and ran {cpu_s:.1f} s: the device is"
             " too busy to check the candidate at this priority (raise"
@@ -239,7 +250,13 @@ def load_and_check(
 
     report = None
     if child is not None:
-        report = check_in_child(manifest, model_dir, child, runs=runs, priority=priority)
+        report = check_in_child(
+            manifest,
+            model_dir,
+            child,
+            runs=runs,
+            priority=priority if child.priority is None else child.priority,
+        )
     if priority == "normal" or not CAN_LOWER:
         return work(time.perf_counter)
     me = threading.get_native_id()

@@ -5,7 +5,9 @@ answers with the expected outputs within the manifest's tolerance
 (``|actual - expected| <= atol + rtol * |expected|``, per output where the manifest gives
 one), and measures the p95 latency of a few runs against ``health.latency_budget_p95_ms``.
 A manifest of schema 1.2 or later lists golden cases (``health.cases``), each one request
-sent as it is; an older one has a single golden request (``health.golden_inputs``).
+sent as it is; an older one has a single golden request (``health.golden_inputs``). From
+schema 1.3 a manifest may give tolerances measured on an execution provider
+(``health.provider_tolerances``): on that provider they replace the output's own.
 """
 
 from __future__ import annotations
@@ -166,12 +168,15 @@ def check_health(
     runs: int = DEFAULT_LATENCY_RUNS,
     clocks: Sequence[Callable[[], float]] = (time.perf_counter,),
     key: DeviceKey | None = None,
+    provider: str | None = None,
 ) -> HealthReport:
     """Run the health gate on a loaded candidate.
 
     A latency run is timed by the smallest interval among ``clocks`` (see
-    :func:`agent.install._sched.model_clocks`). ``key`` opens the golden files of an
-    encrypted bundle.
+    :func:`agent.plumbing.sched.model_clocks`). ``key`` opens the golden files of an
+    encrypted bundle. ``provider`` is the execution provider or delegate the model runs
+    on (default: the model's ``provider`` attribute, if it has one): an output the
+    manifest gives a tolerance for on that provider is held to that tolerance.
 
     Raises:
         HealthCheckError: golden outputs outside tolerance, p95 latency over budget, or the
@@ -179,7 +184,11 @@ def check_health(
     """
     health = manifest.health
     requests = golden_requests(manifest, model_dir, key)
-    tolerances = None if health.cases is None else health.cases.tolerances
+    if provider is None:
+        found = getattr(model, "provider", None)  # when the loaded model names it
+        provider = found if isinstance(found, str) else None
+    tolerances = health.tolerances_on(provider)
+    measured = provider in health.provider_tolerances
     worst, deviation = "", -1.0
     for n, (inputs, expected) in enumerate(requests):
         where = f"golden case {n}" if health.cases is not None else "its golden inputs"
@@ -190,9 +199,11 @@ def check_health(
         try:
             name, dev = compare_outputs(expected, actual, health.tolerance, tolerances)
         except HealthCheckError as exc:
-            if health.cases is None:
+            if health.cases is None and not measured:
                 raise
-            raise HealthCheckError(f"{where}: {exc}") from None
+            prefix = f"{where}: " if health.cases is not None else ""
+            suffix = f" (with the tolerances measured for {provider})" if measured else ""
+            raise HealthCheckError(f"{prefix}{exc}{suffix}") from None
         if dev > deviation:
             worst, deviation = name, dev
     latencies = []

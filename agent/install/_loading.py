@@ -19,9 +19,10 @@ from agent.bundle.manifest import Manifest
 from agent.errors import HealthCheckError
 from agent.install._config import UpdaterConfig
 from agent.install._gate import ChildGate, load_and_check
+from agent.install._gate_worker import GateWorkers
 from agent.install._health import HealthReport
 from agent.install._providers import Passed, ProviderRecord
-from agent.install._sched import GatePriority
+from agent.plumbing.sched import GatePriority
 from agent.serve._slot import ServingModel
 from agent.serve.runtimes import CPU_PROVIDERS, DEFAULT_PROVIDERS, load_model, provider_chain
 
@@ -86,6 +87,17 @@ class ModelLoading:
             self.key = DeviceKey.load(config.decryption_key)
         self._custom = loader is not None
         self.loader: ModelLoader = loader or self._default
+        # The health gate's worker processes: none until the first gate in a process,
+        # then one started ahead for the next (agent.install._gate_worker).
+        self.gate_workers = GateWorkers()
+
+    def close(self) -> None:
+        """Stop the health-gate worker started ahead for the next install, if any.
+
+        Call it when the agent stops. Loading still works afterwards; a gate then starts
+        its worker process on demand, and none ahead.
+        """
+        self.gate_workers.close()
 
     def load(self, manifest: Manifest, model_dir: Path, digest: str | None = None) -> ServingModel:
         """Load a stored version to serve it, on the provider it passed the gate on.
@@ -176,7 +188,13 @@ class ModelLoading:
         child = None
         if update.health_gate == "process" and not self._custom:
             child = ChildGate(
-                runtime, options, update.health_gate_timeout_s, self.config.decryption_key
+                runtime,
+                options,
+                update.health_gate_timeout_s,
+                self.config.decryption_key,
+                # Whatever the load here runs at (see _priority), the child runs lowered.
+                priority=update.health_gate_priority,
+                workers=self.gate_workers,
             )
 
         def load() -> ServingModel:
@@ -204,7 +222,7 @@ class ModelLoading:
 
 
 def _priority(wanted: GatePriority, runtime: str, provider: str | None) -> GatePriority:
-    """The priority to load a candidate at here (the child gate lowers its own anyway).
+    """The priority to load a candidate at here (the child gate runs at the configured one).
 
     An accelerator's runtime (OpenVINO, a delegate library) may start process-wide thread
     pools on its first load that outlive the session; started at a lowered priority they

@@ -52,7 +52,11 @@ __all__ = [
 STATE_FORMAT = 1
 # The phases an install passes through while it is pending. Terminal outcomes (committed,
 # rolled-back, failed) clear `pending`; failures are kept in `last_failure`.
-Phase = Literal["downloading", "verifying", "staged", "health-check", "probation"]
+Phase = Literal[
+    "downloading", "verifying", "staged", "health-check", "shadow", "split", "probation"
+]
+# The stages a candidate that passed its gate may be held in before it serves everyone.
+STAGES: tuple[Phase, ...] = ("shadow", "split")
 PHASES: tuple[Phase, ...] = get_args(Phase)
 Outcome = Literal["failed", "rolled-back"]
 MAX_ATTEMPT_RECORDS = 64  # attempt counters kept; the oldest are dropped first

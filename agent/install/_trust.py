@@ -36,14 +36,12 @@ from agent.errors import (
     RootVersionError,
 )
 from agent.install._config import FetchConfig, TrustConfig
-from agent.install._policy import installed_vouch_problem
 from agent.install._trust_files import TrustFiles
 from agent.plumbing.backoff import Backoff
 
 if TYPE_CHECKING:
     from agent.bundle.heartbeat import Heartbeat
     from agent.install._fetch import Fetcher
-    from agent.install._updater import Updater
 
 __all__ = ["TrustKeeper"]
 
@@ -105,7 +103,7 @@ class TrustKeeper:
         self._retry = Backoff(self.config.retry_initial_s, self.config.retry_max_s)
         self._stale: str | None = None  # why the desired state is stale, if it is
         self._reported: dict[str, str | None] = {}  # last reason per event kind: no repeats
-        self._serving_due = False
+        self.generation = 0  # counts changes: each model's follower notices every one
         self._expired_keys: frozenset[str] = frozenset()
         # Right after a start the retained heartbeat is on its way: no alarm before it can
         # have arrived (installs wait for it all the same).
@@ -227,7 +225,7 @@ class TrustKeeper:
             changed |= self._catch_up(beat.root_version)
         changed |= self._note_clock()
         if changed:
-            self._serving_due = True
+            self.generation += 1
             self._notify()
         return changed
 
@@ -426,36 +424,6 @@ class TrustKeeper:
             self._reported["held-back"] = None
             self._notify()
 
-    def check_serving(self, updater: Updater) -> None:
-        """After the trust changed: does the root still vouch for what serves? If not, an
-        ``unvouched`` event, and with the root's ``unvouched = "roll-back"`` a rollback
-        to the previous version when the root vouches for that one."""
-        if not self._serving_due:
-            return
-        self._serving_due = False
-        state = updater.status()
-        if state.pending is not None and state.pending.phase == "probation":
-            self._serving_due = True  # the verdict comes first; then what serves is checked
-            return
-        if state.current is None:
-            return
-        root, now = self.root, self._clock()
-        problem = installed_vouch_problem(updater.store, state.current, root, now, self.slack_s)
-        if problem is None:
-            self._reported.pop("unvouched", None)
-            return
-        action: str = root.unvouched
-        if action == "roll-back" and (
-            state.previous is None
-            or installed_vouch_problem(updater.store, state.previous, root, now, self.slack_s)
-            is not None
-        ):
-            action = "none-vouched"  # nothing to roll back to: keep serving, and say so
-        if not self._report("unvouched", problem, digest=state.current, action=action):
-            return
-        if action == "roll-back":
-            updater.rollback(f"{root.label} no longer vouches for it: {problem}")
-
     # --- reporting -----------------------------------------------------------------------
 
     def document(self) -> dict[str, Any]:
@@ -472,9 +440,14 @@ class TrustKeeper:
             "root_expired": root.expired(now, self.slack_s),
             "heartbeat_expires": None if beat is None else format_time(beat.expires),
             "held_back": held,
-            # What serves, when the root no longer vouches for it (revoked or expired key).
-            "unvouched": self._reported.get("unvouched"),
+            # Each model's own: what it serves, when the root no longer vouches for it
+            # (agent.install._vouch).
+            "unvouched": None,
         }
+
+    def now(self) -> datetime:
+        """The keeper's wall clock (UTC)."""
+        return self._clock()
 
     def _report(self, kind: str, reason: str, **fields: Any) -> bool:
         """Emit ``kind`` unless its last report said the same; True when emitted."""

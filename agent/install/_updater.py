@@ -35,25 +35,15 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from agent.bundle import DeviceInfo, Limits, verify_bundle
 from agent.bundle.manifest import Manifest
 from agent.bundle.signing import TrustPolicy
-from agent.errors import (
-    BundleError,
-    DownloadError,
-    DownloadRefusedError,
-    EdgeshipError,
-    StateError,
-)
+from agent.errors import BundleError, DownloadError, DownloadRefusedError, EdgeshipError, StateError
 from agent.install import faults
 from agent.install._config import UpdaterConfig
-from agent.install._decisions import (
-    check_acceptance,
-    commit_state,
-    resume_action,
-    rollback_state,
-)
+from agent.install._decisions import check_acceptance, commit_state, resume_action, rollback_state
 from agent.install._health import HealthReport
 from agent.install._loading import ModelLoader, ModelLoading
 from agent.install._policy import PolicySource, policy_at
 from agent.install._store import (
+    STAGES,
     AgentState,
     Failure,
     Pending,
@@ -86,7 +76,7 @@ class InstallResult:
     name: str
     version: str
     sequence: int
-    outcome: Literal["probation", "already-current"]
+    outcome: Literal["probation", "already-current", "shadow", "split"]
     health: HealthReport | None = None
 
 
@@ -297,7 +287,7 @@ class Updater:
                 state, done = self._verify(state, p)
                 if done is not None:
                     return done
-            elif p.phase in ("staged", "health-check"):
+            elif p.phase in ("staged", "health-check", *STAGES):
                 return self._health_and_activate(state, p)
             else:
                 raise StateError(f"cannot continue an install in phase {p.phase}")
@@ -402,16 +392,30 @@ class Updater:
             self._fail(state, str(exc))
             raise
         # Count the attempt before loading: a candidate that crashes the agent while
-        # loading or running must use up its budget, not loop forever.
-        state = self._save(
-            replace(state.with_attempt(digest), pending=replace(p, phase="health-check"))
-        )
+        # loading or running must use up its budget, not loop forever (one held in a
+        # stage was counted when it entered it).
+        if p.phase not in STAGES:
+            p = replace(p, phase="health-check")
+            state = self._save(replace(state.with_attempt(digest), pending=p))
         manifest = self.store.manifest(digest)
         try:
             model, report = self._gate(manifest, digest)
         except EdgeshipError as exc:
             self._fail(state, str(exc))
             raise
+        return self._activate(state, p, manifest, model, report)
+
+    def _activate(
+        self,
+        state: AgentState,
+        p: Pending,
+        manifest: Manifest,
+        model: ServingModel,
+        report: HealthReport | None,
+    ) -> InstallResult:
+        """Swap the candidate that passed its gate in, in probation."""
+        digest = p.digest
+        assert digest is not None  # verified before it was gated
         self._save(replace(state, pending=replace(p, phase="probation")))
         if self.slot is not None:
             monitor = ProbationMonitor(manifest.health.probation)

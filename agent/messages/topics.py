@@ -1,5 +1,7 @@
-"""MQTT topic names of protocol v1: ``edgeship/v1/<fleet>/<device>/<leaf>``, and the
-fleet-wide ``edgeship/v1/<fleet>/trust/root`` and ``.../trust/heartbeat``.
+"""MQTT topic names of protocol v1: ``edgeship/v1/<fleet>/<device>/<leaf>``, a named
+model's ``edgeship/v1/<fleet>/<device>/models/<model>/<leaf>`` (``desired`` and ``state``;
+the model called ``default`` keeps the device-level ones), and the fleet-wide
+``edgeship/v1/<fleet>/trust/root`` and ``.../trust/heartbeat``.
 
 Fleet and device ids become topic levels, so they must be non-empty and free of the
 MQTT separators and wildcards (``/``, ``+``, ``#``) and of NUL; ``trust`` is no device id
@@ -13,6 +15,8 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from agent.messages.desired import DEFAULT_MODEL, MODEL_RE
 
 __all__ = [
     "PREFIX",
@@ -73,6 +77,29 @@ class Topics:
     @property
     def desired(self) -> str:
         return f"{self.base}/desired"
+
+    def desired_for(self, model: str) -> str:
+        """Where ``model``'s desired state is retained (``desired`` for ``default``)."""
+        return self.desired if model == DEFAULT_MODEL else f"{self.model_base(model)}/desired"
+
+    def state_for(self, model: str) -> str:
+        """Where ``model``'s reported state is retained (``state`` for ``default``)."""
+        return self.state if model == DEFAULT_MODEL else f"{self.model_base(model)}/state"
+
+    def model_base(self, model: str) -> str:
+        """``<base>/models/<model>``.
+
+        Raises:
+            ValueError: not a model name (docs/agent.md, "Several models").
+        """
+        if not MODEL_RE.fullmatch(model):
+            raise ValueError(f"model name {model!r} must match {MODEL_RE.pattern}")
+        return f"{self.base}/models/{model}"
+
+    @property
+    def feedback(self) -> str:
+        """Ground truth for earlier requests (docs/mqtt.md, "feedback")."""
+        return f"{self.base}/feedback"
 
     @property
     def telemetry(self) -> str:

@@ -7,6 +7,7 @@ Separate from the server so that reading a configuration imports neither
 from __future__ import annotations
 
 import ipaddress
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,16 +19,25 @@ if TYPE_CHECKING:
     import ssl
 
 __all__ = [
+    "FEEDBACK_PATH",
     "HEALTH_PATH",
+    "KEY_HEADER",
     "METRICS_CONTENT_TYPE",
     "METRICS_PATH",
     "MIN_TOKEN_CHARS",
     "PREDICT_PATH",
+    "REQUEST_ID_HEADER",
     "HttpServerConfig",
     "ServerTls",
+    "model_route",
 ]
 
 PREDICT_PATH = "/v1/predict"
+FEEDBACK_PATH = "/v1/feedback"
+# /v1/models/<name>/predict and /v1/models/<name>/feedback: a named model's endpoints.
+_MODEL_PATH = re.compile(r"/v1/models/([a-z0-9][a-z0-9_-]{0,63})/(predict|feedback)")
+KEY_HEADER = "X-Edgeship-Key"  # keeps a caller on one side of an A/B split
+REQUEST_ID_HEADER = "X-Request-Id"  # names the request for feedback later
 HEALTH_PATH = "/v1/health"
 METRICS_PATH = "/metrics"  # where Prometheus looks by default
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -150,3 +160,9 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:  # a host name: it may resolve anywhere
         return False
+
+
+def model_route(path: str) -> tuple[str, str] | None:
+    """``(model, "predict" | "feedback")`` for a named model's path, else None."""
+    m = _MODEL_PATH.fullmatch(path)
+    return None if m is None else (m.group(1), m.group(2))

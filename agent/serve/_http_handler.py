@@ -16,17 +16,16 @@ import json
 import logging
 import socket
 import ssl
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any, Union
 
 from agent.errors import EdgeshipError, InputValidationError, error_code
-from agent.serve._cache import predict_versioned
-from agent.serve._http_config import HEALTH_PATH, METRICS_CONTENT_TYPE, METRICS_PATH, PREDICT_PATH
+from agent.messages.feedback import parse_feedback
+from agent.serve import _http_config as paths
+from agent.serve._buckets import TokenBuckets
 from agent.serve.codec import (
     BINARY_CONTENT_TYPE,
     JSON_CONTENT_TYPE,
@@ -52,40 +51,6 @@ __all__ = [
 log = logging.getLogger("agent.serve.http")
 
 
-class TokenBuckets:
-    """Per-client token buckets, bounded in the number of clients. Thread-safe."""
-
-    def __init__(
-        self,
-        rate_per_s: float,
-        burst: int,
-        max_clients: int,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._rate = rate_per_s
-        self._burst = float(burst)
-        self._max = max_clients
-        self._clock = clock
-        self._lock = threading.Lock()
-        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # tokens, time
-
-    def take(self, client: str) -> float:
-        """0.0 if ``client`` may proceed (one token taken), else seconds until it may."""
-        now = self._clock()
-        with self._lock:
-            tokens, last = self._buckets.pop(client, (self._burst, now))
-            tokens = min(self._burst, tokens + (now - last) * self._rate)
-            wait = 0.0
-            if tokens >= 1.0:
-                tokens -= 1.0
-            else:
-                wait = (1.0 - tokens) / self._rate
-            self._buckets[client] = (tokens, now)
-            if len(self._buckets) > self._max:
-                self._buckets.popitem(last=False)
-        return wait
-
-
 class HttpError(Exception):
     def __init__(
         self, status: HTTPStatus, code: str, message: str, headers: Mapping[str, str] = {}
@@ -100,6 +65,9 @@ class HttpError(Exception):
 # The HTTP status of each prediction error code (agent.errors.error_code).
 _STATUS = {
     "invalid-input": HTTPStatus.BAD_REQUEST,
+    "unknown-model": HTTPStatus.NOT_FOUND,
+    "unknown-request": HTTPStatus.NOT_FOUND,
+    "already-labelled": HTTPStatus.CONFLICT,
     "overloaded": HTTPStatus.SERVICE_UNAVAILABLE,
     "unavailable": HTTPStatus.SERVICE_UNAVAILABLE,
     "inference-failed": HTTPStatus.INTERNAL_SERVER_ERROR,
@@ -273,12 +241,26 @@ class Handler(BaseHTTPRequestHandler):
     def _route(self) -> Callable[[], tuple[int, str, Body]]:
         """The handler of the request's path and method; only ever for an admitted client."""
         path = self.path.split("?", 1)[0]
-        routes = {PREDICT_PATH: ("POST", self._predict), HEALTH_PATH: ("GET", self._health)}
+        routes: dict[str, tuple[str, Callable[[], tuple[int, str, Body]]]] = {
+            paths.PREDICT_PATH: ("POST", lambda: self._predict(None)),
+            paths.FEEDBACK_PATH: ("POST", lambda: self._feedback(None)),
+            paths.HEALTH_PATH: ("GET", self._health),
+        }
         if (text := self.endpoint.metrics_text) is not None:  # opt-in: http.metrics
-            routes[METRICS_PATH] = ("GET", lambda: (HTTPStatus.OK, METRICS_CONTENT_TYPE, text()))
+            routes[paths.METRICS_PATH] = (
+                "GET",
+                lambda: (HTTPStatus.OK, paths.METRICS_CONTENT_TYPE, text()),
+            )
+        named = paths.model_route(path)  # /v1/models/<name>/predict or .../feedback
+        if named is not None:
+            name, leaf = named
+            handler = self._predict if leaf == "predict" else self._feedback
+            routes[path] = ("POST", lambda: handler(name))
         if path not in routes:
             raise HttpError(
-                HTTPStatus.NOT_FOUND, "not-found", f"no such endpoint; use {', '.join(routes)}"
+                HTTPStatus.NOT_FOUND,
+                "not-found",
+                f"no such endpoint; use {', '.join(routes)} or /v1/models/<name>/predict",
             )
         method, route = routes[path]
         if self.command != method:
@@ -319,7 +301,7 @@ class Handler(BaseHTTPRequestHandler):
                     {"WWW-Authenticate": 'Bearer realm="edgeship"'},
                 )
 
-    def _predict(self) -> tuple[int, str, Body]:
+    def _predict(self, model: str | None) -> tuple[int, str, Body]:
         body, binary = self._read_body()
         limits = self.endpoint.config.limits
         try:
@@ -328,27 +310,48 @@ class Handler(BaseHTTPRequestHandler):
             raise HttpError(HTTPStatus.BAD_REQUEST, "invalid-input", str(exc)) from None
         del body  # JSON tensors do not refer to it (binary ones are views that keep it)
         try:
-            version, outputs = predict_versioned(self.endpoint.predictor, message.tensors)
+            version, outputs = self.endpoint.router.get(model).predict_request(
+                message.tensors,
+                key=self.headers.get(paths.KEY_HEADER),
+                request_id=self.headers.get(paths.REQUEST_ID_HEADER),
+            )
         except EdgeshipError as exc:
-            code = error_code(exc)
-            if code == "inference-failed":
-                log.warning("prediction failed: %s", exc)
-            status = _STATUS[code]
-            retry = {"Retry-After": "1"} if status == HTTPStatus.SERVICE_UNAVAILABLE else {}
-            raise HttpError(status, code, str(exc), retry) from None
+            raise self._failed(exc) from None
         del message  # the inputs are no longer needed while the answer is encoded
         meta = {} if version is None else {"model": version}
         if self._answer_binary(binary):
             return HTTPStatus.OK, BINARY_CONTENT_TYPE, encode_binary(outputs, meta)
         return HTTPStatus.OK, JSON_CONTENT_TYPE, encode_json_parts(outputs, "outputs", meta)
 
+    def _failed(self, exc: EdgeshipError) -> HttpError:
+        code = error_code(exc)
+        if code == "inference-failed":
+            log.warning("prediction failed: %s", exc)
+        status = _STATUS[code]
+        retry = {"Retry-After": "1"} if status == HTTPStatus.SERVICE_UNAVAILABLE else {}
+        return HttpError(status, code, str(exc), retry)
+
+    def _feedback(self, model: str | None) -> tuple[int, str, Body]:
+        body, _ = self._read_body()
+        try:
+            item = parse_feedback(body, versioned=False)
+            answer = self.endpoint.router.get(model or item.model).feedback(
+                item.request_id, item.label
+            )
+        except ValueError as exc:
+            raise HttpError(HTTPStatus.BAD_REQUEST, "invalid-input", str(exc)) from None
+        except EdgeshipError as exc:
+            raise self._failed(exc) from None
+        return HTTPStatus.OK, JSON_CONTENT_TYPE, json.dumps(answer).encode()
+
     def _health(self) -> tuple[int, str, bytes]:
-        predictor = self.endpoint.predictor
-        version = getattr(predictor, "digest", None)
-        if hasattr(predictor, "digest") and version is None:
-            body = {"status": "no-model", "model": None}
+        router = self.endpoint.router
+        versions = {name: served.digest for name, served in router.models.items()}
+        default = None if router.default is None else versions[router.default]
+        body = {"status": "ok", "model": default, "models": versions}
+        if not any(served.ready for served in router.models.values()):
+            body["status"] = "no-model"
             return HTTPStatus.SERVICE_UNAVAILABLE, JSON_CONTENT_TYPE, json.dumps(body).encode()
-        body = {"status": "ok", "model": version if isinstance(version, str) else None}
         return HTTPStatus.OK, JSON_CONTENT_TYPE, json.dumps(body).encode()
 
     # --- request body --------------------------------------------------------------------

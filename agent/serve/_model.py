@@ -36,6 +36,11 @@ class Backend(Protocol):
         ...
 
     @property
+    def provider(self) -> str:
+        """The execution provider (onnxruntime) or delegate (TFLite) it runs on."""
+        ...
+
+    @property
     def errors(self) -> tuple[type[BaseException], ...]:
         """Exception types the runtime raises for a failed run."""
         ...
@@ -55,6 +60,7 @@ class Model:
     Attributes:
         spec: the manifest's model section (file, inputs and outputs).
         runtime: the name of the runtime executing it.
+        provider: the execution provider or delegate it runs on.
         policy: the input limits every request is checked against.
     """
 
@@ -66,6 +72,7 @@ class Model:
         """
         self.spec = spec
         self.runtime = backend.runtime
+        self.provider = backend.provider
         self._backend = backend
         self._validate = InputValidator(spec.inputs, policy)
         self.policy = self._validate.policy

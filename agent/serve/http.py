@@ -7,8 +7,14 @@ for two routes.
 * ``POST /v1/predict`` — body in either encoding of :mod:`agent.serve.codec`, told by
   ``Content-Type``; the answer uses the ``Accept`` type if it names one of the two, else
   the request's type.
-* ``GET /v1/health`` — ``{"status": "ok", "model": <version or null>}``; 503 with
-  ``"no-model"`` while nothing is installed.
+* ``POST /v1/models/<name>/predict`` — the same for a named model (``/v1/predict`` is
+  the model called ``default``, or the only one); ``X-Edgeship-Key`` keeps a caller on one
+  side of an A/B split, ``X-Request-Id`` names the request for feedback.
+* ``POST /v1/feedback``, ``/v1/models/<name>/feedback`` — ``{"request_id": ...,
+  "label": ...}``: the ground truth for an earlier request (404 ``unknown-request`` when
+  it is not remembered).
+* ``GET /v1/health`` — ``{"status": "ok", "model": <version or null>, "models": {name:
+  version}}``; 503 with ``"no-model"`` while no model serves.
 
 Every request passes, in order: per-client rate limit (token bucket per client address,
 429 + ``Retry-After``), bearer-token check (constant time, 401), then the route (404,
@@ -54,6 +60,7 @@ from agent.serve._http_handler import (
     TokenBuckets,
     shut_reading,
 )
+from agent.serve._router import Router
 
 __all__ = ["HttpServer", "HttpServerConfig", "ServerTls", "TokenBuckets", "start_http_server"]
 
@@ -226,7 +233,8 @@ class Server(ThreadingHTTPServer):
 
 
 class HttpServer:
-    """The HTTP endpoint in front of ``predictor``; :meth:`start` listens, :meth:`stop` ends.
+    """The HTTP endpoint in front of ``predictor`` (a model, or the agent's models by name:
+    a :class:`~agent.serve._router.Router`); :meth:`start` listens, :meth:`stop` ends.
 
     Raises (from the constructor):
         ConfigError: ``config`` is unsafe or invalid (see :meth:`HttpServerConfig.check`).
@@ -234,14 +242,14 @@ class HttpServer:
 
     def __init__(
         self,
-        predictor: Predictor,
+        predictor: Predictor | Router,
         config: HttpServerConfig,
         *,
         clock: Callable[[], float] = time.monotonic,
         metrics_text: Callable[[], bytes] | None = None,
     ) -> None:
         config.check()
-        self.predictor = predictor
+        self.router = Router.of(predictor)
         self.config = config
         # What /metrics answers (the agent's exposition); routed only with http.metrics.
         self.metrics_text = metrics_text if config.metrics else None

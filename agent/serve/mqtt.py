@@ -17,10 +17,14 @@ make the device publish on its own status, state or telemetry topics. A request 
 reply topic outside these rules is dropped (and counted): there is no safe place to
 answer it.
 
-Answers: ``{"outputs": {...}, "model": <version>, "correlation_id": ...}`` in the
-request's encoding; errors are always JSON ``{"error": {"code": ..., "message": ...},
-"correlation_id": ...}`` with codes ``invalid-input``, ``overloaded``, ``unavailable``
-(no model, or stopping), ``inference-failed`` and ``internal``.
+A request may name its model (``"model": "<name>"``; else the model called ``default``, or
+the only one), carry a ``"key"`` (keeps a caller on one side of an A/B split) and a
+``"request_id"`` (for feedback later). Answers: ``{"outputs": {...}, "model": <version>,
+"correlation_id": ...}`` in the request's encoding (``model`` names the version that
+answered, as it always has); errors are always JSON ``{"error": {"code": ..., "message":
+...}, "correlation_id": ...}`` with codes ``invalid-input``, ``unknown-model``,
+``overloaded``, ``unavailable`` (no model, or stopping), ``inference-failed`` and
+``internal``.
 
 The transport delivers on its network thread, which must not block: the handler only
 checks the size and puts the message in a bounded queue; worker threads decode, predict
@@ -41,7 +45,8 @@ from typing import Any
 from agent.errors import EdgeshipError, InputValidationError, error_code
 from agent.messages.topics import PREFIX, Topics
 from agent.plumbing.transport import Message, Transport
-from agent.serve._cache import Predictor, predict_versioned
+from agent.serve._cache import Predictor
+from agent.serve._router import Router
 from agent.serve.codec import (
     CodecLimits,
     decode,
@@ -136,18 +141,19 @@ class _Route:
 class MqttInferenceServer:
     """Answers prediction requests arriving through ``transport``. Thread-safe.
 
-    ``predictor`` is anything with ``predict`` (a Model, the model slot, a cache); when
-    it reports versions (``predict_versioned``), answers name the version.
+    ``predictor`` is anything with ``predict`` (a Model, the model slot, a cache; when
+    it reports versions (``predict_versioned``), answers name the version) or the agent's
+    models by name (a :class:`~agent.serve._router.Router`).
     """
 
     def __init__(
         self,
-        predictor: Predictor,
+        predictor: Predictor | Router,
         transport: Transport,
         topics: Topics,
         config: MqttServingConfig | None = None,
     ) -> None:
-        self.predictor = predictor
+        self.router = Router.of(predictor)
         self.transport = transport
         self.topics = topics
         self.config = config or MqttServingConfig()
@@ -236,8 +242,12 @@ class MqttInferenceServer:
         route = self._route(message, request.meta)
         if route.topic is None:
             return
+        fields = request.meta if isinstance(request.meta, dict) else {}
         try:
-            version, outputs = predict_versioned(self.predictor, request.tensors)
+            served = self.router.get(_text(fields, "model"))
+            version, outputs = served.predict_request(
+                request.tensors, key=_text(fields, "key"), request_id=_text(fields, "request_id")
+            )
         except EdgeshipError as exc:
             code = error_code(exc)
             if code == "inference-failed":
@@ -317,3 +327,11 @@ def _payload_fields(payload: bytes, limits: CodecLimits) -> Any:
         return message_fields(payload, "inputs", limits)
     except InputValidationError:
         return {}
+
+
+def _text(fields: dict[str, Any], key: str) -> str | None:
+    """A request's text field; None when absent. Raises: InputValidationError: not text."""
+    value = fields.get(key)
+    if value is None or (isinstance(value, str) and 0 < len(value) <= 128):
+        return value
+    raise InputValidationError(f"{key!r} must be a string of 1 to 128 characters")

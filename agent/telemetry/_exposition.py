@@ -14,6 +14,8 @@ representative value, so the bucket counts are exact to the histogram's relative
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from agent.plumbing.compat import zip_strict
 from agent.telemetry._metrics import Metrics
 
@@ -34,20 +36,51 @@ def _head(lines: list[str], name: str, kind: str, doc: str) -> None:
     lines += [f"# HELP {_PREFIX}{name} {doc}", f"# TYPE {_PREFIX}{name} {kind}"]
 
 
-def exposition(metrics: Metrics) -> bytes:
-    """The text a Prometheus scrape of the agent gets (:data:`CONTENT_TYPE`)."""
+def exposition(metrics: Metrics | Mapping[str, Metrics]) -> bytes:
+    """The text a Prometheus scrape of the agent gets (:data:`CONTENT_TYPE`): of one
+    model's ``metrics``, or of several by name, each series labelled ``model="NAME"``."""
+    named = {"": metrics} if isinstance(metrics, Metrics) else dict(metrics)
+    series: dict[str, list[str]] = {}
+    for model, m in named.items():
+        _series(series, m, _pair("model", model) if model else "")
+    lines: list[str] = []
+    for name, (kind, doc) in _FAMILIES.items():
+        if series.get(name):
+            _head(lines, name, kind, doc)
+            lines += series[name]
+    return ("\n".join(lines) + "\n").encode()
+
+
+_FAMILIES = {
+    "requests_total": ("counter", "Predictions answered since the agent started."),
+    "errors_total": ("counter", "Failed predictions by error kind."),
+    "request_duration_seconds": ("histogram", "Prediction latency (1% relative accuracy)."),
+    "model_info": ("gauge", "The serving model (1)."),
+    "latency_budget_seconds": ("gauge", "The bundle's p95 latency budget."),
+}
+
+
+def _pair(key: str, value: object) -> str:
+    return f'{key}="{_label(str(value))}"'
+
+
+def _series(out: dict[str, list[str]], metrics: Metrics, model: str) -> None:
+    """One model's samples, by family; ``model`` is its label (or empty)."""
+
+    def labels(*more: str) -> str:
+        inner = ",".join(x for x in (model, *more) if x)
+        return f"{{{inner}}}" if inner else ""
+
     totals = metrics.totals()
     layout = metrics.layout
-    lines: list[str] = []
-    _head(lines, "requests_total", "counter", "Predictions answered since the agent started.")
-    lines.append(f"{_PREFIX}requests_total {totals.requests}")
-    _head(lines, "errors_total", "counter", "Failed predictions by error kind.")
-    lines += [
-        f'{_PREFIX}errors_total{{kind="{_label(kind)}"}} {n}'
+    out.setdefault("requests_total", []).append(
+        f"{_PREFIX}requests_total{labels()} {totals.requests}"
+    )
+    out.setdefault("errors_total", []).extend(
+        f"{_PREFIX}errors_total{labels(_pair('kind', kind))} {n}"
         for kind, n in sorted(totals.errors.items())
-    ]
+    )
     name = "request_duration_seconds"
-    _head(lines, name, "histogram", "Prediction latency (1% relative accuracy).")
     below = [0] * len(BUCKETS_S)
     for i, count in enumerate(totals.bucket_counts):
         if count:
@@ -56,21 +89,23 @@ def exposition(metrics: Metrics) -> bytes:
                 if value <= bound:
                     below[j] += count
                     break
+    hist = out.setdefault(name, [])
     cumulative = 0
     for bound, count in zip_strict(BUCKETS_S, below):
         cumulative += count
-        lines.append(f'{_PREFIX}{name}_bucket{{le="{bound}"}} {cumulative}')
-    lines += [
-        f'{_PREFIX}{name}_bucket{{le="+Inf"}} {totals.requests}',
-        f"{_PREFIX}{name}_sum {totals.latency_sum_s!r}",
-        f"{_PREFIX}{name}_count {totals.requests}",
+        hist.append(f"{_PREFIX}{name}_bucket{labels(_pair('le', bound))} {cumulative}")
+    hist += [
+        f"{_PREFIX}{name}_bucket{labels(_pair('le', '+Inf'))} {totals.requests}",
+        f"{_PREFIX}{name}_sum{labels()} {totals.latency_sum_s!r}",
+        f"{_PREFIX}{name}_count{labels()} {totals.requests}",
     ]
-    model = totals.model
-    if model is not None:
-        _head(lines, "model_info", "gauge", "The serving model (1).")
-        labels = f'name="{_label(model.name)}",version="{_label(model.version)}"'
-        lines.append(f'{_PREFIX}model_info{{{labels},sequence="{model.sequence}"}} 1')
-        if model.latency_budget_p95_ms is not None:
-            _head(lines, "latency_budget_seconds", "gauge", "The bundle's p95 latency budget.")
-            lines.append(f"{_PREFIX}latency_budget_seconds {model.latency_budget_p95_ms / 1e3!r}")
-    return ("\n".join(lines) + "\n").encode()
+    info = totals.model
+    if info is not None:
+        about = (_pair("name", info.name), _pair("version", info.version))
+        sequence = _pair("sequence", info.sequence)
+        out.setdefault("model_info", []).append(f"{_PREFIX}model_info{labels(*about, sequence)} 1")
+        if info.latency_budget_p95_ms is not None:
+            budget = info.latency_budget_p95_ms / 1e3
+            out.setdefault("latency_budget_seconds", []).append(
+                f"{_PREFIX}latency_budget_seconds{labels()} {budget!r}"
+            )

@@ -94,8 +94,12 @@ class Reporter:
         system: SystemSampler | None = None,
         config: TelemetryConfig | None = None,
         clock: Callable[[], float] = time.time,
+        sections: Callable[[], list[dict[str, Any]]] | None = None,
     ) -> None:
         self.topics = topics
+        # Several models: one telemetry message per section (its "model", "metrics",
+        # "drift", ...) instead of one from ``metrics`` and ``drift``.
+        self.sections = sections
         self.outbox = outbox
         self.transport = transport
         self.metrics = metrics if metrics is not None else Metrics()
@@ -150,8 +154,9 @@ class Reporter:
             log.warning("dropping invalid %r event: %s", kind, e)
             self.emit_event("invalid-event", kind=kind[:64], reason=str(e)[:256])
 
-    def set_state(self, state: Mapping[str, Any]) -> None:
-        """Replace the retained reported state; it is published now or on the next connect.
+    def set_state(self, state: Mapping[str, Any], topic: str | None = None) -> None:
+        """Replace the retained reported state (on ``topic``, by default the device's
+        ``state``); it is published now or on the next connect.
 
         Raises:
             ValueError: the state is not JSON or uses a reserved key.
@@ -159,23 +164,34 @@ class Reporter:
         clash = {"v", "fleet", "device", "ts"} & state.keys()
         if clash:
             raise ValueError(f"state keys {sorted(clash)} are reserved")
-        self.outbox.put_retained(self.topics.state, {**self._header(), **state})
+        self.outbox.put_retained(topic or self.topics.state, {**self._header(), **state})
         with self._cond:
             self._state_dirty = True
             self._cond.notify()
 
     def report_now(self) -> int | None:
-        """Snapshot one telemetry message into the outbox; its ``seq`` (None if no room)."""
-        body: dict[str, Any] = {
-            **self._header(),
-            "interval_s": self.config.interval_s,
-            "metrics": self.metrics.snapshot().to_json(),
-            "drift": None if self.drift is None else self.drift.snapshot(),
-            "system": None if self.system is None else self.system.sample(),
-        }
+        """Snapshot telemetry into the outbox (a message per model with ``sections``); the
+        last ``seq`` (None if no room)."""
+        if self.sections is not None:
+            sections = self.sections()
+        else:
+            drift = None if self.drift is None else self.drift.snapshot()
+            sections = [{"metrics": self.metrics.snapshot().to_json(), "drift": drift}]
+        system = None if self.system is None else self.system.sample()
         stats = self.outbox.stats()
-        body["outbox"] = {"rows": stats.rows, "bytes": stats.stored_bytes, "refused": self._refused}
-        seq = self.outbox.append(self.topics.telemetry, "telemetry", body, ttl_s=self.config.ttl_s)
+        outbox = {"rows": stats.rows, "bytes": stats.stored_bytes, "refused": self._refused}
+        seq = None
+        for section in sections:
+            body: dict[str, Any] = {
+                **self._header(),
+                "interval_s": self.config.interval_s,
+                **section,
+                "system": system,
+                "outbox": outbox,
+            }
+            seq = self.outbox.append(
+                self.topics.telemetry, "telemetry", body, ttl_s=self.config.ttl_s
+            )
         self._wake()
         return seq
 

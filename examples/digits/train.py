@@ -47,8 +47,13 @@ CALIBRATION_SAMPLES = 300
 SEED = 0
 
 
-def build(out: Path) -> dict[str, Path]:
-    """Train, export and write the data sets; returns the paths written."""
+def build(out: Path, *, shuffle_labels: bool = False) -> dict[str, Path]:
+    """Train, export and write the data sets; returns the paths written.
+
+    ``shuffle_labels`` trains on labels out of step with their images (shifted by one
+    class): a retrain gone wrong, which exports, builds and passes its own health gate
+    (its golden outputs are its own) and is wrong on real digits.
+    """
     out.mkdir(parents=True, exist_ok=True)
     digits = load_digits()
     x = (digits.data / 16.0).astype(np.float32)  # pixel values are 0..16
@@ -60,7 +65,7 @@ def build(out: Path) -> dict[str, Path]:
     with warnings.catch_warnings():
         # Reaching max_iter on this small set is fine: validation accuracy is ~97%.
         warnings.simplefilter("ignore", ConvergenceWarning)
-        clf.fit(x_train, y_train)
+        clf.fit(x_train, (y_train + 1) % 10 if shuffle_labels else y_train)
 
     onnx_model = convert_sklearn(
         clf,
@@ -112,7 +117,13 @@ def build(out: Path) -> dict[str, Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("out/digits"))
-    paths = build(parser.parse_args().out)
+    parser.add_argument(
+        "--shuffle-labels",
+        action="store_true",
+        help="train on labels out of step with the images: a broken retrain, for the demo",
+    )
+    args = parser.parse_args()
+    paths = build(args.out, shuffle_labels=args.shuffle_labels)
     print(paths["summary"].read_text(), end="")
 
 

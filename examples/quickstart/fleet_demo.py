@@ -20,7 +20,11 @@ What it does, each step through the real command-line tools:
    a new release key and revokes the old one (`edgeship trust revoke`, `trust publish`);
    both devices take it up, one refuses a bundle signed with the revoked key, and v5,
    signed with the new key, rolls out;
-7. prints the fleet status and writes the HTML fleet report.
+7. gives each device a second model (the TFLite twin, run by LiteRT beside the ONNX
+   model), then rolls out a broken retrain and a sound one with a shadow stage: the
+   devices reject the first on live traffic (it never answers a request) and promote the
+   second (examples/quickstart/models_demo.py);
+8. prints the fleet status and writes the HTML fleet report.
 
 Every process it starts is stopped at the end, also on failure or Ctrl-C.
 
@@ -49,6 +53,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from models_demo import models_and_shadow
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -447,6 +454,7 @@ def main() -> int:
         wait_for_port(metrics_port)
         token = secrets.token_urlsafe(24)
         traffic: list[Traffic] = []
+        ports: list[int] = []
         for device in DEVICES:
             http_port = free_port()
             state = out / "devices" / device
@@ -465,7 +473,10 @@ def main() -> int:
                 f"[http]\nenabled = true\nport = {http_port}\nmetrics = true\n"
                 f'token_file = "{state.parent / f"{device}.token"}"\n\n'
                 '[logging]\nformat = "text"\n\n'
-                f'[attributes]\nsite = "demo"\n'
+                f'[attributes]\nsite = "demo"\n\n'
+                # Two models: "default" keeps the device-level topics and state_dir (the
+                # rollouts above address it), "lite" is the TFLite twin (step 10).
+                "[models.default]\n[models.lite]\n"
             )
             stack.enter_context(
                 background(
@@ -473,13 +484,20 @@ def main() -> int:
                 )
             )
             wait_for_port(http_port)
+            ports.append(http_port)
             t = Traffic(http_port, token, samples)
             t.start()
             traffic.append(t)
         (out / "groups.toml").write_text(f"[groups]\ndemo = {json.dumps(list(DEVICES))}\n")
 
         def rollout(
-            version: str, trust: Path, *, waves: str = "50%,100%", expect_halt: bool = False
+            version: str,
+            trust: Path,
+            *,
+            waves: str = "50%,100%",
+            expect_halt: bool = False,
+            model: str = "default",
+            extra: tuple[str, ...] = (),
         ) -> None:
             result = run(
                 edgeship,
@@ -507,6 +525,9 @@ def main() -> int:
                 "90",
                 "--db",
                 out / "fleet.sqlite",
+                "--model",
+                model,
+                *extra,
                 check=False,
             )
             halted = result.returncode == 2
@@ -527,6 +548,26 @@ def main() -> int:
             serve_port=serve_port,
             rollout=rollout,
         )
+
+        def build(model: Path, version: str, sequence: str, name: str, *more: str) -> None:
+            run(edgeship, "build", model,
+                "--metadata", ROOT / "examples" / "quickstart" / "digits.toml",
+                "--key", out / "keys" / "release-2", "--passphrase-env", PASSPHRASE_ENV,
+                "--golden-inputs", data / "validation.npz", *more,
+                "--version", version, "--sequence", sequence,
+                "--out", out / "bundles" / name)  # fmt: skip
+
+        first_port = ports[0]
+        models_and_shadow(
+            out,
+            data=data,
+            trust=out / "root-2.json",
+            http=(first_port, token),
+            run=run,
+            say=say,
+            rollout=rollout,
+            build=build,
+        )
         time.sleep(3)  # one more telemetry interval for the report
         for t in traffic:
             t.stop_event.set()
@@ -543,7 +584,7 @@ def main() -> int:
             print("\n".join(failed[:10]))
             raise SystemExit("requests failed during the rollouts")
 
-        say("10. fleet status, Prometheus metrics and the HTML report")
+        say("13. fleet status, Prometheus metrics and the HTML report")
         run(edgeship, "fleet", "status", "--db", out / "fleet.sqlite")
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         with urllib.request.urlopen(metrics_url, timeout=10) as response:

@@ -61,6 +61,7 @@ from sdk.build._metadata import (
     load_metadata,
     parse_target,
 )
+from sdk.build._provider_tolerances import check_providers, measure_providers
 from sdk.build.datasets import Dataset, load_dataset
 from sdk.build.drift_reference import drift_reference
 from sdk.build.golden import Golden, derive_golden, run_cases
@@ -113,6 +114,7 @@ class _Inputs:
     cases: tuple[Case, ...]  # the golden requests, checked on the original model
     reference: tuple[Arrays, ...]  # the original model's outputs for them
     synthesized: bool  # the cases were made up from the signature and hints
+    providers: tuple[str, ...]  # execution providers to measure golden tolerances on
 
 
 def build_bundle(
@@ -179,7 +181,7 @@ def build_bundle(
                 model_path, bundled, src.cases[0], src.runner, options
             )
         golden = _golden(bundled, src, quantization.scheme != "none", report)
-        evaluation["golden"] = dict(golden.details)
+        health, evaluation["golden"] = _health(bundled, golden, src, metadata, report)
         spec = _model_section(bundled, stage, golden)
         add = partial(record.members, stage, spec.file, src.runtimes, quantization, evaluation)
         payload, encryption = _payload(stage, spec.file, golden, encrypt_for, add=add)
@@ -189,7 +191,7 @@ def build_bundle(
             metadata=metadata,
             created=created,
             quantization=quantization,
-            golden=golden,
+            health=health,
             evaluation=evaluation,
             payload=payload,
             encryption=encryption,
@@ -258,6 +260,7 @@ def _read_inputs(
         cases=tuple(cases),
         reference=tuple(reference),
         synthesized=golden_inputs is None and source is None,
+        providers=check_providers(metadata.measure_providers, fmt, runner),
     )
 
 
@@ -387,6 +390,43 @@ def _payload(
     return payload, encryption
 
 
+def _health(
+    bundled: Path, golden: Golden, src: _Inputs, metadata: BuildMetadata, report: Progress
+) -> tuple[Health, dict[str, Any]]:
+    """The manifest's health section, with tolerances measured on ``src.providers``
+    (:mod:`sdk.build._provider_tolerances`), and how they were all set, for the report.
+
+    Raises:
+        ConfigError, BuildError, GateError: as :func:`measure_providers`.
+    """
+    # A fixed tolerance in the metadata overrides the derived ones, for every output.
+    fixed = metadata.atol is not None or metadata.rtol is not None
+    health = Health(
+        golden_inputs=GOLDEN_INPUTS,
+        expected_outputs=EXPECTED_OUTPUTS,
+        tolerance=(
+            Tolerance(atol=metadata.atol or 0.0, rtol=metadata.rtol or 0.0)
+            if fixed
+            else golden.tolerance
+        ),
+        latency_budget_p95_ms=metadata.latency_budget_p95_ms,
+        probation=metadata.probation,
+        cases=GoldenCases(
+            count=len(golden.cases),
+            inputs=CASE_INPUTS,
+            expected=CASE_EXPECTED,
+            tolerances={} if fixed else golden.tolerances,
+        ),
+    )
+    if not src.providers:
+        return health, dict(golden.details)
+    measured = measure_providers(
+        bundled, golden, health, runtime=src.runner, providers=src.providers, report=report
+    )
+    details = {**golden.details, "providers": dict(measured.details)}
+    return replace(health, provider_tolerances=measured.tables), details
+
+
 def _manifest(
     src: _Inputs,
     spec: ModelSpec,
@@ -394,19 +434,12 @@ def _manifest(
     metadata: BuildMetadata,
     created: datetime,
     quantization: Quantization,
-    golden: Golden,
+    health: Health,
     evaluation: dict[str, Any],
     payload: Mapping[str, Path],
     encryption: Encryption | None,
 ) -> Manifest:
     drift_source = src.calibration if src.calibration is not None else src.validation
-    # A fixed tolerance in the metadata overrides the derived ones, for every output.
-    fixed = metadata.atol is not None or metadata.rtol is not None
-    tolerance = (
-        Tolerance(atol=metadata.atol or 0.0, rtol=metadata.rtol or 0.0)
-        if fixed
-        else golden.tolerance
-    )
     return Manifest(
         name=metadata.name,
         version=metadata.version,
@@ -420,19 +453,7 @@ def _manifest(
         ),
         model=spec,
         quantization=quantization,
-        health=Health(
-            golden_inputs=GOLDEN_INPUTS,
-            expected_outputs=EXPECTED_OUTPUTS,
-            tolerance=tolerance,
-            latency_budget_p95_ms=metadata.latency_budget_p95_ms,
-            probation=metadata.probation,
-            cases=GoldenCases(
-                count=len(golden.cases),
-                inputs=CASE_INPUTS,
-                expected=CASE_EXPECTED,
-                tolerances={} if fixed else golden.tolerances,
-            ),
-        ),
+        health=health,
         drift_reference=drift_reference(drift_source) if drift_source is not None else None,
         model_card=metadata.model_card,
         files=tuple(

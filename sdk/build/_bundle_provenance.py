@@ -27,7 +27,8 @@ from sdk.build.provenance import (
 
 __all__ = ["Provenance", "ProvenanceOptions", "start_provenance"]
 
-# What the provenance repeats of the evaluation: the outcome, not every measurement.
+# What the provenance repeats of the evaluation: the outcome, not every measurement; and
+# the tolerances measured per execution provider (evaluation.golden.providers), a gate too.
 _RESULTS = ("passed", "gates", "accuracy_drop_points", "fidelity", "vs_fp32")
 
 
@@ -107,11 +108,11 @@ class Provenance:
             model_signature=self.upstream,
             builder=self.options.builder or "",
         )
+        results = {k: evaluation[k] for k in _RESULTS if k in evaluation}
+        if "providers" in evaluation.get("golden", {}):
+            results["providers"] = evaluation["golden"]["providers"]
         statement = statement_bytes(
-            inputs,
-            subjects={**payload, **members},
-            created=self.created,
-            results={k: evaluation[k] for k in _RESULTS if k in evaluation},
+            inputs, subjects={**payload, **members}, created=self.created, results=results
         )
         (stage / PROVENANCE_PATH).write_bytes(statement)
         return {**members, PROVENANCE_PATH: stage / PROVENANCE_PATH}

@@ -51,6 +51,9 @@ class BuildMetadata:
     rtol: float | None = None
     latency_budget_p95_ms: float | None = None
     probation: Probation = field(default_factory=Probation)
+    # Execution providers (or delegates) to measure golden tolerances on, as a device's
+    # agent.toml names them (docs/building.md, "Tolerances per execution provider").
+    measure_providers: tuple[str, ...] = ()
     # How to synthesise golden inputs, by input name (the TOML's [inputs.NAME] tables).
     input_hints: Mapping[str, InputHint] = field(default_factory=dict)
     # How the model was trained (the TOML's [training] table), for the provenance.
@@ -121,6 +124,7 @@ def load_metadata(path: Path | None, overrides: Mapping[str, Any]) -> BuildMetad
             atol=_opt(health, "atol", float, BuildMetadata.atol),
             rtol=_opt(health, "rtol", float, BuildMetadata.rtol),
             latency_budget_p95_ms=_opt(health, "latency_budget_p95_ms", float),
+            measure_providers=tuple(_opt(health, "measure_providers", list) or ()),
             probation=Probation(
                 requests=_opt(probation, "requests", int, Probation.requests),
                 seconds=_opt(probation, "seconds", float, Probation.seconds),
@@ -146,7 +150,9 @@ _KEYS: Mapping[str, frozenset[str]] = {
         {"description", "intended_use", "data_sources", "limitations"}
         | {"retraining_triggers", "owners", "license"}
     ),
-    "health": frozenset({"atol", "rtol", "latency_budget_p95_ms", "probation"}),
+    "health": frozenset(
+        {"atol", "rtol", "latency_budget_p95_ms", "probation", "measure_providers"}
+    ),
     "health.probation": frozenset({"requests", "seconds", "max_error_rate", "max_p95_ms"}),
     "compatibility": frozenset({"arch", "device_classes"}),
     "training": frozenset({"architecture", "data_version", "code_revision", "hyperparameters"}),

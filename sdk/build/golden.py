@@ -31,6 +31,7 @@ __all__ = [
     "MAX_SHARE",
     "Golden",
     "derive_golden",
+    "max_deviation",
     "output_tolerance",
     "run_cases",
 ]
@@ -117,7 +118,7 @@ def derive_golden(
             threads=threads,
             request_elements=request_elements,
         )
-    qdiff = _max_deviation(expected, reference) if reference is not None else {}
+    qdiff = max_deviation(expected, reference) if reference is not None else {}
     per_output = {
         o.name: output_tolerance(
             o,
@@ -217,7 +218,7 @@ def _noise(
         )
         try:
             for _ in range(repeats):
-                for name, dev in _max_deviation(expected, run_cases(model, cases)).items():
+                for name, dev in max_deviation(expected, run_cases(model, cases)).items():
                     noise[name] = max(noise.get(name, 0.0), dev)
         finally:
             if model is not base:
@@ -225,8 +226,8 @@ def _noise(
     return noise
 
 
-def _max_deviation(
-    expected: Sequence[Mapping[str, npt.NDArray[np.float64]]],
+def max_deviation(
+    expected: Sequence[Mapping[str, npt.NDArray[Any]]],
     outputs: Sequence[Mapping[str, npt.NDArray[Any]]],
 ) -> dict[str, float]:
     """Per output, the largest |difference| between ``expected`` and ``outputs``; NaN or

@@ -144,6 +144,7 @@ def open_model(
     threads: int = 1,
     reference_kernels: bool = False,
     request_elements: int | None = None,
+    provider: str | None = None,
 ) -> Model:
     """Load a .onnx or .tflite file as a device runs it; close it when done.
 
@@ -156,14 +157,22 @@ def open_model(
             the same arithmetic (see :class:`~agent.serve.runtimes.RuntimeOptions`).
         request_elements: input elements of a real request, as the manifest will carry
             them: the agent's default threads depend on it where inputs are dynamic.
+        provider: the execution provider (onnxruntime) or delegate (TFLite) to run on, as
+            a device's ``agent.toml`` names it; default: what the runtime runs on by default.
 
     Raises:
-        ConfigError: not a model file, or the runtime cannot load it.
-        RuntimeUnavailableError: the runtime is not installed.
+        ConfigError: not a model file, or the runtime cannot load it (on ``provider``).
+        RuntimeUnavailableError: the runtime (or ``provider``) is not installed.
     """
     p = Path(path)
     spec = replace(model_spec(p), request_elements=request_elements)
-    options = RuntimeOptions(threads=threads or None, reference_kernels=reference_kernels)
+    chosen = () if provider is None else (provider,)
+    options = RuntimeOptions(
+        threads=threads or None,
+        reference_kernels=reference_kernels,
+        providers=chosen if spec.format == "onnx" else (),
+        delegates=chosen if spec.format == "tflite" else (),
+    )
     try:
         return load_model_file(spec, p, runtime or FORMAT_RUNTIMES[spec.format][0], options)
     except HealthCheckError as exc:  # for a file on the build machine, not a device's check

@@ -127,6 +127,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         "sequence": args.sequence,
         "expires_in_days": args.expires_in_days,
         "health.latency_budget_p95_ms": args.latency_budget_ms,
+        "health.measure_providers": args.measure_provider or None,
     }
     metadata: BuildMetadata = load_metadata(args.metadata, overrides)
     cli_hints = parse_hints(args.input_shape, args.input_value, args.input_range)
@@ -190,7 +191,10 @@ def cmd_build(args: argparse.Namespace) -> int:
         "quantization": m.quantization.scheme,
         "evaluation": m.evaluation,
     }
-    emit(args, doc, f"built {result.path} ({result.size} bytes)\ndigest {result.digest}")
+    text = f"built {result.path} ({result.size} bytes)\ndigest {result.digest}"
+    if m.health.provider_tolerances:
+        text += f"\ntolerances measured on {', '.join(m.health.provider_tolerances)}"
+    emit(args, doc, text)
     return 0
 
 
@@ -337,6 +341,15 @@ def _build_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--golden-count", type=int, default=8, help="golden cases to embed (from a data set)"
+    )
+    p.add_argument(
+        "--measure-provider",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="run the golden cases on this onnxruntime execution provider (or TFLite"
+        " delegate: xnnpack, cpu, a library path) here and record a tolerance for it"
+        " (repeat; replaces the metadata's health.measure_providers)",
     )
     hints = p.add_argument_group("hints to synthesise golden inputs (without --golden-inputs)")
     for option, form in (("shape", "D0,D1,..."), ("value", "V"), ("range", "LO,HI")):

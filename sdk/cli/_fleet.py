@@ -25,6 +25,7 @@ from agent.bundle.root import load_trust
 from agent.bundle.signing import TrustPolicy
 from agent.cli._output import error_code
 from agent.errors import ConfigError
+from agent.messages.desired import DEFAULT_MODEL, MODEL_RE
 from agent.plumbing.broker import BrokerConfig, BrokerUrl
 from agent.plumbing.mqtt import MqttClient
 from agent.plumbing.tls import TlsConfig
@@ -202,13 +203,13 @@ def cmd_publish(args: argparse.Namespace) -> int:
     ref = _bundle(args)
     with _client(args) as client:
         devices = _select(args, client)
-        publish_desired(client, args.fleet, devices, ref)
-    doc = {"bundle": ref.to_json(), "fleet": args.fleet, "devices": devices}
+        publish_desired(client, args.fleet, devices, ref, model=args.model)
+    doc = {"bundle": ref.to_json(), "fleet": args.fleet, "model": args.model, "devices": devices}
     emit(
         args,
         doc,
-        f"published {ref.name} {ref.version} (sequence {ref.sequence}) to"
-        f" {len(devices)} device(s): {', '.join(devices)}\ndigest {ref.digest}",
+        f"published {ref.name} {ref.version} (sequence {ref.sequence}) as model {args.model}"
+        f" to {len(devices)} device(s): {', '.join(devices)}\ndigest {ref.digest}",
     )
     return 0
 
@@ -307,8 +308,26 @@ def _register_serve_publish(command: CommandFn) -> None:
     p.add_argument(
         "--trust", type=Path, help="verify the bundle against this trust root or policy first"
     )
+    model_option(p)
     _mqtt_options(p)
     _selection_options(p)
+
+
+def model_option(p: argparse.ArgumentParser) -> None:
+    """``--model NAME``: which model of the devices (agent.toml ``[models.NAME]``)."""
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        type=_model_name,
+        help="the model of the devices to set (agent.toml [models.NAME]; default: %(default)s,"
+        " the only model of a single-model agent)",
+    )
+
+
+def _model_name(text: str) -> str:
+    if not MODEL_RE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is no model name ({MODEL_RE.pattern})")
+    return text
 
 
 def _register_collect(command: CommandFn) -> None:

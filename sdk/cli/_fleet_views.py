@@ -19,10 +19,17 @@ from rich.table import Table
 from agent.bundle.root import load_trust
 from agent.errors import ConfigError
 from sdk.cli._output import emit
-from sdk.fleet.status import DeviceStatus, fleet_status
+from sdk.fleet.status import DeviceStatus, accuracy_text, fleet_status, stage_text
 from sdk.fleet.store import open_store
 
-__all__ = ["DEFAULT_DB", "metrics_options", "register", "start_metrics"]
+__all__ = [
+    "DEFAULT_DB",
+    "accuracy_text",
+    "metrics_options",
+    "register",
+    "stage_text",
+    "start_metrics",
+]
 
 DEFAULT_DB = "edgeship-fleet.sqlite"
 _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
@@ -42,27 +49,36 @@ def _status(args: argparse.Namespace) -> int:
     now = time.time()
     try:
         rows = fleet_status(
-            store, now=now, fleet=args.fleet, window_s=args.window, latest_root=latest_root
+            store,
+            now=now,
+            fleet=args.fleet,
+            model=args.model,
+            window_s=args.window,
+            latest_root=latest_root,
         )
     finally:
         store.close()
-    table = Table(title=f"fleet ({len(rows)} devices)")
-    columns = ("fleet", "device", "online", "model", "last seen", "p95 ms", "errors", "drift")
-    for col in (*columns, "trust"):
+    table = Table(title=f"fleet ({len(rows)} models of {len({(r.fleet, r.device) for r in rows})}"
+                  " devices)")  # fmt: skip
+    columns = ("fleet", "device", "model", "online", "serving", "last seen", "p95 ms", "errors")
+    for col in (*columns, "drift", "stage", "accuracy", "trust"):
         table.add_column(col)
     for r in rows:
         online = "?" if r.online is None else ("yes" if r.online else "no")
-        model = "-" if r.model is None else f"{r.model} {r.version or ''}".strip()
+        serving = "-" if r.name is None else f"{r.name} {r.version or ''}".strip()
         drift = "-" if r.drift_band is None else f"{r.drift_band} ({_fmt(r.psi_max, '.3f')})"
         table.add_row(
             r.fleet,
             r.device,
+            r.model or "-",
             online,
-            model,
+            serving,
             _ago(r.last_seen, now),
             _fmt(r.p95_ms, ".2f"),
             _fmt(r.error_rate, ".2%"),
             drift,
+            stage_text(r),
+            accuracy_text(r),
             _trust_cell(r),
         )
     if not rows and not args.json:
@@ -210,6 +226,7 @@ def register(command: Callable[[str, Any, str], argparse.ArgumentParser]) -> Non
         "--db", default=DEFAULT_DB, help=f"SQLite path or postgresql:// URL (default {DEFAULT_DB})"
     )
     p.add_argument("--fleet", help="only this fleet")
+    p.add_argument("--model", help="status: only this model (agent.toml [models.NAME])")
     p.add_argument(
         "--window",
         type=float,

@@ -23,6 +23,7 @@ from agent.bundle import DEFAULT_MAX_BUNDLE_BYTES
 from agent.bundle.signing import TrustPolicy
 from agent.errors import ConfigError, StateError
 from agent.install._fetch import UrlFetcher
+from agent.messages.desired import PromotionRule
 from agent.messages.topics import check_id
 from agent.plumbing.mqtt import MqttClient
 from agent.plumbing.tls import TlsConfig
@@ -33,10 +34,12 @@ from sdk.cli._fleet import (
     _policy,
     _select,
     _selection_options,
+    model_option,
     until_signal,
 )
 from sdk.cli._fleet_views import DEFAULT_DB
 from sdk.cli._output import emit
+from sdk.fleet._ab import SplitPlan
 from sdk.fleet._preflight import preflight
 from sdk.fleet._rollout_lease import Runner, RunnerInfo
 from sdk.fleet._rollout_run import FleetWatcher, finish_pending, run_rollout
@@ -61,16 +64,30 @@ def _records(args: argparse.Namespace) -> Iterator[RolloutRecords]:
 
 def _table(r: Rollout, runner: RunnerInfo, now: float) -> Table:
     c = r.counts()
-    table = Table(title=f"rollout {r.id}: {r.bundle.name} {r.bundle.version} -> {r.fleet}")
+    table = Table(
+        title=f"rollout {r.id}: {r.bundle.name} {r.bundle.version} -> {r.fleet}, model {r.model}"
+    )
     table.add_column("field", style="bold")
     table.add_column("value")
     table.add_row("status", r.status + (f" ({r.reason})" if r.reason else ""))
     waves = ",".join(f"{w:.0%}" for w in r.plan.waves)
     table.add_row("wave", f"{r.wave + 1} of {len(r.plan.waves)} ({waves})")
+    if r.plan.shadow is not None:
+        rule = r.plan.shadow
+        table.add_row(
+            "stage",
+            f"shadow: {rule.min_samples} samples, agreement >= {rule.min_agreement:.1%},"
+            f" latency <= x{rule.max_latency_ratio:g}",
+        )
+    if r.plan.split is not None:
+        table.add_row(
+            "stage", f"A/B: {r.plan.split.share:.0%} of requests, {r.plan.split.min_requests}"
+            " requests to decide",
+        )  # fmt: skip
     table.add_row(
         "devices",
         f"{c['published']}/{c['devices']} published, {c['succeeded']} succeeded,"
-        f" {c['failed']} failed, {c['pending']} pending",
+        f" {c['failed']} failed, {c['rejected']} rejected, {c['pending']} pending",
     )
     runner_text = runner.describe(now)
     if not runner.alive(now) and (r.status == "running" or r.revert == "pending"):
@@ -79,8 +96,10 @@ def _table(r: Rollout, runner: RunnerInfo, now: float) -> Table:
     if r.revert != "none":
         table.add_row("revert", r.revert)
     for device, p in sorted(r.progress.items()):
-        if p.outcome == "failed":
-            table.add_row(f"failed: {device}", p.reason or "")
+        if p.outcome in ("failed", "rejected"):
+            table.add_row(f"{p.outcome}: {device}", p.reason or "")
+        elif p.split is not None and p.split.stage == "promoted":
+            table.add_row(f"promoted: {device}", p.split.verdict or "")
     return table
 
 
@@ -95,18 +114,20 @@ def _list(args: argparse.Namespace) -> int:
     with _records(args) as records:
         rows = records.summaries(args.fleet)
     table = Table(title=f"rollouts ({len(rows)})")
-    for col in ("id", "fleet", "bundle", "status", "devices", "succeeded", "failed", "runner"):
+    columns = ("id", "fleet", "model", "bundle", "status", "devices", "succeeded", "failed")
+    for col in (*columns, "runner"):
         table.add_column(col)
     for r in rows:
         c = r["counts"]
         table.add_row(
             r["id"],
             r["fleet"],
+            r["model"],
             r["bundle"],
             r["status"],
             f"{c['published']}/{c['devices']}",
             str(c["succeeded"]),
-            str(c["failed"]),
+            str(c["failed"] + c["rejected"]),
             r["runner"]["text"],
         )
     emit(args, rows, table)
@@ -201,12 +222,14 @@ def _start(args: argparse.Namespace) -> int:
         revert_on_halt=args.revert_on_halt,
         max_download_failures=args.download_failures,
         runner_timeout_s=args.runner_timeout,
+        shadow=_shadow(args),
+        split=_split(args),
     )
     rollout_id = args.id or f"{ref.name}-{ref.version}-{uuid.uuid4().hex[:6]}"
     check_id("rollout", rollout_id)
     with _records(args) as records, _client(args) as client:
         devices = _select(args, client)
-        watcher = FleetWatcher(client, args.fleet)
+        watcher = FleetWatcher(client, args.fleet, model=args.model)
         watcher.settle()
         _check(args, ref, devices, watcher, policy, resuming=False)
         rollout = Rollout(
@@ -216,9 +239,14 @@ def _start(args: argparse.Namespace) -> int:
             devices=wave_order(rollout_id, tuple(devices)),
             plan=plan,
             created_at=time.time(),
+            model=args.model,
         )
         if not args.json:
-            print(f"rollout {rollout_id}: {len(devices)} devices, waves {args.waves}", flush=True)
+            print(
+                f"rollout {rollout_id}: model {args.model} of {len(devices)} devices,"
+                f" waves {args.waves}",
+                flush=True,
+            )
         with records.create(rollout) as runner:
             result = _drive(args, client, runner, watcher)
         _show(args, records, result.id)
@@ -232,10 +260,10 @@ def _resume(args: argparse.Namespace, rollout_id: str) -> int:
             raise StateError(f"rollout {rollout_id} is {rollout.status}; it cannot resume")
         with records.take_over(rollout_id) as runner, _client(args) as client:
             rollout = runner.rollout
-            watcher = FleetWatcher(client, rollout.fleet)
+            watcher = FleetWatcher(client, rollout.fleet, model=rollout.model)
             if rollout.progress:
                 since = min(p.published_at for p in rollout.progress.values())
-                watcher.replay(records.events_since(rollout.fleet, since))
+                watcher.replay(records.events_since(rollout.fleet, rollout.model, since))
             watcher.settle()
             remaining = rollout.devices[len(rollout.progress) :]
             if rollout.status == "running" and remaining:  # more to publish: check first
@@ -252,7 +280,7 @@ def _abort(args: argparse.Namespace, rollout_id: str) -> int:
             # The runner, if alive, stops at its next step and lets go; then revert here.
             wait_s = aborted.plan.runner_timeout_s + 5.0
             with records.take_over(rollout_id, wait_s=wait_s) as runner, _client(args) as client:
-                watcher = FleetWatcher(client, aborted.fleet)
+                watcher = FleetWatcher(client, aborted.fleet, model=aborted.model)
                 watcher.settle()
                 finish_pending(client, runner, watcher, runner.rollout)
         _show(args, records, rollout_id)
@@ -304,7 +332,9 @@ def register(command: CommandFn) -> None:
         help="the fleet store: SQLite path or postgresql:// (default: %(default)s)",
     )
     p.add_argument("--id", help="rollout id (default NAME-VERSION-random)")
+    model_option(p)
     _plan_options(p)
+    _stage_options(p)
     _preflight_options(p)
     p.add_argument("--poll", type=float, default=0.5, help=argparse.SUPPRESS)
 
@@ -378,3 +408,77 @@ def _preflight_options(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_MAX_BUNDLE_BYTES,
         help="resume: the most the preflight downloads from the URL (default: %(default)s)",
     )
+
+
+def _shadow(args: argparse.Namespace) -> PromotionRule | None:
+    """The ``--shadow`` stage's rule. Raises: ConfigError (a value out of range)."""
+    if not args.shadow:
+        return None
+    try:
+        return PromotionRule(
+            min_samples=args.shadow_min_samples,
+            min_agreement=args.shadow_min_agreement,
+            max_latency_ratio=args.shadow_max_latency_ratio,
+            sample_rate=args.shadow_sample_rate,
+            max_seconds=args.shadow_max_seconds,
+            min_accuracy=args.shadow_min_accuracy,
+            min_feedback=args.shadow_min_feedback,
+        )
+    except ValueError as e:
+        raise ConfigError(f"--shadow: {e}") from None
+
+
+def _split(args: argparse.Namespace) -> SplitPlan | None:
+    """The ``--split`` stage's plan. Raises: ConfigError (a value out of range)."""
+    if args.split is None:
+        return None
+    return SplitPlan(
+        share=args.split,
+        min_requests=args.split_min_requests,
+        max_error_increase=args.split_max_error_increase,
+        max_latency_ratio=args.split_max_latency_ratio,
+        max_accuracy_drop=args.split_max_accuracy_drop,
+        min_labels=args.split_min_labels,
+    )
+
+
+def _stage_options(p: argparse.ArgumentParser) -> None:
+    """A stage before the candidate serves everyone: --shadow or --split (docs/fleet.md)."""
+    rule, plan = PromotionRule(), SplitPlan(share=0.5)
+    shadow = p.add_argument_group("shadow stage: each device decides by the rule")
+    shadow.add_argument(
+        "--shadow",
+        action="store_true",
+        help="run the candidate beside the serving version on a sample of live requests;"
+        " each device promotes it or rejects it (a rejection halts the rollout)",
+    )
+    for name, kind, default, what in (
+        ("min-samples", int, rule.min_samples, "sampled requests before a verdict"),
+        ("min-agreement", float, rule.min_agreement, "share of answers agreeing with serving"),
+        ("max-latency-ratio", float, rule.max_latency_ratio, "median latency vs serving"),
+        ("sample-rate", float, rule.sample_rate, "share of live requests copied"),
+        ("max-seconds", float, rule.max_seconds, "reject without a verdict after (0: never)"),
+        ("min-accuracy", float, rule.min_accuracy, "accuracy on feedback (default: not checked)"),
+        ("min-feedback", int, rule.min_feedback, "labels needed to check the accuracy"),
+    ):
+        shadow.add_argument(
+            f"--shadow-{name}", type=kind, default=default, help=f"{what} (default: %(default)s)"
+        )
+    split = p.add_argument_group("A/B split: the fleet compares candidate and serving")
+    split.add_argument(
+        "--split",
+        type=float,
+        metavar="SHARE",
+        help="serve the candidate to SHARE (0-1) of each device's requests, then promote or"
+        " reject it on the numbers (a rejection halts the rollout); needs a collector on --db",
+    )
+    for name, kind, default, what in (
+        ("min-requests", int, plan.min_requests, "candidate requests per device before deciding"),
+        ("max-error-increase", float, plan.max_error_increase, "error rate above serving's"),
+        ("max-latency-ratio", float, plan.max_latency_ratio, "p95 vs serving's"),
+        ("max-accuracy-drop", float, plan.max_accuracy_drop, "accuracy below serving's"),
+        ("min-labels", int, plan.min_labels, "labels each version needs to compare accuracy"),
+    ):
+        split.add_argument(
+            f"--split-{name}", type=kind, default=default, help=f"{what} (default: %(default)s)"
+        )

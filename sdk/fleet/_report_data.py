@@ -11,6 +11,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.messages.desired import DEFAULT_MODEL
 from sdk.fleet.store import Store
 
 __all__ = ["ReportData", "bucket_for", "read_report_data"]
@@ -57,9 +58,11 @@ class ReportData:
 
 
 def _label(row: dict[str, Any]) -> str:
+    """``digits 1.2.0``, or ``ocr: reader 2.0`` for a model other than ``default``."""
+    prefix = "" if row["model"] == DEFAULT_MODEL else f"{row['model']}: "
     if row["model_name"] is None:
-        return "no model"
-    return f"{row['model_name']} {row['model_version']}"
+        return f"{prefix}no model"
+    return f"{prefix}{row['model_name']} {row['model_version']}"
 
 
 def _features(raw: str) -> list[tuple[str, float]]:
@@ -87,7 +90,7 @@ def read_report_data(
         StoreError: a query failed.
     """
     rows = store.query(
-        "SELECT device, ts, model_name, model_version, requests, error_count, p95_ms, raw"
+        "SELECT device, ts, model, model_name, model_version, requests, error_count, p95_ms, raw"
         " FROM telemetry WHERE CAST(? AS TEXT) IS NULL OR fleet = ? ORDER BY ts",
         [fleet, fleet],
     )

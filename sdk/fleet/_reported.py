@@ -20,6 +20,14 @@ messages it receives (and, on resume, the events a collector stored meanwhile) w
 Only what a device reported after it was published in this rollout counts: events by
 the time the runner received them, the state's ``last_failure.time`` by the device's
 clock (device clocks are assumed to be synchronised, as bundle expiry needs anyway).
+
+In a shadow rollout a device's verdict on the candidate counts too: ``shadow-passed``
+(or its state's ``shadow.verdict`` ``promote``) lets it succeed once it commits;
+``shadow-rejected`` (or ``shadow.verdict`` ``reject``) rejects the candidate, with the
+device's reason and numbers. A device that runs the bundle without having committed it
+since it was published ran it before and needs no verdict. Events and states are of one
+model: events carry ``"model"`` (absent: ``default``), and the runner reads the state
+topic of its rollout's model.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from agent.messages.desired import DEFAULT_MODEL, MODEL_RE
 from agent.messages.topics import SCHEMA_VERSION
 from agent.plumbing.strict import Doc, load_json
 from sdk.fleet.publish import BundleRef
@@ -36,7 +45,10 @@ __all__ = ["ReportedState", "Signal", "device_view", "parse_event", "parse_state
 
 # The events that decide a rollout; the others (install-started, downloaded, ...) only
 # say that something is happening.
-SIGNAL_EVENTS = ("committed", "desired-refused", "download-failed", "failed", "rolled-back")
+SIGNAL_EVENTS = (
+    "committed", "desired-refused", "download-failed", "failed", "rolled-back", "shadow-passed",
+    "shadow-rejected",
+)  # fmt: skip
 _FAILURE_TEXT = {
     "desired-refused": "refused",
     "download-failed": "download refused",
@@ -57,6 +69,8 @@ class Signal:
     phase: str | None = None
     reason: str | None = None
     permanent: bool = False
+    model: str = DEFAULT_MODEL
+    shadow: str | None = None  # shadow verdicts: the numbers, as text
 
     def names(self, ref: BundleRef) -> bool:
         """Whether the event is about ``ref`` (by digest, or by file before verification)."""
@@ -80,6 +94,9 @@ class ReportedState:
     failure_phase: str | None = None
     failure_reason: str | None = None
     failure_time: float | None = None
+    shadow_digest: str | None = None  # "shadow": the candidate in shadow, its verdict
+    shadow_verdict: str | None = None
+    shadow_numbers: str | None = None
 
     @property
     def running_sequence(self) -> int | None:
@@ -114,6 +131,7 @@ def parse_state(payload: bytes, device: str) -> ReportedState:
     probation = doc.opt(doc.obj, "probation")
     pending = doc.opt(doc.obj, "pending")
     failure = doc.opt(doc.obj, "last_failure")
+    shadow = doc.opt(doc.obj, "shadow")
     return ReportedState(
         current_digest=None if current is None else _digest(current, "digest"),
         current_sequence=None if current is None else current.opt(current.integer, "sequence"),
@@ -128,6 +146,27 @@ def parse_state(payload: bytes, device: str) -> ReportedState:
         failure_phase=None if failure is None else failure.opt(failure.text, "phase"),
         failure_reason=None if failure is None else failure.opt(failure.text, "reason"),
         failure_time=None if failure is None else failure.opt(failure.number, "time"),
+        shadow_digest=None if shadow is None else _digest(shadow, "digest"),
+        shadow_verdict=None if shadow is None else shadow.opt(shadow.text, "verdict", max_len=32),
+        shadow_numbers=None if shadow is None else _numbers(shadow),
+    )
+
+
+def _numbers(d: Doc) -> str:
+    """``200 samples, agreement 99.5%, latency x1.10, accuracy 97.0%`` of a shadow verdict."""
+
+    def num(key: str, spec: str) -> str:
+        value = d.opt(d.number, key)
+        return "?" if value is None else format(value, spec)
+
+    text = (
+        f"{num('samples', '.0f')} samples, agreement {num('agreement', '.1%')},"
+        f" latency x{num('latency_ratio', '.2f')}"
+    )
+    return (
+        text
+        if d.opt(d.number, "accuracy") is None
+        else f"{text}, accuracy {num('accuracy', '.1%')}"
     )
 
 
@@ -141,6 +180,7 @@ def parse_event(payload: bytes, device: str, received_at: float) -> Signal | Non
     event = doc.text("event", max_len=64)
     if event not in SIGNAL_EVENTS:
         return None
+    shadow = event.startswith("shadow-")
     return Signal(
         event=event,
         received_at=received_at,
@@ -150,6 +190,8 @@ def parse_event(payload: bytes, device: str, received_at: float) -> Signal | Non
         phase=doc.opt(doc.text, "phase", max_len=32),
         reason=doc.opt(doc.text, "reason"),
         permanent=doc.boolean("permanent", False),
+        model=doc.text("model", DEFAULT_MODEL, max_len=64, pattern=MODEL_RE, what="a model name"),
+        shadow=_numbers(doc) if shadow else None,
     )
 
 
@@ -169,6 +211,24 @@ def _state_failure(ref: BundleRef, state: ReportedState, since: float) -> str | 
     return None
 
 
+def _shadow(
+    ref: BundleRef, state: ReportedState | None, signals: list[Signal], committed: bool
+) -> tuple[bool, str | None]:
+    """Whether the device passed the candidate in shadow, and why it rejected it."""
+    for s in signals:
+        if s.event == "shadow-rejected":
+            return False, f"shadow rejected: {s.reason or 'no reason given'} ({s.shadow})"
+    if any(s.event == "shadow-passed" for s in signals):
+        return True, None
+    if state is None:
+        return False, None
+    if state.shadow_digest == ref.digest and state.shadow_verdict == "reject":
+        return False, f"shadow rejected ({state.shadow_numbers})"
+    verdict = state.shadow_digest == ref.digest and state.shadow_verdict == "promote"
+    # Running it without a commit since it was published: it ran it before.
+    return verdict or (state.current_digest == ref.digest and not committed), None
+
+
 def device_view(
     ref: BundleRef,
     state: ReportedState | None,
@@ -181,11 +241,12 @@ def device_view(
     failure = note = None
     committed = False
     transient = 0
-    for s in signals:
-        if s.received_at < since or not s.names(ref):
-            continue
+    mine = [s for s in signals if s.received_at >= since and s.names(ref)]
+    for s in mine:
         if s.event == "committed":
             committed = True
+        elif s.event.startswith("shadow-"):
+            continue
         elif s.event == "download-failed" and not s.permanent:
             transient += 1
             note = f"{transient} failed download(s), the last: {s.reason or 'no reason given'}"
@@ -204,9 +265,12 @@ def device_view(
     passed = committed or (
         state is not None and state.probation_digest == ref.digest and state.probation_passed
     )
+    shadow_passed, rejected = _shadow(ref, state, mine, committed)
     return DeviceView(
         current=ref.digest if runs else None,
         probation_passed=runs and passed,
         failure=failure,
         note=note,
+        shadow_passed=shadow_passed,
+        rejected=rejected,
     )

@@ -17,8 +17,13 @@ Publishing survives a crash at any point without a device published twice or ski
 A runner that starts on a record whose last wave is not acknowledged publishes it again,
 but only to the devices whose retained ``desired`` is not already that payload: what the
 broker acknowledged, it retains. A revert goes the same way (``revert`` pending, then
-done). Events missed while no runner ran come back from the collector's ``events`` table
-when a collector stores them, else from the retained state (``last_failure``,
+done), and so does an A/B decision: recorded (the device's split stage ``promoted`` or
+``dropped``, with the time that is also the payload's ``ts``), then published where the
+retained payload differs. The numbers an A/B decision compares come from the collector's
+``telemetry_versions`` table in the same store.
+
+Events missed while no runner ran come back from the collector's ``events`` table when a
+collector stores them, else from the retained state (``last_failure``,
 ``probation``), else the device waits out the wave timeout.
 
 Crash tests stop the runner through the agent's one fault seam (:mod:`agent.install.faults`,
@@ -35,12 +40,14 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 
 from agent.install import faults
+from agent.messages.desired import DEFAULT_MODEL, Split, parse_desired
 from agent.messages.topics import PREFIX, Topics
 from agent.plumbing.transport import Message, Transport, publish_many
+from sdk.fleet._ab import version_stats
 from sdk.fleet._reported import ReportedState, Signal, device_view, parse_event, parse_state
 from sdk.fleet._rollout_lease import Runner
 from sdk.fleet.publish import desired_payload
-from sdk.fleet.rollout import Decision, DeviceProgress, DeviceView, Rollout, step
+from sdk.fleet.rollout import Decision, DeviceProgress, DeviceView, Rollout, SplitState, step
 
 __all__ = ["CRASH_POINTS", "FleetWatcher", "finish_pending", "run_rollout"]
 
@@ -57,11 +64,18 @@ _SIGNALS_KEPT = 64  # per device: the newest events that decide a rollout
 
 
 class FleetWatcher:
-    """The latest ``state`` and ``desired`` of each device of a fleet, and its events."""
+    """The latest ``state`` and ``desired`` of one model of each device of a fleet, and
+    the model's events."""
 
     def __init__(
-        self, transport: Transport, fleet: str, *, clock: Callable[[], float] = time.time
+        self,
+        transport: Transport,
+        fleet: str,
+        *,
+        model: str = DEFAULT_MODEL,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        self.model = model
         self._lock = threading.Lock()
         self._clock = clock
         self._states: dict[str, ReportedState] = {}
@@ -69,8 +83,10 @@ class FleetWatcher:
         self._signals: dict[str, collections.deque[Signal]] = {}
         self._last = time.monotonic()
         base = f"{PREFIX}/{fleet}/+"
-        transport.subscribe(f"{base}/state", self._on_state)
-        transport.subscribe(f"{base}/desired", self._on_desired)
+        # The device-level topics are model "default"'s (agent.messages.topics).
+        leaf = base if model == DEFAULT_MODEL else f"{base}/models/{model}"
+        transport.subscribe(f"{leaf}/state", self._on_state)
+        transport.subscribe(f"{leaf}/desired", self._on_desired)
         transport.subscribe(f"{base}/events", self._on_event)
 
     def settle(self, quiet_s: float = 0.5, max_wait_s: float = 5.0) -> None:
@@ -116,7 +132,7 @@ class FleetWatcher:
             except ValueError as e:
                 log.warning("ignoring an event of %s: %s", device, e)
                 continue
-            if signal is None:
+            if signal is None or signal.model != self.model:
                 continue
             with self._lock:
                 kept = self._signals.setdefault(device, collections.deque(maxlen=_SIGNALS_KEPT))
@@ -132,6 +148,15 @@ class FleetWatcher:
         """The device's retained desired payload (None: there is none)."""
         with self._lock:
             return self._desired.get(device)
+
+    def published(self, device: str, payload: bytes) -> None:
+        """The broker acknowledged ``payload`` for the device: it retains it now (its copy
+        comes back on the subscription later)."""
+        with self._lock:
+            if payload:
+                self._desired[device] = payload
+            else:
+                self._desired.pop(device, None)
 
     def views(self, rollout: Rollout) -> dict[str, DeviceView]:
         """What each device published so far reports about the rollout's bundle."""
@@ -156,18 +181,52 @@ def _publish_missing(
     Raises:
         BrokerError: a publish was not acknowledged.
     """
-    messages = [
-        (Topics(fleet, device).desired, payload)
+    missing = {
+        device: payload
         for device, payload in sorted(payloads.items())
         if watcher.desired(device) != (payload or None)
-    ]
-    return publish_many(transport, messages, retain=True)
+    }
+    messages = [(Topics(fleet, d).desired_for(watcher.model), p) for d, p in missing.items()]
+    done = publish_many(transport, messages, retain=True)
+    for device, payload in missing.items():
+        watcher.published(device, payload)
+    return done
 
 
 def _payload(rollout: Rollout, p: DeviceProgress) -> bytes:
+    """The wave's desired state: the bundle, after a shadow stage or in a split."""
+    split = rollout.plan.split
     return desired_payload(
-        rollout.fleet, p.device, rollout.bundle, rollout=rollout.id, ts=p.published_at
+        rollout.fleet,
+        p.device,
+        rollout.bundle,
+        rollout=rollout.id,
+        ts=p.published_at,
+        model=rollout.model,
+        shadow=rollout.plan.shadow,
+        split=None if split is None else Split(split.share),
     )
+
+
+def _decided_payload(rollout: Rollout, p: DeviceProgress, split: SplitState) -> bytes:
+    """An A/B decision: the bundle without the split (promoted), or the version the device
+    served before (dropped; without one known, its desired state before the rollout)."""
+    assert split.decided_at is not None  # a decided stage has its time
+    ref = rollout.bundle if split.stage == "promoted" else split.serving
+    if ref is None:
+        return (p.previous or "").encode()
+    return desired_payload(
+        rollout.fleet, p.device, ref, rollout=rollout.id, ts=split.decided_at, model=rollout.model
+    )
+
+
+def _decided(rollout: Rollout) -> dict[str, bytes]:
+    """The payloads of the A/B decisions recorded."""
+    return {
+        d: _decided_payload(rollout, p, p.split)
+        for d, p in rollout.progress.items()
+        if p.split is not None and p.split.stage != "split"
+    }
 
 
 def _save(runner: Runner, rollout: Rollout) -> Rollout:
@@ -178,8 +237,9 @@ def _save(runner: Runner, rollout: Rollout) -> Rollout:
 def finish_pending(
     transport: Transport, runner: Runner, watcher: FleetWatcher, rollout: Rollout
 ) -> Rollout:
-    """Publish what the record says was decided and not acknowledged: a running rollout's
-    last wave, a pending revert. Returns the rollout as saved afterwards.
+    """Publish what the record says was decided and the broker does not retain: a running
+    rollout's last wave, A/B decisions, a pending revert. Returns the rollout as saved
+    afterwards.
 
     Raises:
         BrokerError: a publish was not acknowledged.
@@ -197,6 +257,8 @@ def finish_pending(
         )
         faults.crash_point(f"rollout-wave-{k}-published")
         rollout = _save(runner, replace(rollout, acked_wave=k))
+    if rollout.revert == "none":  # a revert overrides the A/B decisions
+        _publish_missing(transport, watcher, rollout.fleet, _decided(rollout))
     if rollout.revert == "pending":
         faults.crash_point("rollout-reverting")
         previous = {d: (p.previous or "").encode() for d, p in rollout.progress.items()}
@@ -205,20 +267,61 @@ def finish_pending(
     return rollout
 
 
+def _serving(rollout: Rollout, device: str, previous: bytes | None) -> SplitState:
+    """A device starting an A/B split, with the version its desired state named before."""
+    serving = None
+    if previous:
+        try:
+            desired = parse_desired(
+                previous, fleet=rollout.fleet, device=device, model=rollout.model
+            )
+        except ValueError as e:
+            log.warning("%s: its desired state before the rollout is unreadable: %s", device, e)
+        else:
+            serving = None if desired is None else desired.bundle
+    return SplitState("split", serving)
+
+
 def _record_wave(
     watcher: FleetWatcher, rollout: Rollout, devices: tuple[str, ...], now: float
 ) -> Rollout:
     progress = dict(rollout.progress)
     for device in devices:
-        # What to revert to is recorded before anything is published.
+        # What to revert to (and, A/B, what to go back to) is recorded before publishing.
         previous = watcher.desired(device)
+        split = None if rollout.plan.split is None else _serving(rollout, device, previous)
         progress[device] = DeviceProgress(
             device=device,
             wave=rollout.wave,
             published_at=now,
             previous=None if previous is None else previous.decode("utf-8", "replace"),
+            split=split,
         )
     return replace(rollout, progress=progress)
+
+
+def _with_ab(runner: Runner, rollout: Rollout, views: dict[str, DeviceView]) -> None:
+    """Add to ``views`` what the candidate and the serving version of each splitting
+    device answered since it was published (from the store's ``telemetry_versions``)."""
+    splitting = {
+        d: (p.published_at, p.split)
+        for d, p in rollout.progress.items()
+        if p.split is not None and p.split.stage == "split"
+    }
+    if not splitting:
+        return
+    since = min(published for published, _ in splitting.values())
+    rows = runner.records.versions_since(rollout.fleet, rollout.model, since)
+    for device, (published, split) in splitting.items():
+        mine = [r for r in rows if r["device"] == device and float(r["received_at"]) >= published]
+        serving = None if split.serving is None else split.serving.digest
+        candidate = version_stats(
+            r for r in mine if r["role"] == "candidate" and r["digest"] == rollout.bundle.digest
+        )
+        before = version_stats(
+            r for r in mine if r["role"] == "serving" and serving in (None, r["digest"])
+        )
+        views[device] = replace(views.get(device, DeviceView()), ab=(candidate, before))
 
 
 def _advance(
@@ -226,7 +329,10 @@ def _advance(
 ) -> tuple[Rollout, Decision]:
     """One decision, saved before anything is done about it."""
     before = rollout
-    rollout, decision = step(rollout, watcher.views(rollout), now)
+    views = watcher.views(rollout)
+    if rollout.plan.split is not None:
+        _with_ab(runner, rollout, views)
+    rollout, decision = step(rollout, views, now)
     if decision.action == "publish":
         rollout = _record_wave(watcher, rollout, decision.devices, now)
     if decision.action == "halt" and rollout.plan.revert_on_halt:
@@ -256,7 +362,7 @@ def run_rollout(
         RolloutError: the runner lost its lease to another.
     """
     if watcher is None:
-        watcher = FleetWatcher(transport, rollout.fleet, clock=clock)
+        watcher = FleetWatcher(transport, rollout.fleet, model=rollout.model, clock=clock)
         watcher.settle()
     faults.crash_point("rollout-started")
     rollout = finish_pending(transport, runner, watcher, rollout)

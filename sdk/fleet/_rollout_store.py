@@ -1,8 +1,9 @@
 """Rollout records in the fleet store.
 
 The records live beside the telemetry (tables ``rollouts`` and ``rollout_devices``,
-migration 2 of :mod:`sdk.fleet._sql`), in SQLite or PostgreSQL: ``status``, ``list`` and
-``resume`` work from any host that reaches the database, and the report shows rollouts.
+migrations 2 and 4 of :mod:`sdk.fleet._migrations`), in SQLite or PostgreSQL: ``status``,
+``list`` and ``resume`` work from any host that reaches the database, and the report
+shows rollouts.
 One runner drives a rollout at a time, holding its lease (:mod:`sdk.fleet._rollout_lease`).
 ``abort`` takes no lease: it changes the status, which every write of the runner checks,
 so the runner stops at its next step.
@@ -20,6 +21,7 @@ from typing import Any, cast, get_args
 
 from agent.errors import ConfigError, StateError
 from sdk.errors import RolloutError, RunnerBusyError
+from sdk.fleet._reported import SIGNAL_EVENTS
 from sdk.fleet._rollout_lease import Runner, RunnerInfo, lost_lease, new_holder
 from sdk.fleet._sql import Cursor
 from sdk.fleet.publish import BundleRef
@@ -29,6 +31,7 @@ from sdk.fleet.rollout import (
     Revert,
     Rollout,
     RolloutPlan,
+    SplitState,
     Status,
 )
 from sdk.fleet.store import PostgresStore, SqliteStore, Store
@@ -38,9 +41,12 @@ __all__ = ["RolloutRecords", "rollout_summaries"]
 _ROLLOUT_NAMES = (
     "id", "fleet", "bundle", "plan", "created_at", "status", "wave", "acked_wave",
     "revert_state", "reason", "runner", "runner_since", "heartbeat_at", "runner_timeout_s",
+    "model",
 )  # fmt: skip
 _ROLLOUT_COLUMNS = ", ".join(_ROLLOUT_NAMES)
-_DEVICE_COLUMNS = "device, wave, published_at, previous, outcome, healthy_since, reason"
+_DEVICE_COLUMNS = "device, wave, published_at, previous, outcome, healthy_since, reason, split"
+# The events a runner reads back (sdk.fleet._reported.SIGNAL_EVENTS).
+_SIGNALS = ", ".join(f"'{e}'" for e in SIGNAL_EVENTS)
 
 
 def _rollout(row: tuple[Any, ...], devices: list[tuple[Any, ...]]) -> Rollout:
@@ -62,6 +68,7 @@ def _rollout(row: tuple[Any, ...], devices: list[tuple[Any, ...]]) -> Rollout:
                 outcome=cast(Outcome, str(d[4])),
                 healthy_since=None if d[5] is None else float(d[5]),
                 reason=d[6],
+                split=None if d[7] is None else SplitState.from_json(json.loads(d[7])),
             )
             for d in devices
             if d[1] is not None
@@ -79,6 +86,7 @@ def _rollout(row: tuple[Any, ...], devices: list[tuple[Any, ...]]) -> Rollout:
             reason=row[9],
             acked_wave=int(row[7]),
             revert=cast(Revert, revert),
+            model=str(row[14]),
         )
     except (KeyError, TypeError, ValueError) as e:
         raise ConfigError(f"rollout record {row[0]!r} is malformed: {e}") from None
@@ -94,8 +102,9 @@ def _info(row: tuple[Any, ...]) -> RunnerInfo:
 
 
 def _device_row(rollout: str, p: DeviceProgress) -> tuple[Any, ...]:
+    split = None if p.split is None else json.dumps(p.split.to_json(), sort_keys=True)
     return (
-        p.wave, p.published_at, p.previous, p.outcome, p.healthy_since, p.reason, rollout,
+        p.wave, p.published_at, p.previous, p.outcome, p.healthy_since, p.reason, split, rollout,
         p.device,
     )  # fmt: skip
 
@@ -103,9 +112,9 @@ def _device_row(rollout: str, p: DeviceProgress) -> tuple[Any, ...]:
 def rollout_summaries(
     store: Store, fleet: str | None = None, *, now: float | None = None
 ) -> list[dict[str, Any]]:
-    """One dict per rollout, oldest first: id, fleet, bundle, status, reason, created_at,
-    counts (devices, published, succeeded, failed) and runner (as :class:`RunnerInfo`
-    says, plus ``text``)."""
+    """One dict per rollout, oldest first: id, fleet, model, bundle, status, reason,
+    created_at, counts (devices, published, succeeded, failed, rejected) and runner (as
+    :class:`RunnerInfo` says, plus ``text``)."""
     rows = store.query(
         f"SELECT {_ROLLOUT_COLUMNS},"  # noqa: S608 - constant
         " (SELECT COUNT(*) FROM rollout_devices d WHERE d.rollout = r.id) AS devices,"
@@ -114,7 +123,9 @@ def rollout_summaries(
         " (SELECT COUNT(*) FROM rollout_devices d WHERE d.rollout = r.id"
         "  AND d.outcome = 'succeeded') AS succeeded,"
         " (SELECT COUNT(*) FROM rollout_devices d WHERE d.rollout = r.id"
-        "  AND d.outcome = 'failed') AS failed"
+        "  AND d.outcome = 'failed') AS failed,"
+        " (SELECT COUNT(*) FROM rollout_devices d WHERE d.rollout = r.id"
+        "  AND d.outcome = 'rejected') AS rejected"
         " FROM rollouts r WHERE CAST(? AS TEXT) IS NULL OR r.fleet = ?"
         " ORDER BY r.created_at, r.id",
         [fleet, fleet],
@@ -128,11 +139,15 @@ def rollout_summaries(
             {
                 "id": r["id"],
                 "fleet": r["fleet"],
+                "model": r["model"],
                 "bundle": f"{bundle['name']} {bundle['version']}",
                 "status": r["status"],
                 "reason": r["reason"],
                 "created_at": r["created_at"],
-                "counts": {k: int(r[k]) for k in ("devices", "published", "succeeded", "failed")},
+                "counts": {
+                    k: int(r[k])
+                    for k in ("devices", "published", "succeeded", "failed", "rejected")
+                },
                 "runner": info.to_json(now) | {"text": info.describe(now)},
             }
         )
@@ -189,13 +204,13 @@ class RolloutRecords:
             cur.execute(
                 self._sql(
                     f"INSERT INTO rollouts ({_ROLLOUT_COLUMNS}, updated_at)"  # noqa: S608 - constant
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 ),
                 (
                     rollout.id, rollout.fleet, json.dumps(rollout.bundle.to_json()),
                     json.dumps(rollout.plan.to_json()), rollout.created_at, rollout.status,
                     rollout.wave, rollout.acked_wave, rollout.revert, rollout.reason, holder, now,
-                    now, rollout.plan.runner_timeout_s, now,
+                    now, rollout.plan.runner_timeout_s, rollout.model, now,
                 ),
             )  # fmt: skip
             cur.executemany(
@@ -285,20 +300,31 @@ class RolloutRecords:
         with self._lock:
             return rollout_summaries(self.store, fleet, now=self.clock())
 
-    def events_since(self, fleet: str, since: float) -> list[tuple[str, float, bytes]]:
-        """Events a collector stored for ``fleet`` since ``since``: (device, received_at, raw).
+    def events_since(self, fleet: str, model: str, since: float) -> list[tuple[str, float, bytes]]:
+        """Events of ``model`` a collector stored for ``fleet`` since ``since``: (device,
+        received_at, raw).
 
         A runner that was away reads back what it missed; without a collector there is
         nothing (the retained state still says what it can).
         """
         with self._lock:
             rows = self.store.query(
-                "SELECT device, received_at, raw FROM events WHERE fleet = ? AND received_at >= ?"
-                " AND event IN ('committed', 'desired-refused', 'download-failed', 'failed',"
-                " 'rolled-back') ORDER BY received_at, seq",
-                [fleet, since],
+                "SELECT device, received_at, raw FROM events WHERE fleet = ? AND model = ?"  # noqa: S608 - constants
+                f" AND received_at >= ? AND event IN ({_SIGNALS}) ORDER BY received_at, seq",
+                [fleet, model, since],
             )
         return [(str(r["device"]), float(r["received_at"]), str(r["raw"]).encode()) for r in rows]
+
+    def versions_since(self, fleet: str, model: str, since: float) -> list[dict[str, Any]]:
+        """What each version of ``model`` did per telemetry window a collector stored for
+        ``fleet`` since ``since`` (rows of ``telemetry_versions``)."""
+        with self._lock:
+            return self.store.query(
+                "SELECT device, received_at, digest, role, requests, error_count, p95_ms,"
+                " labels, correct FROM telemetry_versions"
+                " WHERE fleet = ? AND model = ? AND received_at >= ?",
+                [fleet, model, since],
+            )
 
     # --- for the runner ----------------------------------------------------------------
 
@@ -308,7 +334,8 @@ class RolloutRecords:
             cur.executemany(
                 self._sql(
                     "UPDATE rollout_devices SET wave = ?, published_at = ?, previous = ?,"
-                    " outcome = ?, healthy_since = ?, reason = ? WHERE rollout = ? AND device = ?"
+                    " outcome = ?, healthy_since = ?, reason = ?, split = ?"
+                    " WHERE rollout = ? AND device = ?"
                 ),
                 [_device_row(rollout.id, p) for p in sorted(changed, key=lambda p: p.device)],
             )

@@ -1,22 +1,5 @@
-"""The collector's tables and the SQL that writes a batch, the same for SQLite and PostgreSQL.
-
-Tables (JSON kept as text so the SQL stays portable):
-
-* ``devices``: one row per device — latest status (online/offline, attributes), latest
-  reported state and its current bundle, when anything was last heard from it, and the
-  highest ``seq`` stored (for gap detection).
-* ``events`` and ``telemetry``: one row per message, key fields as columns, the whole
-  payload in ``raw``. ``UNIQUE (fleet, device, seq)`` drops at-least-once duplicates.
-* ``gaps``: ranges of ``seq`` not (yet) received. A late message — another collector of
-  the shared subscription may have been slower — shrinks or removes its gap.
-* ``rollouts`` and ``rollout_devices``: rollout records beside the telemetry, so any host
-  that reaches the database can see and resume a rollout (:mod:`sdk.fleet._rollout_store`).
-* ``schema_version``: the migrations applied (:data:`MIGRATIONS`, :func:`apply_migrations`).
-
-Migration 3 gives ``devices`` what a scrape of the fleet's Prometheus metrics reads in
-one pass (:mod:`sdk.fleet.metrics`): the ``seq`` of the device's latest telemetry message
-(a unique-index lookup instead of a scan of the telemetry table) and running totals of
-requests and errors over every telemetry message stored (Prometheus counters).
+"""The SQL that writes a batch of the collector's records, the same for SQLite and
+PostgreSQL (the tables are defined in :mod:`sdk.fleet._migrations`).
 
 :class:`SqlStore` is the batch writer both databases share; :mod:`sdk.fleet.store` says
 how each one connects, opens a transaction and locks.
@@ -25,125 +8,21 @@ how each one connects, opens a transaction and locks.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol, TypeAlias
 
-from agent.errors import ConfigError
 from sdk.fleet.records import (
     EventRecord,
     Record,
     StateRecord,
     StatusRecord,
     TelemetryRecord,
+    VersionRecord,
     WriteResult,
 )
 
-__all__ = ["MIGRATIONS", "SCHEMA", "Cursor", "SqlStore", "apply_migrations"]
-
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS devices (
-  fleet TEXT NOT NULL, device TEXT NOT NULL,
-  status TEXT, status_ts DOUBLE PRECISION, attributes TEXT,
-  state TEXT, state_ts DOUBLE PRECISION,
-  current_digest TEXT, current_name TEXT, current_version TEXT,
-  last_seen DOUBLE PRECISION, max_seq BIGINT NOT NULL DEFAULT 0,
-  PRIMARY KEY (fleet, device));
-CREATE TABLE IF NOT EXISTS events (
-  fleet TEXT NOT NULL, device TEXT NOT NULL, seq BIGINT NOT NULL,
-  ts DOUBLE PRECISION NOT NULL, received_at DOUBLE PRECISION NOT NULL,
-  event TEXT NOT NULL, digest TEXT, reason TEXT, raw TEXT NOT NULL,
-  UNIQUE (fleet, device, seq));
-CREATE TABLE IF NOT EXISTS telemetry (
-  fleet TEXT NOT NULL, device TEXT NOT NULL, seq BIGINT NOT NULL,
-  ts DOUBLE PRECISION NOT NULL, received_at DOUBLE PRECISION NOT NULL,
-  model_name TEXT, model_version TEXT, model_sequence BIGINT,
-  requests BIGINT, error_count BIGINT,
-  p50_ms DOUBLE PRECISION, p95_ms DOUBLE PRECISION, p99_ms DOUBLE PRECISION,
-  drift_band TEXT, psi_max DOUBLE PRECISION, raw TEXT NOT NULL,
-  UNIQUE (fleet, device, seq));
-CREATE TABLE IF NOT EXISTS gaps (
-  fleet TEXT NOT NULL, device TEXT NOT NULL,
-  first_seq BIGINT NOT NULL, last_seq BIGINT NOT NULL, detected_at DOUBLE PRECISION NOT NULL,
-  PRIMARY KEY (fleet, device, first_seq));
-CREATE INDEX IF NOT EXISTS telemetry_ts ON telemetry (ts);
-CREATE INDEX IF NOT EXISTS events_digest ON events (digest)
-"""
-
-# Rollout records (sdk.fleet._rollout_store): one row per rollout with its lease (runner,
-# heartbeat), one row per device in wave order.
-_ROLLOUTS = """
-CREATE TABLE rollouts (
-  id TEXT PRIMARY KEY, fleet TEXT NOT NULL, bundle TEXT NOT NULL, plan TEXT NOT NULL,
-  created_at DOUBLE PRECISION NOT NULL, updated_at DOUBLE PRECISION NOT NULL,
-  status TEXT NOT NULL, wave INTEGER NOT NULL, acked_wave INTEGER NOT NULL,
-  revert_state TEXT NOT NULL, reason TEXT, runner_timeout_s DOUBLE PRECISION NOT NULL,
-  runner TEXT, runner_since DOUBLE PRECISION, heartbeat_at DOUBLE PRECISION);
-CREATE TABLE rollout_devices (
-  rollout TEXT NOT NULL, device TEXT NOT NULL, ordinal INTEGER NOT NULL,
-  wave INTEGER, published_at DOUBLE PRECISION, previous TEXT,
-  outcome TEXT, healthy_since DOUBLE PRECISION, reason TEXT,
-  PRIMARY KEY (rollout, device));
-CREATE INDEX rollout_devices_order ON rollout_devices (rollout, ordinal);
-CREATE INDEX events_received ON events (fleet, received_at)
-"""
-
-# The latest telemetry of each device and its running totals (sdk.fleet.metrics reads
-# them on every scrape). A database migrated from version 2 counts from the migration on.
-_DEVICE_TOTALS = """
-ALTER TABLE devices ADD COLUMN telemetry_seq BIGINT;
-ALTER TABLE devices ADD COLUMN requests_total BIGINT NOT NULL DEFAULT 0;
-ALTER TABLE devices ADD COLUMN errors_total BIGINT NOT NULL DEFAULT 0
-"""
-
-# Each migration is applied once, in order, and recorded in schema_version. Number 1 is
-# the collector's first schema, all IF NOT EXISTS: a database made before versioning is
-# adopted as it is. Never edit a published migration; add the next one.
-MIGRATIONS: tuple[tuple[int, str, str], ...] = (
-    (1, "collector tables", SCHEMA),
-    (2, "rollout records", _ROLLOUTS),
-    (3, "latest telemetry and totals per device", _DEVICE_TOTALS),
-)
-_VERSION_TABLE = (
-    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY,"
-    " name TEXT NOT NULL, applied_at DOUBLE PRECISION NOT NULL)"
-)
-
-
-def apply_migrations(cur: Cursor, sql: Callable[[str], str], now: float) -> list[int]:
-    """Apply the migrations the database lacks, in order; returns their numbers.
-
-    Runs in the caller's transaction, which must hold the database's schema lock
-    (SQLite ``BEGIN IMMEDIATE``, a PostgreSQL advisory lock): a second process starting
-    at the same moment waits, then finds every migration applied.
-
-    Raises:
-        ConfigError: the database has a schema newer than this edgeship knows.
-    """
-    cur.execute(_VERSION_TABLE)
-    cur.execute("SELECT version FROM schema_version")
-    done = {int(row[0]) for row in cur.fetchall()}
-    latest = MIGRATIONS[-1][0]
-    if done and max(done) > latest:
-        raise ConfigError(
-            f"the database has schema version {max(done)}, newer than this edgeship knows"
-            f" ({latest}); upgrade edgeship to use it"
-        )
-    applied = []
-    for version, name, script in MIGRATIONS:
-        if version in done:
-            continue
-        # One statement per execute: psycopg's extended protocol refuses several.
-        for statement in script.split(";"):
-            if statement.strip():
-                cur.execute(statement)
-        cur.execute(
-            sql("INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)"),
-            (version, name, now),
-        )
-        applied.append(version)
-    return applied
+__all__ = ["Cursor", "SqlStore"]
 
 
 _Row: TypeAlias = tuple[Any, ...]
@@ -162,13 +41,19 @@ class Cursor(Protocol):
     def fetchall(self) -> list[Any]: ...
 
 
-_EVENT_COLUMNS = ("fleet", "device", "seq", "ts", "received_at", "event", "digest", "reason", "raw")
+_EVENT_COLUMNS = (
+    "fleet", "device", "seq", "ts", "received_at", "event", "digest", "reason", "raw", "model",
+)  # fmt: skip
 _TELEMETRY_COLUMNS = (
     "fleet", "device", "seq", "ts", "received_at", "model_name", "model_version",
     "model_sequence", "requests", "error_count", "p50_ms", "p95_ms", "p99_ms", "drift_band",
-    "psi_max", "raw",
+    "psi_max", "raw", "model",
 )  # fmt: skip
-# Rows per multi-row statement: 16 columns x 500 stays far below both databases' limits on
+_VERSION_COLUMNS = (
+    "fleet", "device", "seq", "model", "received_at", "digest", "role", "requests",
+    "error_count", "p50_ms", "p95_ms", "p99_ms", "labels", "correct",
+)  # fmt: skip
+# Rows per multi-row statement: 17 columns x 500 stays far below both databases' limits on
 # bound parameters (SQLite 32,766, PostgreSQL 65,535).
 _CHUNK = 500
 # Latest value wins by the sender's clock; a birth keeps the attributes of the last one
@@ -178,20 +63,29 @@ _STATUS_SQL = (
     " WHERE fleet = ? AND device = ? AND (status_ts IS NULL OR status_ts <= ?)"
 )
 _STATE_SQL = (
-    "UPDATE devices SET state = ?, state_ts = ?, current_digest = ?, current_name = ?,"
-    " current_version = ?"
-    " WHERE fleet = ? AND device = ? AND (state_ts IS NULL OR state_ts <= ?)"
+    "INSERT INTO device_models (fleet, device, model, state, state_ts, current_digest,"
+    " current_name, current_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (fleet, device, model) DO UPDATE SET state = excluded.state,"
+    " state_ts = excluded.state_ts, current_digest = excluded.current_digest,"
+    " current_name = excluded.current_name, current_version = excluded.current_version"
+    " WHERE device_models.state_ts IS NULL OR device_models.state_ts <= excluded.state_ts"
 )
 _GAP_SQL = (
     "INSERT INTO gaps (fleet, device, first_seq, last_seq, detected_at) VALUES (?, ?, ?, ?, ?)"
 )
 _DEVICE_SQL = (
     "UPDATE devices SET max_seq = ?,"
-    " last_seen = CASE WHEN last_seen IS NULL OR last_seen < ? THEN ? ELSE last_seen END,"
-    " telemetry_seq = CASE WHEN telemetry_seq IS NULL OR telemetry_seq < ? THEN ?"
-    " ELSE telemetry_seq END,"
-    " requests_total = requests_total + ?, errors_total = errors_total + ?"
+    " last_seen = CASE WHEN last_seen IS NULL OR last_seen < ? THEN ? ELSE last_seen END"
     " WHERE fleet = ? AND device = ?"
+)
+_TOTALS_SQL = (
+    "INSERT INTO device_models (fleet, device, model, telemetry_seq, requests_total,"
+    " errors_total) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (fleet, device, model) DO UPDATE SET"
+    " telemetry_seq = CASE WHEN device_models.telemetry_seq IS NULL"
+    " OR device_models.telemetry_seq < excluded.telemetry_seq THEN excluded.telemetry_seq"
+    " ELSE device_models.telemetry_seq END,"
+    " requests_total = device_models.requests_total + excluded.requests_total,"
+    " errors_total = device_models.errors_total + excluded.errors_total"
 )
 
 
@@ -212,18 +106,27 @@ def _status_row(r: StatusRecord) -> _Row:
 
 def _state_row(r: StateRecord) -> _Row:
     return (
-        r.raw, r.ts, r.current_digest, r.current_name, r.current_version, r.fleet, r.device, r.ts,
+        r.fleet, r.device, r.model, r.raw, r.ts, r.current_digest, r.current_name,
+        r.current_version,
     )  # fmt: skip
 
 
 def _event_row(r: EventRecord, at: float) -> _Row:
-    return (r.fleet, r.device, r.seq, r.ts, at, r.event, r.digest, r.reason, r.raw)
+    return (r.fleet, r.device, r.seq, r.ts, at, r.event, r.digest, r.reason, r.raw, r.model)
 
 
 def _telemetry_row(r: TelemetryRecord, at: float) -> _Row:
     return (
         r.fleet, r.device, r.seq, r.ts, at, r.model_name, r.model_version, r.model_sequence,
         r.requests, r.error_count, r.p50_ms, r.p95_ms, r.p99_ms, r.drift_band, r.psi_max, r.raw,
+        r.model,
+    )  # fmt: skip
+
+
+def _version_row(r: TelemetryRecord, v: VersionRecord, at: float) -> _Row:
+    return (
+        r.fleet, r.device, r.seq, r.model, at, v.digest, v.role, v.requests, v.error_count,
+        v.p50_ms, v.p95_ms, v.p99_ms, v.labels, v.correct,
     )  # fmt: skip
 
 
@@ -241,25 +144,16 @@ def _split(first: int, last: int, filled: Sequence[int]) -> list[tuple[int, int]
     return left
 
 
-# A device without new telemetry in the batch: its telemetry_seq stays, totals add 0.
-_NO_TELEMETRY: tuple[int | None, int | None, int, int] = (None, None, 0, 0)
-
-
-def _totals(
-    telemetry: Sequence[TelemetryRecord], stored: set[tuple[str, str, int]]
-) -> dict[tuple[str, str], tuple[int | None, int | None, int, int]]:
-    """Per device, of the telemetry stored (not the duplicates): the highest ``seq`` (twice,
-    for :data:`_DEVICE_SQL`), and the requests and errors it counts."""
-    out: dict[tuple[str, str], tuple[int | None, int | None, int, int]] = {}
+def _totals(telemetry: Sequence[TelemetryRecord]) -> list[_Row]:
+    """Per model of a device, of the telemetry stored (not the duplicates): the highest
+    ``seq``, and the requests and errors it counts (rows of :data:`_TOTALS_SQL`)."""
+    out: dict[tuple[str, str, str], tuple[int, int, int]] = {}
     for r in telemetry:
-        if (r.fleet, r.device, r.seq) not in stored:
-            continue
-        top, _, requests, errors = out.get((r.fleet, r.device), _NO_TELEMETRY)
-        top = r.seq if top is None else max(top, r.seq)
-        out[(r.fleet, r.device)] = (
-            top, top, requests + (r.requests or 0), errors + (r.error_count or 0),
+        top, requests, errors = out.get((r.fleet, r.device, r.model), (r.seq, 0, 0))
+        out[(r.fleet, r.device, r.model)] = (
+            max(top, r.seq), requests + (r.requests or 0), errors + (r.error_count or 0),
         )  # fmt: skip
-    return out
+    return [(*key, *values) for key, values in sorted(out.items())]
 
 
 class SqlStore:
@@ -303,7 +197,7 @@ class SqlStore:
         # collectors), and each device's latest status / state is applied last.
         keys = sorted({(r.fleet, r.device) for r in records})
         statuses.sort(key=lambda r: (r.fleet, r.device, r.ts))
-        states.sort(key=lambda r: (r.fleet, r.device, r.ts))
+        states.sort(key=lambda r: (r.fleet, r.device, r.model, r.ts))
         events.sort(key=lambda r: (r.fleet, r.device, r.seq))
         telemetry.sort(key=lambda r: (r.fleet, r.device, r.seq))
         result = WriteResult()
@@ -329,15 +223,24 @@ class SqlStore:
             if new_gaps:
                 cur.executemany(self._sql(_GAP_SQL), new_gaps)
                 result.gaps.extend((f, d, lo, hi) for f, d, lo, hi, _ in new_gaps)
-            totals = _totals(telemetry, {(str(f), str(d), int(q)) for f, d, q in fresh})
+            new = {(str(f), str(d), int(q)) for f, d, q in fresh}
+            kept = [r for r in telemetry if (r.fleet, r.device, r.seq) in new]
+            self._write_models(cur, kept, received_at)
             cur.executemany(
                 self._sql(_DEVICE_SQL),
-                [
-                    (highest[k], received_at, received_at, *totals.get(k, _NO_TELEMETRY), *k)
-                    for k in keys
-                ],
+                [(highest[k], received_at, received_at, *k) for k in keys],
             )
         return result
+
+    def _write_models(
+        self, cur: Cursor, telemetry: Sequence[TelemetryRecord], received_at: float
+    ) -> None:
+        """The per-model side of the stored ``telemetry``: totals, latest seq, versions."""
+        if not telemetry:
+            return
+        cur.executemany(self._sql(_TOTALS_SQL), _totals(telemetry))
+        rows = [_version_row(r, v, received_at) for r in telemetry for v in r.versions]
+        self._insert_new(cur, "telemetry_versions", _VERSION_COLUMNS, rows)
 
     def _gaps(
         self,

@@ -5,7 +5,8 @@ Telemetry and events come through an MQTT 5 *shared* subscription
 one collector of the group, so several collectors split a large fleet. ``status`` and
 ``state`` are retained latest-value messages, and brokers do not send retained messages
 to shared subscriptions, so every collector subscribes to them normally (writing the
-same latest value twice is harmless). The default group is named after the store
+same latest value twice is harmless), a named model's state on
+``.../<device>/models/<model>/state`` too. The default group is named after the store
 (:func:`default_group`): collectors writing one database share the work, collectors
 writing different ones each get every message.
 
@@ -148,7 +149,13 @@ class Collector:
     def topic_filters(self) -> list[str]:
         base = f"{PREFIX}/{self.fleet}/+"
         shared = f"$share/{self.share_group}/{base}"
-        return [f"{shared}/telemetry", f"{shared}/events", f"{base}/status", f"{base}/state"]
+        return [
+            f"{shared}/telemetry",
+            f"{shared}/events",
+            f"{base}/status",
+            f"{base}/state",
+            f"{base}/models/+/state",
+        ]
 
     def start(self) -> None:
         """Start the writer thread and subscribe.

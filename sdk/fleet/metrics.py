@@ -7,10 +7,12 @@ scrapes and no gauge is set per message, so every scrape is one consistent readi
 the store, whichever collectors (one or many, on this host or others) write it.
 
 Series per device, labelled ``fleet`` and ``device`` (docs/fleet.md, "Prometheus"):
-online, last-seen age, version info, requests and errors (counters), latency p50/p95/p99,
-the bundle's p95 budget, drift PSI (the worst feature) and band, confidence, feedback
-accuracy, trust root version, heartbeat expiry, held back: at most :data:`DEVICE_SERIES`
-plus ``top_k`` (the highest-PSI features, labelled ``input`` and ``feature``). Telemetry
+online, last-seen age, trust root version, heartbeat expiry, held back (at most
+:data:`DEVICE_SERIES`); and per model of the device, labelled ``model`` too: version
+info, requests and errors (counters), latency p50/p95/p99, the bundle's p95 budget, drift
+PSI (the worst feature) and band, confidence, feedback accuracy (at most
+:data:`MODEL_SERIES`) plus ``top_k`` (the highest-PSI features, labelled ``input`` and
+``feature``). Telemetry
 older than ``max_age_s`` is not exported: a silent device shows only its online state
 and last-seen age, not numbers that would keep an alert firing on stale data.
 """
@@ -35,19 +37,26 @@ from sdk.fleet.views import DRIFT_BANDS, DeviceView, RolloutView, device_views, 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
-__all__ = ["DEVICE_SERIES", "FleetCollector", "MetricsServer"]
+__all__ = ["DEVICE_SERIES", "MODEL_SERIES", "FleetCollector", "MetricsServer"]
 
 log = logging.getLogger(__name__)
 
-# Series per device besides the top-k drift features (the documented bound).
-DEVICE_SERIES = 16
+# Series per device, and per model of a device besides its top-k drift features (the
+# documented bounds).
+DEVICE_SERIES = 5
+MODEL_SERIES = 11
 _DEVICE = ("fleet", "device")
+_MODEL = ("fleet", "device", "model")
 _QUANTILES = (("0.5", "p50_ms"), ("0.95", "p95_ms"), ("0.99", "p99_ms"))
-_OUTCOMES = ("succeeded", "failed", "pending", "waiting")
+_OUTCOMES = ("succeeded", "failed", "rejected", "pending", "waiting")
 
 
 def _gauge(name: str, doc: str, *extra: str, unit: str = "") -> GaugeMetricFamily:
     return GaugeMetricFamily(name, doc, labels=[*_DEVICE, *extra], unit=unit)
+
+
+def _model_gauge(name: str, doc: str, *extra: str, unit: str = "") -> GaugeMetricFamily:
+    return _gauge(name, doc, "model", *extra, unit=unit)
 
 
 class FleetCollector(Collector):
@@ -106,44 +115,55 @@ class FleetCollector(Collector):
         yield took
 
 
-def _device_families(devices: list[DeviceView], now: float, max_age_s: float) -> Iterator[Metric]:
+def _device_families(views: list[DeviceView], now: float, max_age_s: float) -> Iterator[Metric]:
     online = _gauge("edgeship_device_online", "1 online, 0 offline (absent: never seen)")
     seen = _gauge(
         "edgeship_device_last_seen_age", "seconds since the collector last heard", unit="seconds"
     )
-    info = _gauge(
-        "edgeship_device_version_info",
-        "the installed version (1)",
-        "model",
-        "version",
-        "sequence",
-        "digest",
-    )
-    requests = CounterMetricFamily(
-        "edgeship_device_requests", "predictions reported", labels=list(_DEVICE)
-    )
-    errors = CounterMetricFamily(
-        "edgeship_device_errors", "failed predictions reported", labels=list(_DEVICE)
-    )
-    for d in devices:
+    devices = {(v.fleet, v.device): v for v in reversed(views)}  # one (the first) per device
+    for d in devices.values():
         key = [d.fleet, d.device]
         if d.online is not None:
             online.add_metric(key, 1.0 if d.online else 0.0)
         if d.last_seen is not None:
             seen.add_metric(key, max(0.0, now - d.last_seen))
-        if d.version is not None:
-            info.add_metric(
-                [*key, d.model or "", d.version, str(d.sequence or ""), d.digest or ""], 1.0
-            )
-        requests.add_metric(key, d.requests_total)
-        errors.add_metric(key, d.errors_total)
-    yield from (online, seen, info, requests, errors)
-    yield from _trust_families(devices)
-    fresh = [d for d in devices if d.telemetry_ts is not None and now - d.telemetry_ts <= max_age_s]
+    yield from (online, seen)
+    yield from _trust_families(views)
+    models = [v for v in views if v.model is not None]
+    yield from _model_families(models)
+    fresh = [d for d in models if d.telemetry_ts is not None and now - d.telemetry_ts <= max_age_s]
     yield from _telemetry_families(fresh)
 
 
-def _trust_families(devices: list[DeviceView]) -> Iterator[Metric]:
+def _model_families(models: list[DeviceView]) -> Iterator[Metric]:
+    info = _model_gauge(
+        "edgeship_device_version_info",
+        "the installed version of the model (1)",
+        "name",
+        "version",
+        "sequence",
+        "digest",
+    )
+    requests = CounterMetricFamily(
+        "edgeship_device_requests", "predictions reported", labels=list(_MODEL)
+    )
+    errors = CounterMetricFamily(
+        "edgeship_device_errors", "failed predictions reported", labels=list(_MODEL)
+    )
+    for d in models:
+        key = [d.fleet, d.device, d.model or ""]
+        if d.version is not None:
+            info.add_metric(
+                [*key, d.name or "", d.version, str(d.sequence or ""), d.digest or ""], 1.0
+            )
+        requests.add_metric(key, d.requests_total)
+        errors.add_metric(key, d.errors_total)
+    yield from (info, requests, errors)
+
+
+def _trust_families(views: list[DeviceView]) -> Iterator[Metric]:
+    """The device's trust, as the first of its models that reports one says (one root per
+    agent: every model reports the same)."""
     root = _gauge("edgeship_device_trust_root_version", "version of the trust root in force")
     beat = _gauge(
         "edgeship_device_trust_heartbeat_expiry_timestamp",
@@ -151,37 +171,44 @@ def _trust_families(devices: list[DeviceView]) -> Iterator[Metric]:
         unit="seconds",
     )
     held = _gauge("edgeship_device_updates_held_back", "1 when the device holds updates back")
-    for d in devices:
+    done: set[tuple[str, str]] = set()
+    for d in views:
+        if (d.fleet, d.device) in done or d.trust_root_version is None:
+            continue
+        done.add((d.fleet, d.device))
         key = [d.fleet, d.device]
-        if d.trust_root_version is not None:
-            root.add_metric(key, d.trust_root_version)
-            held.add_metric(key, 0.0 if d.held_back is None else 1.0)
+        root.add_metric(key, d.trust_root_version)
+        held.add_metric(key, 0.0 if d.held_back is None else 1.0)
         if d.heartbeat_expires is not None:
             beat.add_metric(key, d.heartbeat_expires)
     yield from (root, beat, held)
 
 
 def _telemetry_families(devices: list[DeviceView]) -> Iterator[Metric]:
-    latency = _gauge(
+    latency = _model_gauge(
         "edgeship_device_latency",
         "prediction latency quantile over the latest telemetry window",
         "quantile",
         unit="seconds",
     )
-    budget = _gauge(
+    budget = _model_gauge(
         "edgeship_device_latency_budget",
         "the serving bundle's p95 latency budget (manifest health.latency_budget_p95_ms)",
         unit="seconds",
     )
-    psi = _gauge("edgeship_device_drift_psi_max", "the largest PSI of any input feature")
-    band = _gauge("edgeship_device_drift_band", "drift band: 0 stable, 1 moderate, 2 significant")
-    top = _gauge(
+    psi = _model_gauge("edgeship_device_drift_psi_max", "the largest PSI of any input feature")
+    band = _model_gauge(
+        "edgeship_device_drift_band", "drift band: 0 stable, 1 moderate, 2 significant"
+    )
+    top = _model_gauge(
         "edgeship_device_drift_feature_psi", "PSI of the top-k features", "input", "feature"
     )
-    confidence = _gauge("edgeship_device_confidence", "mean top class score of sampled outputs")
-    accuracy = _gauge("edgeship_device_feedback_accuracy", "accuracy on labelled feedback")
+    confidence = _model_gauge(
+        "edgeship_device_confidence", "mean top class score of sampled outputs"
+    )
+    accuracy = _model_gauge("edgeship_device_feedback_accuracy", "accuracy on labelled feedback")
     for d in devices:
-        key = [d.fleet, d.device]
+        key = [d.fleet, d.device, d.model or ""]
         for quantile, field in _QUANTILES:
             value = getattr(d, field)
             if value is not None:
@@ -205,15 +232,15 @@ def _rollout_families(rollouts: list[RolloutView]) -> Iterator[Metric]:
     status = GaugeMetricFamily(
         "edgeship_rollout_status",
         "1 for the rollout's status (running, halted, completed, aborted)",
-        labels=["fleet", "rollout", "model", "version", "status"],
+        labels=["fleet", "rollout", "model", "name", "version", "status"],
     )
     devices = GaugeMetricFamily(
         "edgeship_rollout_devices",
-        "devices of the rollout by outcome (succeeded, failed, pending, waiting)",
+        "devices of the rollout by outcome (succeeded, failed, rejected, pending, waiting)",
         labels=["fleet", "rollout", "outcome"],
     )
     for r in rollouts:
-        status.add_metric([r.fleet, r.id, r.model, r.version, r.status], 1.0)
+        status.add_metric([r.fleet, r.id, r.model, r.name, r.version, r.status], 1.0)
         for outcome in _OUTCOMES:
             devices.add_metric([r.fleet, r.id, outcome], r.count(outcome))
     yield from (status, devices)

@@ -1,8 +1,10 @@
-"""Desired state: which bundle a device should run, published retained per device; and
-the fleet's trust documents, published retained per fleet.
+"""Desired state: which bundle a model of a device should run, published retained per
+device and model; and the fleet's trust documents, published retained per fleet.
 
 The desired payload is defined, written and read by :mod:`agent.messages.desired`
-(docs/mqtt.md, "desired"); an empty retained payload clears it. The trust root and the
+(docs/mqtt.md, "desired"); an empty retained payload clears it. Model ``default`` (every
+single-model agent) has its desired state on ``.../<device>/desired``, a model NAME on
+``.../<device>/models/NAME/desired``, and its payload names it. The trust root and the
 heartbeat travel as the signed files themselves (:func:`publish_trust`). The transport is
 untrusted: the device verifies every signature whatever it receives.
 """
@@ -19,7 +21,7 @@ from agent.bundle import read_unverified, verify_bundle
 from agent.bundle.manifest import Manifest
 from agent.bundle.signing import TrustPolicy
 from agent.errors import ConfigError, ManifestMismatchError
-from agent.messages.desired import BundleRef, Desired
+from agent.messages.desired import DEFAULT_MODEL, BundleRef, Desired, PromotionRule, Split
 from agent.messages.topics import Topics, trust_topic
 from agent.plumbing.files import file_sha256
 from agent.plumbing.transport import Transport, publish_many
@@ -77,10 +79,24 @@ def bundle_ref(
 
 
 def desired_payload(
-    fleet: str, device: str, ref: BundleRef, *, rollout: str | None, ts: float
+    fleet: str,
+    device: str,
+    ref: BundleRef,
+    *,
+    rollout: str | None,
+    ts: float,
+    model: str = DEFAULT_MODEL,
+    shadow: PromotionRule | None = None,
+    split: Split | None = None,
 ) -> bytes:
-    """The retained ``desired`` payload for one device."""
-    return Desired(ref, rollout=rollout, ts=ts).to_payload(fleet=fleet, device=device)
+    """The retained ``desired`` payload for one model of a device: run ``ref``, after a
+    shadow stage by ``shadow`` or in an A/B ``split`` if given.
+
+    Raises:
+        ValueError: not a model name, or both a shadow stage and a split.
+    """
+    desired = Desired(ref, rollout=rollout, ts=ts, model=model, shadow=shadow, split=split)
+    return desired.to_payload(fleet=fleet, device=device)
 
 
 def publish_desired(
@@ -90,19 +106,21 @@ def publish_desired(
     ref: BundleRef,
     *,
     rollout: str | None = None,
+    model: str = DEFAULT_MODEL,
     clock: Callable[[], float] = time.time,
 ) -> list[str]:
-    """Publish the retained desired state to each device; returns the devices, in order.
+    """Publish the retained desired state of ``model`` to each device; returns the
+    devices, in order.
 
     Raises:
         BrokerError: a publish was not acknowledged.
-        ValueError: a device id cannot be a topic level.
+        ValueError: a device id cannot be a topic level, or not a model name.
     """
     done = list(devices)
     messages = [
         (
-            Topics(fleet, device).desired,
-            desired_payload(fleet, device, ref, rollout=rollout, ts=clock()),
+            Topics(fleet, device).desired_for(model),
+            desired_payload(fleet, device, ref, rollout=rollout, ts=clock(), model=model),
         )
         for device in done
     ]
@@ -110,13 +128,15 @@ def publish_desired(
     return done
 
 
-def clear_desired(transport: Transport, fleet: str, devices: Iterable[str]) -> None:
-    """Remove the retained desired state (an empty retained payload).
+def clear_desired(
+    transport: Transport, fleet: str, devices: Iterable[str], *, model: str = DEFAULT_MODEL
+) -> None:
+    """Remove the retained desired state of ``model`` (an empty retained payload).
 
     Raises:
         BrokerError: a publish was not acknowledged.
     """
-    messages = [(Topics(fleet, device).desired, b"") for device in devices]
+    messages = [(Topics(fleet, device).desired_for(model), b"") for device in devices]
     publish_many(transport, messages, retain=True)
 
 

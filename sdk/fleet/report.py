@@ -1,12 +1,13 @@
 """``edgeship fleet report``: one self-contained HTML page about the fleet, for an operator.
 
-Tables: the devices now, and the rollouts (model, version, waves, status, halt reason,
-each device's outcome). Charts (plotly.js, embedded in the page, so it opens offline, from
-a file or an attachment): versions across the fleet; each device's versions over time
-with its install outcomes (failures and rollbacks first); p95 latency and error rate per
-version; drift as the few features with the highest PSI. The time charts share a UTC date
-axis and a bucket sized to the data's span (``--bucket`` overrides it), so a 20-second
-demo and a week of a fleet both fill their charts.
+Tables: each model of each device now (its serving version, a candidate in shadow or an
+A/B split, online accuracy per version), and the rollouts (model, bundle, waves, status,
+halt reason, each device's outcome). Charts (plotly.js, embedded in the page, so it
+opens offline, from a file or an attachment): versions across the fleet; each device's
+versions over time with its install outcomes (failures and rollbacks first); p95 latency
+and error rate per version; drift as the few features with the highest PSI. The time
+charts share a UTC date axis and a bucket sized to the data's span (``--bucket``
+overrides it), so a 20-second demo and a week of a fleet both fill their charts.
 
 plotly.js is about 4.8 MB of the page; what it buys over hand-drawn SVG is a real time
 axis (ticks from seconds to weeks), zoom, and hover details, in a library that is kept.
@@ -21,7 +22,7 @@ from datetime import UTC, datetime
 
 from sdk.fleet._report_charts import figures
 from sdk.fleet._report_data import read_report_data
-from sdk.fleet.status import DeviceStatus, fleet_status
+from sdk.fleet.status import DeviceStatus, accuracy_text, fleet_status, stage_text
 from sdk.fleet.store import Store
 from sdk.fleet.views import RolloutView, rollout_views
 
@@ -71,31 +72,38 @@ def _device_cells(d: DeviceStatus) -> tuple[object, ...]:
     return (
         d.fleet,
         d.device,
+        d.model or "-",
         {True: "online", False: "offline", None: "?"}[d.online],
-        f"{d.model or '-'} {d.version or ''}".strip(),
+        f"{d.name or '-'} {d.version or ''}".strip(),
         _when(d.last_seen),
         "-" if d.p95_ms is None else f"{d.p95_ms:.2f}",
         "-" if d.error_rate is None else f"{d.error_rate:.2%}",
         "-" if d.drift_band is None else f"{d.drift_band} ({d.psi_max or 0:.3f})",
+        stage_text(d),
+        accuracy_text(d),
     )
 
 
 def _devices_table(store: Store, now: float, fleet: str | None) -> str:
     rows = [_row(_device_cells(d)) for d in fleet_status(store, now=now, fleet=fleet)]
-    names = ("fleet", "device", "status", "model", "last seen (UTC)", "p95 ms", "errors", "drift")
+    names = (
+        "fleet", "device", "model", "status", "serving", "last seen (UTC)", "p95 ms", "errors",
+        "drift", "candidate", "online accuracy",
+    )  # fmt: skip
     head = "".join(f"<th>{h}</th>" for h in names)
     return f'<table id="devices"><tr>{head}</tr>{"".join(rows)}</table>'
 
 
 def _rollout_row(r: RolloutView) -> str:
-    counts = " / ".join(f"{r.count(o)} {o}" for o in ("succeeded", "failed", "pending", "waiting"))
+    outcomes = ("succeeded", "failed", "rejected", "pending", "waiting")
+    counts = " / ".join(f"{r.count(o)} {o}" for o in outcomes)
     details = "".join(
         _row((d.device, "-" if d.wave is None else d.wave + 1, d.outcome, d.reason or ""),
-             "failed" if d.outcome == "failed" else "")
+             "failed" if d.outcome in ("failed", "rejected") else "")
         for d in r.devices
     )  # fmt: skip
     cells = (
-        r.id, r.fleet, f"{r.model} {r.version}", ", ".join(f"{w:.0%}" for w in r.waves),
+        r.id, r.fleet, r.model, f"{r.name} {r.version}", ", ".join(f"{w:.0%}" for w in r.waves),
         r.status, r.reason or "", _when(r.created_at),
     )  # fmt: skip
     per_device = (
@@ -114,8 +122,8 @@ def _rollouts_table(store: Store, fleet: str | None) -> str:
         return '<p class="empty">No rollouts recorded (edgeship rollout).</p>'
     head = "".join(
         f"<th>{h}</th>"
-        for h in ("rollout", "fleet", "model", "waves", "status", "halt reason", "created (UTC)",
-                  "devices")
+        for h in ("rollout", "fleet", "model", "bundle", "waves", "status", "halt reason",
+                  "created (UTC)", "devices")
     )  # fmt: skip
     rows = "".join(_rollout_row(r) for r in reversed(rollouts))  # newest first
     return f'<table id="rollouts"><tr>{head}</tr>{rows}</table>'

@@ -1,10 +1,10 @@
 """Where the collector keeps the fleet's messages: one interface, SQLite or PostgreSQL.
 
-What is stored is in :mod:`sdk.fleet.records`; the tables and the batch-writing SQL in
-:mod:`sdk.fleet._sql`. Every batch is one
-transaction that locks each device's row first (``BEGIN IMMEDIATE`` in SQLite;
-``SELECT ... FOR UPDATE`` in PostgreSQL, in (fleet, device) order so two collectors
-cannot deadlock), so several collectors can write to the same database.
+What is stored is in :mod:`sdk.fleet.records`; the tables in :mod:`sdk.fleet._migrations`,
+the batch-writing SQL in :mod:`sdk.fleet._sql`. Every batch is one transaction that
+locks each device's row first (``BEGIN IMMEDIATE`` in SQLite; ``SELECT ... FOR UPDATE``
+in PostgreSQL, in (fleet, device) order so two collectors cannot deadlock), so several
+collectors can write to the same database.
 
 A failed write changes nothing (its transaction is rolled back) and raises one of two
 errors: :class:`~sdk.errors.StoreUnavailableError` for what passes (PostgreSQL restarting
@@ -27,7 +27,8 @@ from typing import Any, Protocol
 
 from agent.errors import ConfigError
 from sdk.errors import StoreError, StoreUnavailableError
-from sdk.fleet._sql import Cursor, SqlStore, apply_migrations
+from sdk.fleet._migrations import apply_migrations
+from sdk.fleet._sql import Cursor, SqlStore
 from sdk.fleet.records import Record, WriteResult
 
 __all__ = ["PostgresStore", "SqliteStore", "Store", "open_store"]

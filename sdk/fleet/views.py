@@ -1,11 +1,12 @@
 """What the fleet store says about each device and rollout now, as a Prometheus scrape
 reads it (:mod:`sdk.fleet.metrics`).
 
-A device's view comes from its ``devices`` row (status, reported state, running totals)
-and its latest telemetry message, found by the ``telemetry_seq`` the collector keeps on
-the row: one query with a unique-index lookup per device, whatever the size of the
-telemetry table. Fields a device did not report (an older agent, no traffic, no drift
-reference) are None, never guessed.
+A model's view comes from its device's ``devices`` row (status, last seen), its
+``device_models`` row (reported state, running totals) and its latest telemetry message,
+found by the ``telemetry_seq`` the collector keeps on that row: one query with a
+unique-index lookup per model of a device, whatever the size of the telemetry table.
+Fields a device did not report (an older agent, no traffic, no drift reference) are
+None, never guessed.
 """
 
 from __future__ import annotations
@@ -33,13 +34,14 @@ __all__ = [
 DRIFT_BANDS = ("stable", "moderate", "significant")
 
 _DEVICES_SQL = """
-SELECT d.fleet, d.device, d.status, d.state, d.current_digest, d.current_name,
-  d.current_version, d.last_seen, d.requests_total, d.errors_total,
+SELECT d.fleet, d.device, d.status, d.last_seen, m.model, m.state, m.current_digest,
+  m.current_name, m.current_version, m.requests_total, m.errors_total,
   t.ts AS telemetry_ts, t.p50_ms, t.p95_ms, t.p99_ms, t.drift_band, t.psi_max, t.raw
-FROM devices d LEFT JOIN telemetry t
-  ON t.fleet = d.fleet AND t.device = d.device AND t.seq = d.telemetry_seq
+FROM devices d
+LEFT JOIN device_models m ON m.fleet = d.fleet AND m.device = d.device
+LEFT JOIN telemetry t ON t.fleet = m.fleet AND t.device = m.device AND t.seq = m.telemetry_seq
 WHERE CAST(? AS TEXT) IS NULL OR d.fleet = ?
-ORDER BY d.fleet, d.device
+ORDER BY d.fleet, d.device, m.model
 """
 
 
@@ -54,13 +56,15 @@ class Feature:
 
 @dataclass(frozen=True)
 class DeviceView:
-    """A device now. Times are Unix seconds; latencies milliseconds, as reported."""
+    """A model of a device now (a device that reported no model yet: ``model`` None).
+    Times are Unix seconds; latencies milliseconds, as reported."""
 
     fleet: str
     device: str
+    model: str | None  # agent.toml [models.NAME]
     online: bool | None  # None: no status message seen
     last_seen: float | None
-    model: str | None
+    name: str | None  # the serving bundle
     version: str | None
     sequence: int | None
     digest: str | None
@@ -154,9 +158,10 @@ def _view(row: dict[str, Any], top_k: int) -> DeviceView:
     return DeviceView(
         fleet=str(row["fleet"]),
         device=str(row["device"]),
+        model=row["model"],
         online=None if row["status"] is None else row["status"] == "online",
         last_seen=_num(row["last_seen"]),
-        model=row["current_name"] or _str(model.get("name")),
+        name=row["current_name"] or _str(model.get("name")),
         version=row["current_version"] or _str(model.get("version")),
         sequence=_int(_obj(state.get("current")).get("sequence")) or _int(model.get("sequence")),
         digest=row["current_digest"],
@@ -183,8 +188,8 @@ def _str(value: object) -> str | None:
 
 
 def device_views(store: Store, *, fleet: str | None = None, top_k: int = 3) -> list[DeviceView]:
-    """Every device of the store (or of ``fleet``), sorted by fleet and device, with the
-    ``top_k`` drift features of its latest window.
+    """Every model of every device of the store (or of ``fleet``), sorted by fleet, device
+    and model, with the ``top_k`` drift features of its latest window.
 
     Raises:
         StoreError: the query failed (StoreUnavailableError: for now).
@@ -197,7 +202,8 @@ class RolloutDevice:
     device: str
     wave: int | None  # None: not published yet
     published_at: float | None
-    outcome: str  # succeeded, failed, pending (published, no verdict), waiting (not published)
+    # succeeded, failed, rejected (the candidate), pending (published, no verdict), waiting
+    outcome: str
     reason: str | None
 
 
@@ -205,7 +211,8 @@ class RolloutDevice:
 class RolloutView:
     id: str
     fleet: str
-    model: str
+    model: str  # the device-side model it rolls out to
+    name: str  # the bundle's name and version
     version: str
     digest: str
     waves: tuple[float, ...]
@@ -229,9 +236,10 @@ def rollout_views(
         StoreError: the query failed.
     """
     rows = store.query(
-        "SELECT id, fleet, bundle, plan, status, reason, created_at, updated_at FROM rollouts"
-        " WHERE (CAST(? AS TEXT) IS NULL OR fleet = ?) AND (CAST(? AS DOUBLE PRECISION) IS NULL"
-        " OR status IN ('running', 'halted') OR updated_at >= ?) ORDER BY created_at, id",
+        "SELECT id, fleet, model, bundle, plan, status, reason, created_at, updated_at"
+        " FROM rollouts WHERE (CAST(? AS TEXT) IS NULL OR fleet = ?)"
+        " AND (CAST(? AS DOUBLE PRECISION) IS NULL OR status IN ('running', 'halted')"
+        " OR updated_at >= ?) ORDER BY created_at, id",
         [fleet, fleet, since, since],
     )
     if not rows:
@@ -262,7 +270,8 @@ def _rollout(row: dict[str, Any], devices: Sequence[RolloutDevice]) -> RolloutVi
     return RolloutView(
         id=str(row["id"]),
         fleet=str(row["fleet"]),
-        model=str(bundle.get("name", "?")),
+        model=str(row["model"]),
+        name=str(bundle.get("name", "?")),
         version=str(bundle.get("version", "?")),
         digest=str(bundle.get("digest", "")),
         waves=waves,

@@ -129,12 +129,12 @@ def desired_payload(bundle: LifecycleBundle, base_url: str, ts: float = 1.0) -> 
     ).encode()
 
 
-def publish_retained(broker: Broker, topic: str, payload: bytes) -> None:
+def publish_retained(broker: Broker, topic: str, payload: bytes, *, retain: bool = True) -> None:
     client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
     client.connect(broker.host, broker.port)
     client.loop_start()
     try:
-        client.publish(topic, payload, qos=1, retain=True).wait_for_publish(10)
+        client.publish(topic, payload, qos=1, retain=retain).wait_for_publish(10)
     finally:
         client.disconnect()
         client.loop_stop()

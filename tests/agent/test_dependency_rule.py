@@ -34,8 +34,11 @@ ALLOWED: dict[str, set[str]] = {
     "telemetry": _BELOW_PARTS,
     "install": _BELOW_PARTS,
     "config": _BELOW_PARTS | {"telemetry", "install"},
-    "daemon": _BELOW_PARTS | {"telemetry", "install", "config"},
-    "cli": _BELOW_PARTS | {"telemetry", "install", "config", "daemon"},
+    # A model's host and its stage are one layer, split in two modules.
+    "_stage": _BELOW_PARTS | {"telemetry", "install", "config", "_host"},
+    "_host": _BELOW_PARTS | {"telemetry", "install", "config", "_stage"},
+    "daemon": _BELOW_PARTS | {"telemetry", "install", "config", "_host"},
+    "cli": _BELOW_PARTS | {"telemetry", "install", "config", "_host", "daemon"},
 }
 # The bundle core is pure: bytes, a policy and a clock in, a verdict out.
 IO_PACKAGES = {

@@ -68,13 +68,16 @@ def make_model_bundle(
     expected_shift: float = 0.0,
     key: SigningKey = KEY,
     n_hidden: int = 16,
+    model: Path | None = None,
     **overrides: Any,
 ) -> LifecycleBundle:
-    """A signed bundle of a real MLP; ``expected_shift`` makes its golden outputs wrong."""
+    """A signed bundle of a real MLP (or of ``model``, an ONNX file with ``x`` in and
+    ``probs`` out); ``expected_shift`` makes its golden outputs wrong."""
     directory.mkdir(parents=True, exist_ok=True)
-    model = make_onnx_mlp(
-        directory / f"model-{seed}.onnx", n_in=N_IN, n_hidden=n_hidden, n_out=N_OUT, seed=seed
-    )
+    if model is None:
+        model = make_onnx_mlp(
+            directory / f"model-{seed}.onnx", n_in=N_IN, n_hidden=n_hidden, n_out=N_OUT, seed=seed
+        )
     inputs = golden_inputs()
     outputs = reference_outputs(model, inputs)
     payload = {

@@ -144,6 +144,52 @@ def make_onnx_mlp(
     return _save_onnx(nodes, inits, [x], [y], Path(path))
 
 
+def make_onnx_golden_impostor(
+    path: str | Path,
+    golden: npt.ArrayLike,
+    *,
+    n_in: int,
+    n_hidden: int,
+    n_out: int,
+    seed: int,
+    other_seed: int,
+) -> Path:
+    """A model exact on the ``golden`` rows and wrong elsewhere: the MLP of ``seed`` on any
+    row within 1e-3 (L1) of a golden row, the MLP of ``other_seed`` on every other row.
+
+    What passes a health gate on its golden inputs and is still the wrong model: only its
+    answers on live traffic can tell.
+    """
+    g = np.asarray(golden, dtype=np.float32)
+    good, good_inits = _onnx_mlp_nodes(mlp_weights(n_in, n_hidden, n_out, seed), "x", "good")
+    bad, bad_inits = _onnx_mlp_nodes(mlp_weights(n_in, n_hidden, n_out, other_seed), "x", "bad")
+    for node in bad:  # the second MLP's weights get names of their own
+        node.input[:] = [f"o{n}" if n.startswith(("W", "B")) else n for n in node.input]
+        node.input[:] = [n.replace("fc", "ofc").replace("relu", "orelu") for n in node.input]
+        node.output[:] = [n.replace("fc", "ofc").replace("relu", "orelu") for n in node.output]
+    for init in bad_inits:
+        init.name = f"o{init.name}"
+    consts = [
+        numpy_helper.from_array(g[None, :, :], "golden"),
+        numpy_helper.from_array(np.array([1], dtype=np.int64), "axis1"),
+        numpy_helper.from_array(np.array([2], dtype=np.int64), "axis2"),
+        numpy_helper.from_array(np.array(1e-3, dtype=np.float32), "eps"),
+    ]
+    nearest = [
+        helper.make_node("Unsqueeze", ["x", "axis1"], ["x3"]),
+        helper.make_node("Sub", ["x3", "golden"], ["diff"]),
+        helper.make_node("Abs", ["diff"], ["adiff"]),
+        helper.make_node("ReduceSum", ["adiff", "axis2"], ["dist"], keepdims=0),
+        helper.make_node("ReduceMin", ["dist"], ["nearest"], axes=[1], keepdims=1),
+        helper.make_node("Less", ["nearest", "eps"], ["golden_row"]),
+        helper.make_node("Where", ["golden_row", "good", "bad"], ["probs"]),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", n_in])
+    y = helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["N", n_out])
+    inits = good_inits + bad_inits + consts
+    return _save_onnx(good + bad + nearest, inits, [x], [y], Path(path))
+
+
 def make_onnx_int8_mlp(
     path: str | Path,
     *,

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 from typing import Any
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from agent.bundle import DeviceInfo, verify_bundle
-from agent.bundle.manifest import Manifest
+from agent.bundle.manifest import Manifest, Tolerance
 from agent.errors import BundleError
 from tests.support.bundles import NOW, BundleParts, make_key, make_manifest, make_policy
 from tests.support.hostile import assert_printable
@@ -25,7 +26,15 @@ from tests.support.hostile import assert_printable
 KEY = make_key()
 POLICY = make_policy(KEY)
 DEVICE = DeviceInfo(runtimes={"onnxruntime": "1.32.0"}, arch="x86_64")
-GOOD = make_manifest(expires=NOW.replace(year=2027)).to_json()
+_PLAIN = make_manifest(expires=NOW.replace(year=2027))
+# Every field, the per-provider tolerances (schema 1.3) included, gets its hostile values.
+GOOD = replace(
+    _PLAIN,
+    health=replace(
+        _PLAIN.health,
+        provider_tolerances={"OpenVINOExecutionProvider": {"y": Tolerance(atol=0.01)}},
+    ),
+).to_json()
 
 
 def _leaves(value: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:

@@ -29,6 +29,7 @@ from agent.errors import MalformedManifestError, SchemaVersionError
 from tests.support.bundles import DEFAULT_PAYLOAD, make_manifest
 
 GOLDEN = Path(__file__).parent / "golden"
+NEWER = f"1.{SCHEMA_MINOR + 1}"  # a minor this reader does not know yet
 
 
 def _golden() -> bytes:
@@ -95,7 +96,7 @@ def test_created_and_expires_are_whole_seconds_utc() -> None:
 
 
 def test_default_schema_version_is_current() -> None:
-    assert make_manifest().schema_version == SCHEMA_VERSION == "1.2"
+    assert make_manifest().schema_version == SCHEMA_VERSION == "1.3"
 
 
 def _edited(edit: dict[str, Any]) -> bytes:
@@ -105,7 +106,7 @@ def _edited(edit: dict[str, Any]) -> bytes:
 
 
 def test_newer_minor_schema_keeps_unknown_top_level_fields() -> None:
-    m = Manifest.from_bytes(_edited({"schema_version": "1.3", "signed_by_hsm": {"slot": 2}}))
+    m = Manifest.from_bytes(_edited({"schema_version": NEWER, "signed_by_hsm": {"slot": 2}}))
     assert m.extensions == {"signed_by_hsm": {"slot": 2}}
     # Kept verbatim when written again, so a relay does not drop what it does not know.
     assert json.loads(m.to_bytes())["signed_by_hsm"] == {"slot": 2}
@@ -211,7 +212,7 @@ CARD = make_manifest().to_json()["model_card"]
         {"model_card": {**CARD, "description": "a\x00b"}},
         {"model_card": {**CARD, "owners": ["\udc80"]}},
         {"evaluation": {"notes": {"deep": ["\x07"]}}},
-        {"schema_version": "1.3", "future": {"k\x1f": 1}},
+        {"schema_version": NEWER, "future": {"k\x1f": 1}},
         # A right-to-left override shows "v1.0-vlb" where "v1.0-\u202eblv" was signed.
         {"model_card": {**CARD, "description": "v1.0-\u202eblv"}},
         {"evaluation": {"notes": ["\u2067isolate\u2069"]}},

@@ -20,6 +20,7 @@ from agent.install import (
     check_in_child,
     load_and_check,
 )
+from agent.install._gate import _why_late
 from agent.install.faults import GATE_FAULT_ENV as FAULT_ENV
 from agent.serve.runtimes import Model, RuntimeOptions, load_model
 from tests.agent.install._staged import staged, staged_files
@@ -187,6 +188,21 @@ def test_a_hanging_child_fails_the_gate_after_its_timeout_saying_how(
             manifest, target, ChildGate("onnxruntime", timeout_s=2), runs=1, priority="normal"
         )
     assert time.monotonic() - start < 10
+
+
+@pytest.mark.parametrize(
+    ("cpu_s", "wait_s", "why"),
+    [
+        (0.1, 1.5, "waited 2 s for a CPU and ran 0.1 s: the device is too busy"),
+        # A spinning candidate on a busy device waits too, but runs more than it waits.
+        (1.5, 1.0, "it ran 2 s: the candidate hangs or is far too slow"),
+        (0.1, 0.1, "it ran 0.1 s and was blocked the rest of the time"),
+    ],
+)
+def test_a_late_child_is_explained_by_how_it_ran_and_waited(
+    cpu_s: float, wait_s: float, why: str
+) -> None:
+    assert why in _why_late((cpu_s, wait_s), 2.0)
 
 
 def test_a_gate_starved_of_cpu_says_the_device_is_too_busy(tmp_path: Path) -> None:

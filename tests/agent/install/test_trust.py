@@ -20,6 +20,7 @@ from agent.install import UpdateConfig, Updater, UpdaterConfig
 from agent.install._config import TrustConfig
 from agent.install._fetch import UrlFetcher
 from agent.install._trust import TrustKeeper
+from agent.install._vouch import VouchCheck
 from sdk.build.keys import SigningKey
 from sdk.fleet.serve import BundleServer, add_root
 from tests.support.lifecycle import make_model_bundle
@@ -328,14 +329,15 @@ def test_a_revoked_signer_of_what_serves_is_reported_and_serving_goes_on(
         tmp_path, chain, unvouched="keep-serving", signer_of_previous=RELEASE_2
     )
     current = updater.status().current
+    check = VouchCheck(keeper, updater, emit=events, changed=lambda: None)
     keeper.offer_root(v2.envelope)
     keeper.process()
-    keeper.check_serving(updater)
+    check.check()
     (event,) = events.of("unvouched")
     assert (event["digest"], event["action"]) == (current, "keep-serving")
     assert "trust root v2" in event["reason"]
     assert updater.status().current == current
-    assert keeper.document()["unvouched"] == event["reason"]  # what fleet status shows
+    assert check.unvouched == event["reason"]  # what fleet status shows
     with pytest.raises(UntrustedSignerError):  # and it cannot be installed again
         updater.install(str(next(tmp_path.glob("bundles/bundle-2-*"))))
 
@@ -347,9 +349,10 @@ def test_a_revoked_signer_rolls_back_to_a_version_still_vouched_for(
         tmp_path, chain, unvouched="roll-back", signer_of_previous=RELEASE_2
     )
     previous = updater.status().previous
+    check = VouchCheck(keeper, updater, emit=events, changed=lambda: None)
     keeper.offer_root(v2.envelope)
     keeper.process()
-    keeper.check_serving(updater)
+    check.check()
     assert events.of("unvouched")[0]["action"] == "roll-back"
     assert events.of("rolled-back")[0]["current"] == previous
     assert updater.status().current == previous
@@ -362,9 +365,10 @@ def test_with_nothing_vouched_for_the_device_keeps_serving_and_says_so(
         tmp_path, chain, unvouched="roll-back", signer_of_previous=RELEASE
     )
     current = updater.status().current
+    check = VouchCheck(keeper, updater, emit=events, changed=lambda: None)
     keeper.offer_root(v2.envelope)
     keeper.process()
-    keeper.check_serving(updater)
+    check.check()
     assert events.of("unvouched")[0]["action"] == "none-vouched"
     assert updater.status().current == current
     assert not events.of("rolled-back")

@@ -11,7 +11,7 @@ import pytest
 
 from agent.bundle import TrustPolicy
 from sdk.cli import main
-from tests.support.bundles import make_key
+from tests.support.bundles import BundleParts, make_key, make_manifest
 from tests.support.models import make_onnx_mlp
 
 PASS_ENV = "EDGESHIP_TEST_PASSPHRASE"
@@ -174,3 +174,24 @@ def test_verify_of_a_fifo_says_so_at_once_instead_of_hanging(
     assert "is a FIFO, not a regular file" in capsys.readouterr().err
     assert main(["inspect", str(fifo)]) == 1
     assert "is a FIFO, not a regular file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("stage", "error"),
+    [
+        (["--shadow", "--split", "0.2"], "a shadow stage (--shadow) or a split (--split)"),
+        (["--shadow", "--shadow-min-agreement", "1.5"], "--shadow: min_agreement must be"),
+        (["--split", "1.0"], "--split 1.0 must be strictly between 0 and 1"),
+    ],
+)
+def test_a_rollout_stage_that_cannot_be_is_refused_before_anything_is_published(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], stage: list[str], error: str
+) -> None:
+    bundle = tmp_path / "b.edgeship"
+    bundle.write_bytes(BundleParts(manifest=make_manifest(sequence=7)).to_bytes())
+    argv = ["rollout", str(bundle), "--url", "http://127.0.0.1:1/b.edgeship", "--fleet", "f",
+            "--device", "d1", "--skip-preflight", "--broker", "mqtt://127.0.0.1:1",
+            "--db", str(tmp_path / "fleet.sqlite"), "--model", "ocr", "--json", *stage]  # fmt: skip
+    assert main(argv) == 1
+    assert error in json.loads(capsys.readouterr().out)["error"]["message"]
+    assert not (tmp_path / "fleet.sqlite").exists()

@@ -20,7 +20,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from sdk.cli import main
 from sdk.fleet._rollout_store import RolloutRecords
-from sdk.fleet.metrics import DEVICE_SERIES, FleetCollector, MetricsServer
+from sdk.fleet.metrics import DEVICE_SERIES, MODEL_SERIES, FleetCollector, MetricsServer
 from sdk.fleet.publish import BundleRef
 from sdk.fleet.records import StateRecord, StatusRecord, TelemetryRecord
 from sdk.fleet.rollout import DeviceProgress, Rollout, RolloutPlan
@@ -65,8 +65,13 @@ def scrape(collector: FleetCollector) -> Samples:
     }
 
 
-def dev(name: str, device: str = "d1", **labels: str) -> tuple[str, tuple[tuple[str, str], ...]]:
-    return name, tuple(sorted({"fleet": "f", "device": device, **labels}.items()))
+def dev(metric: str, device: str = "d1", **labels: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    return metric, tuple(sorted({"fleet": "f", "device": device, **labels}.items()))
+
+
+def mod(metric: str, device: str = "d1", **labels: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """A per-model series (of model ``default`` unless ``model`` says otherwise)."""
+    return dev(metric, device, **{"model": "default", **labels})
 
 
 @pytest.fixture
@@ -92,15 +97,15 @@ def test_a_scrape_reads_each_devices_latest_telemetry_and_state(store: SqliteSto
     assert got[dev("edgeship_device_online")] == 1
     assert got[dev("edgeship_device_online", "d2")] == 0
     assert got[dev("edgeship_device_last_seen_age_seconds")] == 2
-    assert got[dev("edgeship_device_requests_total")] == 200
-    assert got[dev("edgeship_device_errors_total")] == 4
-    assert got[dev("edgeship_device_latency_seconds", quantile="0.95")] == 0.002
-    assert got[dev("edgeship_device_latency_budget_seconds")] == 0.005
-    assert got[dev("edgeship_device_drift_psi_max")] == 0.63
-    assert got[dev("edgeship_device_drift_band")] == 1
-    assert got[dev("edgeship_device_confidence")] == 0.93
+    assert got[mod("edgeship_device_requests_total")] == 200
+    assert got[mod("edgeship_device_errors_total")] == 4
+    assert got[mod("edgeship_device_latency_seconds", quantile="0.95")] == 0.002
+    assert got[mod("edgeship_device_latency_budget_seconds")] == 0.005
+    assert got[mod("edgeship_device_drift_psi_max")] == 0.63
+    assert got[mod("edgeship_device_drift_band")] == 1
+    assert got[mod("edgeship_device_confidence")] == 0.93
     assert got[dev("edgeship_device_trust_root_version")] == 3
-    info = dev("edgeship_device_version_info", model="digits", version="1.2.0", sequence="7",
+    info = mod("edgeship_device_version_info", name="digits", version="1.2.0", sequence="7",
                digest="ab" * 32)  # fmt: skip
     assert got[info] == 1
 
@@ -108,7 +113,7 @@ def test_a_scrape_reads_each_devices_latest_telemetry_and_state(store: SqliteSto
 def test_duplicate_telemetry_is_not_counted_twice(store: SqliteStore) -> None:
     store.write([telemetry("d1", 2)], NOW - 1)
     got = scrape(FleetCollector(store, clock=lambda: NOW))
-    assert got[dev("edgeship_device_requests_total")] == 200
+    assert got[mod("edgeship_device_requests_total")] == 200
 
 
 def test_a_device_without_trust_or_fresh_telemetry_exports_only_presence(
@@ -126,7 +131,7 @@ def test_a_device_without_trust_or_fresh_telemetry_exports_only_presence(
 def test_series_per_device_stay_within_the_documented_bound(store: SqliteStore) -> None:
     got = scrape(FleetCollector(store, top_k=3, clock=lambda: NOW))
     per_device = Counter(dict(labels).get("device") for _, labels in got)
-    assert per_device["d1"] <= DEVICE_SERIES + 3
+    assert per_device["d1"] <= DEVICE_SERIES + MODEL_SERIES + 3
     top = sorted(
         (float(dict(labels)["feature"]), v)
         for (name, labels), v in got.items()
@@ -142,8 +147,9 @@ def test_rollouts_are_exported_with_their_status_and_outcomes(store: SqliteStore
         failed = {"d1": DeviceProgress("d1", 0, NOW, outcome="failed", reason="health")}
         runner.save(replace(rollout, wave=0, progress=failed, status="halted", reason="1 failed"))
     got = scrape(FleetCollector(store, clock=lambda: NOW))
-    status = ("edgeship_rollout_status", (("fleet", "f"), ("model", "digits"), ("rollout", "r1"),
-                                          ("status", "halted"), ("version", "1.2.0")))  # fmt: skip
+    status = ("edgeship_rollout_status", (("fleet", "f"), ("model", "default"), ("name", "digits"),
+                                          ("rollout", "r1"), ("status", "halted"),
+                                          ("version", "1.2.0")))  # fmt: skip
     assert got[status] == 1
     outcome = (
         "edgeship_rollout_devices",
@@ -188,7 +194,7 @@ def test_the_scrape_bench_runs_and_counts_every_devices_series() -> None:
     argv = [sys.executable, str(bench), "--devices", "4", "--messages", "2", "--runs", "2"]
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=True)
     sqlite = json.loads(done.stdout)["sqlite"]
-    assert 10 <= sqlite["series_per_device_max"] <= DEVICE_SERIES + 3
+    assert 10 <= sqlite["series_per_device_max"] <= DEVICE_SERIES + MODEL_SERIES + 3
     assert sqlite["scrape_over_raw"] > 0
 
 

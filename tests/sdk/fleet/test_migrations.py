@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from agent.errors import ConfigError
-from sdk.fleet._sql import MIGRATIONS, SCHEMA
+from sdk.fleet._migrations import MIGRATIONS, SCHEMA
 from sdk.fleet.store import open_store
 from tests.sdk.fleet.test_store_concurrency import open_at_once
 

@@ -33,15 +33,16 @@ def test_a_halted_rollout_shows_its_reason_and_each_devices_outcome(tmp_path: Pa
     row = re.search(r'<tr class="halted">(.*)', table.group(1), re.S)
     assert row is not None
     cells = re.findall(r"<td>(.*?)</td>", row.group(1))
-    assert cells[:6] == [
+    assert cells[:7] == [
         "r&lt;1&gt;",
         "f",
+        "default",
         "digits 1.1.0",
         "50%, 100%",
         "halted",
         "1 of 2 devices failed",
     ]
-    assert "1 succeeded / 1 failed / 0 pending / 1 waiting" in row.group(1)
+    assert "1 succeeded / 1 failed / 0 rejected / 0 pending / 1 waiting" in row.group(1)
     assert (
         '<tr class="failed"><td>d2</td><td>1</td><td>failed</td><td>refused: floor 9</td></tr>'
         in page

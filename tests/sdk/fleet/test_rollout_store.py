@@ -156,6 +156,8 @@ def test_the_list_counts_each_rollouts_devices_and_names_its_runner(
         with records.create(make("r2")):
             rows = records.summaries()
     assert [row["id"] for row in rows] == ["r1", "r2"]
-    assert rows[0]["counts"] == {"devices": 5, "published": 2, "succeeded": 1, "failed": 0}
+    assert rows[0]["counts"] == {
+        "devices": 5, "published": 2, "succeeded": 1, "failed": 0, "rejected": 0,
+    }  # fmt: skip
     assert rows[0]["runner"]["alive"] is True
     assert records.summaries("another-fleet") == []

@@ -102,7 +102,7 @@ def test_fleet_status_summarises_each_device(store: Store) -> None:
     )
     (row,) = fleet_status(store, now=1003.0, window_s=900)
     assert row.online is True
-    assert (row.model, row.version) == ("digits", "1.1.0")
+    assert (row.model, row.name, row.version) == ("default", "digits", "1.1.0")
     assert row.p95_ms == 8.0
     assert row.error_rate == pytest.approx(10 / 200)
     assert row.drift_band == "stable"

@@ -16,6 +16,7 @@ class RecordingBackend:
     """Records each feed; answers with fixed outputs or raises."""
 
     runtime = "fake"
+    provider = "fake-cpu"
     errors: tuple[type[BaseException], ...] = (RuntimeError,)
 
     def __init__(self, outputs: list[np.ndarray], fail: BaseException | None = None) -> None:

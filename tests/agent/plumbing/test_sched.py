@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from agent.install._sched import check_priority, cpu_wait_s, model_clocks
+from agent.plumbing.sched import check_priority, cpu_wait_s, model_clocks
 
 
 def test_gate_priority_values() -> None:
