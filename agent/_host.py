@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy.typing as npt
 
-from agent._stage import Stages
 from agent.bundle import DeviceInfo
 from agent.config import AgentConfig, ModelConfig
 from agent.errors import StateError, error_code
@@ -32,14 +31,17 @@ from agent.install._trust import TrustKeeper
 from agent.messages.desired import Desired
 from agent.serve._cache import PredictionCache, Predictor
 from agent.serve._slot import ModelSlot
-from agent.telemetry._feedback import FeedbackMemory, Judge, check_request_id
 from agent.telemetry._metrics import Metrics
 from agent.telemetry._observe import ObservedPredictor
 
 if TYPE_CHECKING:
+    from agent._stage import Stages
     from agent.bundle.manifest import Manifest
     from agent.install._fetch import Fetcher
+    from agent.install._store import Phase
+    from agent.serve._slot import ServingModel
     from agent.telemetry._drift import DriftMonitor
+    from agent.telemetry._feedback import FeedbackMemory, Judge
 
 __all__ = ["ModelHost"]
 
@@ -113,10 +115,12 @@ class ModelHost:
         )
         self.drift: DriftMonitor | None = None
         self._trust = trust
-        self.feedback_memory = FeedbackMemory()
+        # Feedback and stages are imported when first used: not on an idle agent's path.
+        self._memory: FeedbackMemory | None = None
+        self._manifests: dict[str, Manifest] = {}  # versions that answer: their judges' source
         self._judges: dict[str, Judge] = {}  # per version: how feedback scores its answers
-        self._stage = Stages(self)
-        self.updater.stage = self._stage.take
+        self._stage: Stages | None = None
+        self.updater.stage = self._take
 
     # --- serving -------------------------------------------------------------------------
 
@@ -146,20 +150,23 @@ class ModelHost:
             StateError, InputValidationError, InferenceError: as ``Agent.predict``.
         """
         if request_id is not None:
+            from agent.telemetry._feedback import check_request_id  # noqa: PLC0415
+
             check_request_id(request_id)
         stage = self._stage
-        split, shadow = stage.split, stage.shadow
+        split, shadow = (None, None) if stage is None else (stage.split, stage.shadow)
         if split is None and shadow is None:
             version, outputs = self.predictor.predict_versioned(inputs)
         elif split is not None and split.router.choose(key):
             version, outputs = _timed(split.predictor, inputs, split.metrics)
         else:
             start = time.perf_counter()
-            version, outputs = _timed(self.predictor, inputs, stage.serving_metrics)
+            own = None if stage is None else stage.serving_metrics
+            version, outputs = _timed(self.predictor, inputs, own)
             if shadow is not None:
                 shadow.offer(inputs, outputs, time.perf_counter() - start, request_id)
         if request_id is not None and version:
-            judge = self._judges.get(version)
+            judge = self.judge(version)
             if judge is not None:
                 self.feedback_memory.remember(request_id, version, outputs, judge=judge)
         return version, outputs
@@ -172,7 +179,26 @@ class ModelHost:
             UnknownRequestError: not remembered (never answered here, or too long ago).
             AlreadyLabelledError: that request has its label.
         """
+        from agent.telemetry._feedback import check_request_id  # noqa: PLC0415
+
         return self.feedback_memory.feedback(check_request_id(request_id), label)
+
+    @property
+    def feedback_memory(self) -> FeedbackMemory:
+        """The answers remembered for feedback, and accuracy per version."""
+        if self._memory is None:
+            from agent.telemetry._feedback import FeedbackMemory  # noqa: PLC0415
+
+            self._memory = FeedbackMemory()
+        return self._memory
+
+    def _take(self, model: ServingModel, manifest: Manifest, digest: str) -> Phase | None:
+        """The updater's stage hook: hold the candidate in a stage, or None: activate it."""
+        if self._stage is None:
+            from agent._stage import Stages  # noqa: PLC0415 - with a candidate only
+
+            self._stage = Stages(self)
+        return self._stage.take(model, manifest, digest)
 
     # --- lifetime ----------------------------------------------------------------------
 
@@ -225,7 +251,8 @@ class ModelHost:
     def close(self) -> None:
         """End a stage without a decision (it resumes on the next start) and release what
         the updater keeps running (a warm health-gate worker)."""
-        self._stage.stop()
+        if self._stage is not None:
+            self._stage.stop()
         self.updater.models.close()
 
     # --- events and state ----------------------------------------------------------------
@@ -250,7 +277,7 @@ class ModelHost:
                 self._candidate = None
         if kind in ("committed", "rolled-back") and self.follower.vouch is not None:
             self.follower.vouch.serving_changed()  # does the root vouch for the new one?
-        if kind == "failed" and fields.get("digest") is not None:
+        if kind == "failed" and fields.get("digest") is not None and self._stage is not None:
             self._stage.dropped(str(fields["digest"]), str(fields.get("reason", "")))
         if kind in ("activated", "rolled-back"):
             self.model_changed()
@@ -268,16 +295,29 @@ class ModelHost:
         self.drift = self.predictor.model_changed(
             digest, manifest, self.updater.models.serving(digest)
         )
-        if digest is not None and manifest is not None and digest not in self._judges:
-            self.add_judge(digest, manifest)
-        for gone in set(self._judges) - {digest, self._stage.digest}:
-            del self._judges[gone]
-            self.feedback_memory.forget(gone)
+        if digest is not None and manifest is not None:
+            self._manifests[digest] = manifest
+        staged = None if self._stage is None else self._stage.digest
+        for gone in set(self._manifests) - {digest, staged}:
+            del self._manifests[gone]
+            self._judges.pop(gone, None)
+            if self._memory is not None:
+                self._memory.forget(gone)
 
     def add_judge(self, digest: str, manifest: Manifest) -> Judge:
         """How feedback scores the answers of version ``digest``."""
-        judge = Judge.from_manifest(manifest, self.config.output_kind)
-        self._judges[digest] = judge
+        from agent.telemetry._feedback import Judge  # noqa: PLC0415 - with feedback only
+
+        self._manifests[digest] = manifest
+        judge = self._judges[digest] = Judge.from_manifest(manifest, self.config.output_kind)
+        return judge
+
+    def judge(self, version: str) -> Judge | None:
+        """Version ``version``'s judge (None: not a version this model runs)."""
+        judge = self._judges.get(version)
+        manifest = self._manifests.get(version)
+        if judge is None and manifest is not None:
+            judge = self.add_judge(version, manifest)
         return judge
 
     def state_document(self, state: AgentState | None = None) -> dict[str, Any]:
@@ -302,22 +342,44 @@ class ModelHost:
         doc["model"] = self.name
         if doc["trust"] is not None and self.follower.vouch is not None:
             doc["trust"]["unvouched"] = self.follower.vouch.unvouched
-        doc.update(self._stage.document())
-        doc["feedback"] = self.feedback_memory.totals()
+        stage, memory = self._stage, self._memory
+        doc.update({"shadow": None, "split": None} if stage is None else stage.document())
+        doc["feedback"] = {} if memory is None else memory.totals()
         return doc
 
     def telemetry_section(self) -> dict[str, Any]:
         """This model's part of a telemetry message (metrics, drift)."""
         drift = self.drift
         metrics = self.metrics.snapshot().to_json()
-        labels = self.feedback_memory.take_window()
-        return {
+        labels = {} if self._memory is None else self._memory.take_window()
+        stage, serving = self._stage, self.slot.digest
+        section = {
             "model": self.name,
             "metrics": metrics,
             "drift": None if drift is None else drift.snapshot(),
-            "versions": self._stage.versions(self.slot.digest, metrics, labels),
-            **self._stage.telemetry(),
         }
+        if stage is not None:
+            return {
+                **section,
+                "versions": stage.versions(serving, metrics, labels),
+                **stage.telemetry(),
+            }
+        versions = [] if serving is None else [version_entry(serving, "serving", metrics, labels)]
+        return {**section, "versions": versions}
+
+
+def version_entry(
+    digest: str, role: str, numbers: Mapping[str, Any] | None, labels: Mapping[str, Any]
+) -> dict[str, Any]:
+    """One version's entry in telemetry's ``versions`` (docs/mqtt.md, "telemetry")."""
+    out: dict[str, Any] = {"digest": digest, "role": role}
+    if numbers is not None:
+        lat = numbers.get("latency_ms")
+        out["requests"] = numbers["requests"]
+        out["error_count"] = numbers["error_count"]
+        out["latency_ms"] = None if lat is None else {q: lat[q] for q in ("p50", "p95", "p99")}
+    out["feedback"] = labels.get(digest, {"labels": 0, "correct": 0})
+    return out
 
 
 def _timed(

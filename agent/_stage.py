@@ -26,6 +26,7 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any, Optional, Union
 
+from agent._host import version_entry
 from agent.bundle.manifest import FORMAT_RUNTIMES, Manifest
 from agent.errors import EdgeshipError
 from agent.install._store import Phase
@@ -272,25 +273,14 @@ class Stages:
     ) -> list[dict[str, Any]]:
         """Telemetry's ``versions``: each version that answered or shadowed this window."""
 
-        def entry(digest: str, role: str, numbers: dict[str, Any] | None) -> dict[str, Any]:
-            out: dict[str, Any] = {"digest": digest, "role": role}
-            if numbers is not None:
-                lat = numbers.get("latency_ms")
-                out["requests"] = numbers["requests"]
-                out["error_count"] = numbers["error_count"]
-                out["latency_ms"] = (
-                    None if lat is None else {q: lat[q] for q in ("p50", "p95", "p99")}
-                )
-            out["feedback"] = labels.get(digest, {"labels": 0, "correct": 0})
-            return out
-
         split, runner, own = self.split, self.shadow, self.serving_metrics
         found = []
         if serving is not None:
             numbers = metrics if own is None else own.snapshot().to_json()
-            found.append(entry(serving, "serving", numbers))
+            found.append(version_entry(serving, "serving", numbers, labels))
         if split is not None:
-            found.append(entry(split.digest, "candidate", split.metrics.snapshot().to_json()))
+            candidate = split.metrics.snapshot().to_json()
+            found.append(version_entry(split.digest, "candidate", candidate, labels))
         if runner is not None:
-            found.append(entry(runner.digest, "shadow", None))  # its numbers: "shadow"
+            found.append(version_entry(runner.digest, "shadow", None, labels))  # see "shadow"
         return found
