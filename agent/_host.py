@@ -30,7 +30,7 @@ from agent.install._store import AgentState, Store
 from agent.install._trust import TrustKeeper
 from agent.messages.desired import Desired
 from agent.serve._cache import PredictionCache, Predictor
-from agent.serve._slot import ModelSlot
+from agent.serve._slot import ModelSlot, ProbationVerdict
 from agent.telemetry._metrics import Metrics
 from agent.telemetry._observe import ObservedPredictor
 
@@ -277,11 +277,36 @@ class ModelHost:
                 self._candidate = None
         if kind in ("committed", "rolled-back") and self.follower.vouch is not None:
             self.follower.vouch.serving_changed()  # does the root vouch for the new one?
+        if kind == "activated":
+            self._watch_accuracy(fields.get("digest"))
         if kind == "failed" and fields.get("digest") is not None and self._stage is not None:
             self._stage.dropped(str(fields["digest"]), str(fields.get("reason", "")))
         if kind in ("activated", "rolled-back"):
             self.model_changed()
         self.publish_state()
+
+    def _watch_accuracy(self, digest: object) -> None:
+        """Ground truth in the candidate's probation, when its desired state asks for it."""
+        desired, monitor = self.follower.desired, self.slot.monitor()
+        if desired is None or desired.probation is None or monitor is None:
+            return
+        if desired.digest != digest:
+            return
+        rule = desired.probation
+
+        def judge() -> ProbationVerdict | None:
+            tally = None if self._memory is None else self._memory.accuracy(desired.digest)
+            if tally is None or tally.labels < rule.min_feedback:
+                return None
+            if tally.correct >= rule.min_accuracy * tally.labels:
+                return None
+            return ProbationVerdict(
+                "breached",
+                f"accuracy {tally.correct / tally.labels:.1%} over {tally.labels} labelled"
+                f" answers is below {rule.min_accuracy:.1%}",
+            )
+
+        monitor.extra = judge
 
     def model_changed(self) -> None:
         """A new version serves: name it in the metrics, give it its own drift monitor."""

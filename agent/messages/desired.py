@@ -21,6 +21,9 @@ A candidate may go through a stage before it serves everyone (never both):
   the request key), the current version the rest, until the fleet side decides (a new
   desired state without ``split`` promotes it; one naming the current version drops it).
 
+and, whatever the stage, ``"probation": {"min_accuracy": 0.9, "min_feedback": 20}`` adds
+ground truth to its probation once it serves (:class:`ProbationRule`).
+
 An empty payload clears the desired state. The transport is untrusted: the bundle's
 signature, checked by the updater, is the trust; these checks only keep nonsense out.
 """
@@ -41,6 +44,7 @@ __all__ = [
     "MODEL_RE",
     "BundleRef",
     "Desired",
+    "ProbationRule",
     "PromotionRule",
     "Split",
     "parse_desired",
@@ -124,6 +128,35 @@ class PromotionRule:
 
 
 @dataclass(frozen=True)
+class ProbationRule:
+    """Ground truth as a probation criterion: once the candidate serves, in probation, it is
+    rolled back as soon as at least ``min_feedback`` of its answers were labelled
+    (feedback) and fewer than ``min_accuracy`` of them were right. Without enough labels
+    by the end of the manifest's probation window, the window decides as usual."""
+
+    min_accuracy: float
+    min_feedback: int = 20
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.min_accuracy <= 1.0 or self.min_feedback < 1:
+            raise ValueError("probation: min_accuracy in [0, 1] and min_feedback >= 1")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"min_accuracy": self.min_accuracy, "min_feedback": self.min_feedback}
+
+    @classmethod
+    def read(cls, d: Doc) -> ProbationRule:
+        """Raises: ValueError (or ``d``'s error): a field missing its rule."""
+        accuracy = d.number("min_accuracy", minimum=0.0)
+        feedback = d.integer("min_feedback", 20, minimum=1, maximum=10**7)
+        d.done()
+        try:
+            return cls(accuracy, feedback)
+        except ValueError as exc:
+            raise d.error(f"{d.where}: {exc}") from None
+
+
+@dataclass(frozen=True)
 class Split:
     """An A/B split: ``share`` of requests (sticky by request key) go to the candidate."""
 
@@ -181,6 +214,7 @@ class Desired:
     model: str = DEFAULT_MODEL
     shadow: PromotionRule | None = None
     split: Split | None = None
+    probation: ProbationRule | None = None
 
     def __post_init__(self) -> None:
         if not MODEL_RE.fullmatch(self.model):
@@ -225,6 +259,8 @@ class Desired:
             doc["shadow"] = self.shadow.to_json()
         if self.split is not None:
             doc["split"] = self.split.to_json()
+        if self.probation is not None:
+            doc["probation"] = self.probation.to_json()
         return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
 
 
@@ -273,9 +309,12 @@ def parse_desired(
             split = Split(share)
         except ValueError as exc:
             raise ValueError(f"desired state: {exc}") from None
-    doc.seen.update(("shadow", "split"))
+    probation = None if not doc.has("probation") else ProbationRule.read(doc.obj("probation"))
+    doc.seen.update(("shadow", "split", "probation"))
     doc.done()
     try:
-        return Desired(ref, rollout, ts, model=model, shadow=shadow, split=split)
+        return Desired(
+            ref, rollout, ts, model=model, shadow=shadow, split=split, probation=probation
+        )
     except ValueError as exc:
         raise ValueError(f"desired state: {exc}") from None

@@ -105,6 +105,9 @@ class ProbationMonitor:
         self._requests = 0
         self._errors = 0
         self._latencies: list[float] = []
+        # A further criterion (ground truth from feedback): a breach it reports ends the
+        # probation at once; None from it leaves the window to decide.
+        self.extra: Callable[[], ProbationVerdict | None] | None = None
 
     def record(self, ok: bool, latency_s: float) -> None:
         with self._lock:
@@ -115,6 +118,9 @@ class ProbationMonitor:
                 self._latencies.append(latency_s)
 
     def verdict(self) -> ProbationVerdict:
+        extra = None if self.extra is None else self.extra()
+        if extra is not None and extra.state == "breached":
+            return extra
         with self._lock:
             requests, errors, latencies = self._requests, self._errors, list(self._latencies)
         return judge_probation(

@@ -23,7 +23,6 @@ from agent.bundle import DEFAULT_MAX_BUNDLE_BYTES
 from agent.bundle.signing import TrustPolicy
 from agent.errors import ConfigError, StateError
 from agent.install._fetch import UrlFetcher
-from agent.messages.desired import PromotionRule
 from agent.messages.topics import check_id
 from agent.plumbing.mqtt import MqttClient
 from agent.plumbing.tls import TlsConfig
@@ -39,7 +38,7 @@ from sdk.cli._fleet import (
 )
 from sdk.cli._fleet_views import DEFAULT_DB
 from sdk.cli._output import emit
-from sdk.fleet._ab import SplitPlan
+from sdk.cli._rollout_stages import probation_rule, shadow_rule, split_plan, stage_options
 from sdk.fleet._preflight import preflight
 from sdk.fleet._rollout_lease import Runner, RunnerInfo
 from sdk.fleet._rollout_run import FleetWatcher, finish_pending, run_rollout
@@ -222,8 +221,9 @@ def _start(args: argparse.Namespace) -> int:
         revert_on_halt=args.revert_on_halt,
         max_download_failures=args.download_failures,
         runner_timeout_s=args.runner_timeout,
-        shadow=_shadow(args),
-        split=_split(args),
+        shadow=shadow_rule(args),
+        split=split_plan(args),
+        probation=probation_rule(args),
     )
     rollout_id = args.id or f"{ref.name}-{ref.version}-{uuid.uuid4().hex[:6]}"
     check_id("rollout", rollout_id)
@@ -334,7 +334,7 @@ def register(command: CommandFn) -> None:
     p.add_argument("--id", help="rollout id (default NAME-VERSION-random)")
     model_option(p)
     _plan_options(p)
-    _stage_options(p)
+    stage_options(p)
     _preflight_options(p)
     p.add_argument("--poll", type=float, default=0.5, help=argparse.SUPPRESS)
 
@@ -408,77 +408,3 @@ def _preflight_options(p: argparse.ArgumentParser) -> None:
         default=DEFAULT_MAX_BUNDLE_BYTES,
         help="resume: the most the preflight downloads from the URL (default: %(default)s)",
     )
-
-
-def _shadow(args: argparse.Namespace) -> PromotionRule | None:
-    """The ``--shadow`` stage's rule. Raises: ConfigError (a value out of range)."""
-    if not args.shadow:
-        return None
-    try:
-        return PromotionRule(
-            min_samples=args.shadow_min_samples,
-            min_agreement=args.shadow_min_agreement,
-            max_latency_ratio=args.shadow_max_latency_ratio,
-            sample_rate=args.shadow_sample_rate,
-            max_seconds=args.shadow_max_seconds,
-            min_accuracy=args.shadow_min_accuracy,
-            min_feedback=args.shadow_min_feedback,
-        )
-    except ValueError as e:
-        raise ConfigError(f"--shadow: {e}") from None
-
-
-def _split(args: argparse.Namespace) -> SplitPlan | None:
-    """The ``--split`` stage's plan. Raises: ConfigError (a value out of range)."""
-    if args.split is None:
-        return None
-    return SplitPlan(
-        share=args.split,
-        min_requests=args.split_min_requests,
-        max_error_increase=args.split_max_error_increase,
-        max_latency_ratio=args.split_max_latency_ratio,
-        max_accuracy_drop=args.split_max_accuracy_drop,
-        min_labels=args.split_min_labels,
-    )
-
-
-def _stage_options(p: argparse.ArgumentParser) -> None:
-    """A stage before the candidate serves everyone: --shadow or --split (docs/fleet.md)."""
-    rule, plan = PromotionRule(), SplitPlan(share=0.5)
-    shadow = p.add_argument_group("shadow stage: each device decides by the rule")
-    shadow.add_argument(
-        "--shadow",
-        action="store_true",
-        help="run the candidate beside the serving version on a sample of live requests;"
-        " each device promotes it or rejects it (a rejection halts the rollout)",
-    )
-    for name, kind, default, what in (
-        ("min-samples", int, rule.min_samples, "sampled requests before a verdict"),
-        ("min-agreement", float, rule.min_agreement, "share of answers agreeing with serving"),
-        ("max-latency-ratio", float, rule.max_latency_ratio, "median latency vs serving"),
-        ("sample-rate", float, rule.sample_rate, "share of live requests copied"),
-        ("max-seconds", float, rule.max_seconds, "reject without a verdict after (0: never)"),
-        ("min-accuracy", float, rule.min_accuracy, "accuracy on feedback (default: not checked)"),
-        ("min-feedback", int, rule.min_feedback, "labels needed to check the accuracy"),
-    ):
-        shadow.add_argument(
-            f"--shadow-{name}", type=kind, default=default, help=f"{what} (default: %(default)s)"
-        )
-    split = p.add_argument_group("A/B split: the fleet compares candidate and serving")
-    split.add_argument(
-        "--split",
-        type=float,
-        metavar="SHARE",
-        help="serve the candidate to SHARE (0-1) of each device's requests, then promote or"
-        " reject it on the numbers (a rejection halts the rollout); needs a collector on --db",
-    )
-    for name, kind, default, what in (
-        ("min-requests", int, plan.min_requests, "candidate requests per device before deciding"),
-        ("max-error-increase", float, plan.max_error_increase, "error rate above serving's"),
-        ("max-latency-ratio", float, plan.max_latency_ratio, "p95 vs serving's"),
-        ("max-accuracy-drop", float, plan.max_accuracy_drop, "accuracy below serving's"),
-        ("min-labels", int, plan.min_labels, "labels each version needs to compare accuracy"),
-    ):
-        split.add_argument(
-            f"--split-{name}", type=kind, default=default, help=f"{what} (default: %(default)s)"
-        )

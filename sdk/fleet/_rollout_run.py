@@ -205,6 +205,7 @@ def _payload(rollout: Rollout, p: DeviceProgress) -> bytes:
         model=rollout.model,
         shadow=rollout.plan.shadow,
         split=None if split is None else Split(split.share),
+        probation=rollout.plan.probation,
     )
 
 

@@ -21,7 +21,14 @@ from agent.bundle import read_unverified, verify_bundle
 from agent.bundle.manifest import Manifest
 from agent.bundle.signing import TrustPolicy
 from agent.errors import ConfigError, ManifestMismatchError
-from agent.messages.desired import DEFAULT_MODEL, BundleRef, Desired, PromotionRule, Split
+from agent.messages.desired import (
+    DEFAULT_MODEL,
+    BundleRef,
+    Desired,
+    ProbationRule,
+    PromotionRule,
+    Split,
+)
 from agent.messages.topics import Topics, trust_topic
 from agent.plumbing.files import file_sha256
 from agent.plumbing.transport import Transport, publish_many
@@ -88,6 +95,7 @@ def desired_payload(
     model: str = DEFAULT_MODEL,
     shadow: PromotionRule | None = None,
     split: Split | None = None,
+    probation: ProbationRule | None = None,
 ) -> bytes:
     """The retained ``desired`` payload for one model of a device: run ``ref``, after a
     shadow stage by ``shadow`` or in an A/B ``split`` if given.
@@ -95,7 +103,9 @@ def desired_payload(
     Raises:
         ValueError: not a model name, or both a shadow stage and a split.
     """
-    desired = Desired(ref, rollout=rollout, ts=ts, model=model, shadow=shadow, split=split)
+    desired = Desired(
+        ref, rollout=rollout, ts=ts, model=model, shadow=shadow, split=split, probation=probation
+    )
     return desired.to_payload(fleet=fleet, device=device)
 
 

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from agent.errors import ConfigError
-from agent.messages.desired import DEFAULT_MODEL, PromotionRule
+from agent.messages.desired import DEFAULT_MODEL, ProbationRule, PromotionRule
 from agent.plumbing.strict import Doc
 from sdk.fleet._ab import SplitPlan, VersionStats, judge
 from sdk.fleet.publish import BundleRef
@@ -113,6 +113,7 @@ class RolloutPlan:
     runner_timeout_s: float = 30.0
     shadow: PromotionRule | None = None  # each wave's devices shadow the candidate first
     split: SplitPlan | None = None  # each wave's devices A/B the candidate first
+    probation: ProbationRule | None = None  # ground truth in each device's probation
 
     def __post_init__(self) -> None:
         if self.shadow is not None and self.split is not None:
@@ -135,13 +136,18 @@ class RolloutPlan:
             "runner_timeout_s": self.runner_timeout_s,
             "shadow": None if self.shadow is None else self.shadow.to_json(),
             "split": None if self.split is None else self.split.to_json(),
+            "probation": None if self.probation is None else self.probation.to_json(),
         }
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Any]) -> RolloutPlan:
         """Raises: KeyError, TypeError or ValueError when a field is missing or wrong."""
         shadow, split = doc.get("shadow"), doc.get("split")  # absent before stages existed
+        probation = doc.get("probation")
         return cls(
+            probation=None
+            if probation is None
+            else ProbationRule.read(Doc(probation, "probation", error=ValueError)),
             shadow=None
             if shadow is None
             else PromotionRule.read(Doc(shadow, "shadow", error=ValueError)),

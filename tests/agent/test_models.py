@@ -30,10 +30,11 @@ import onnxruntime as ort
 import pytest
 
 from agent.bundle import verify_bundle
+from agent.bundle.manifest import Probation
 from agent.config import parse_config
 from agent.daemon import Agent
 from agent.errors import UnknownModelError, UnknownRequestError
-from agent.messages.desired import BundleRef, Desired, PromotionRule, Split
+from agent.messages.desired import BundleRef, Desired, ProbationRule, PromotionRule, Split
 from agent.messages.topics import Topics
 from tests.agent.test_daemon import publish_retained
 from tests.support.broker import Broker, Subscriber, free_port
@@ -77,6 +78,10 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
         # Exact on the golden inputs (its gate passes), wrong on 60 % of other inputs.
         "impostor": make_model_bundle(d, seed=101, sequence=4, model=impostor),
         "b1": make_model_bundle(d / "b", seed=5, sequence=1),
+        # Another model (seed 2) with a long probation window: ground truth decides it.
+        "a2-watched": make_model_bundle(
+            d, seed=2, sequence=5, probation=Probation(requests=100_000, seconds=0.0)
+        ),
         "b2": make_model_bundle(d / "b", seed=6, sequence=2),
     }
     server = http.server.ThreadingHTTPServer(
@@ -381,6 +386,36 @@ def test_feedback_gives_each_version_its_accuracy(
     assert right[a2][1] < right[a2][0]
     with pytest.raises(UnknownRequestError):
         agent.feedback("never-asked", 1, model="detector")
+
+
+def test_ground_truth_in_probation_rolls_back_a_candidate_that_is_wrong(
+    make_agent: Callable[..., Agent], bundles: dict[str, Any], tmp_path: Path
+) -> None:
+    agent = make_agent(models=("detector",))
+    a1, watched = digest_of(bundles["a1"]), digest_of(bundles["a2-watched"])
+    agent.apply_desired(desired(bundles, "a1", model="detector"))
+    wait(committed(agent, "detector", a1), "a1")
+    rule = ProbationRule(min_accuracy=0.9, min_feedback=20)
+    agent.apply_desired(desired(bundles, "a2-watched", model="detector", probation=rule))
+    host = agent.host("detector")
+    wait(lambda: host.slot.digest == watched, "the candidate in probation")
+    truth = ort.InferenceSession(
+        str(make_onnx_mlp(tmp_path / "truth.onnx", n_in=N_IN, n_hidden=16, n_out=N_OUT, seed=1))
+    )
+    labelled = 0
+    while host.slot.digest == watched:
+        assert labelled < 200, agent.status("detector")
+        x = live_inputs(5000 + labelled)
+        agent.predict(x, model="detector", request_id=f"p{labelled}")
+        agent.feedback(f"p{labelled}", int(truth.run(None, x)[0].argmax()), model="detector")
+        labelled += 1
+        time.sleep(0.01)
+    wait(lambda: host.updater.status().current == a1, "the rollback to a1")
+    failure = host.updater.status().last_failure
+    assert failure is not None
+    assert failure.outcome == "rolled-back"
+    assert "accuracy" in failure.reason
+    assert labelled >= 20  # not before the rule had its labels
 
 
 # --- over MQTT ---------------------------------------------------------------------------

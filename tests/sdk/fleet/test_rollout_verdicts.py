@@ -3,12 +3,13 @@ verdict it must give), what shadow reports mean, and the plan's stages in the re
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import pytest
 
 from agent.errors import ConfigError
-from agent.messages.desired import PromotionRule
+from agent.messages.desired import ProbationRule, PromotionRule
 from sdk.fleet._ab import SplitPlan, VersionStats, judge, version_stats
 from sdk.fleet._reported import ReportedState, Signal, device_view
 from sdk.fleet.publish import BundleRef
@@ -130,3 +131,15 @@ def test_a_split_device_is_decided_once_the_candidate_answered_enough() -> None:
     assert (p.split.stage, p.split.decided_at) == ("dropped", 3.0)
     assert p.reason is not None
     assert p.reason.startswith("A/B rejected: error rate 50.00% > 2.00%")
+
+
+def test_a_plan_with_ground_truth_in_probation_survives_its_record_and_reaches_devices() -> None:
+    from sdk.fleet.publish import desired_payload  # noqa: PLC0415
+    from sdk.fleet.rollout import RolloutPlan  # noqa: PLC0415
+
+    rule = ProbationRule(min_accuracy=0.92, min_feedback=40)
+    plan = RolloutPlan(waves=(1.0,), max_failure_rate=0.0, min_healthy_s=0.0, probation=rule)
+    assert RolloutPlan.from_json(plan.to_json()) == plan
+    ref = BundleRef("http://x/b.edgeship", "a" * 64, "b" * 64, 3, "m", "1.3")
+    payload = desired_payload("f", "d1", ref, rollout="r", ts=1.0, probation=rule)
+    assert json.loads(payload)["probation"] == {"min_accuracy": 0.92, "min_feedback": 40}
