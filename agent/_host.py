@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from agent._stage import Stages
     from agent.bundle.manifest import Manifest
     from agent.install._fetch import Fetcher
+    from agent.install._gate_worker import GateWorkers
     from agent.install._store import Phase
     from agent.serve._slot import ServingModel
     from agent.telemetry._drift import DriftMonitor
@@ -56,7 +57,8 @@ class ModelHost:
 
     ``emit`` receives this model's events (with ``model`` added); ``changed`` is called
     with this host whenever its reported state changed; ``stopping`` says when the agent
-    no longer takes calls.
+    no longer takes calls; ``gate_workers`` is the health gate's worker pool the agent's
+    models share (one worker started ahead per device, not per model).
 
     Raises (constructor):
         KeyFileError: the configured device key is unusable.
@@ -73,6 +75,7 @@ class ModelHost:
         emit: Emit,
         changed: Callable[[ModelHost], None],
         stopping: Callable[[], bool],
+        gate_workers: GateWorkers | None = None,
     ) -> None:
         self.name = model.name
         self.config = model
@@ -96,6 +99,8 @@ class ModelHost:
             slot=self.slot,
             events=self._on_event,
         )
+        if gate_workers is not None:  # the device's one worker started ahead, shared
+            self.updater.models.gate_workers = gate_workers
         self.store: Store = self.updater.store
         self.follower = DesiredFollower(
             self.updater, emit=self.emit, changed=self.publish_state, trust=trust

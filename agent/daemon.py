@@ -39,6 +39,7 @@ from agent._host import ModelHost
 from agent.bundle import DeviceInfo
 from agent.config import AgentConfig
 from agent.errors import EdgeshipError
+from agent.install._gate_worker import GateWorkers
 from agent.install._store import Store
 from agent.install._trust import TrustKeeper
 from agent.messages.desired import Desired, parse_desired
@@ -93,6 +94,7 @@ class Agent:
             changed=self._publish_all,
         )
         device = DeviceInfo(runtimes=installed_runtimes(), device_class=config.device_class)
+        workers = GateWorkers()  # one health-gate worker started ahead, whatever the models
         self.hosts: dict[str, ModelHost] = {}
         for model in config.model_configs():
             self.hosts[model.name] = ModelHost(
@@ -104,6 +106,7 @@ class Agent:
                 emit=self._emit,
                 changed=self._publish_host,
                 stopping=lambda: self.stopping,
+                gate_workers=workers,
             )
         self.router = Router(self.hosts)
         # The default model (or the first): what the one-model API and attributes name.

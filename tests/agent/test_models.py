@@ -16,6 +16,7 @@ import hashlib
 import http.server
 import json
 import math
+import os
 import threading
 import time
 import urllib.error
@@ -561,3 +562,36 @@ def test_http_addresses_models_by_name_and_takes_feedback(
     with urllib.request.urlopen(f"{base}/v1/health", timeout=10) as health:
         assert json.loads(health.read())["models"] == {"detector": a1, "classifier": b1}
     assert agent.status("classifier")["feedback"] == {b1: {"labels": 1, "correct": 1}}
+
+
+def _gate_workers_of(pid: int) -> list[int]:
+    """Live child processes of ``pid`` that are health-gate workers."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+                state = Path(f"/proc/{child}/stat").read_text().split(") ", 1)[1][0]
+            except OSError:
+                continue
+            if b"agent.install._gate_child" in cmdline and state != "Z":
+                found.append(int(child))
+    return found
+
+
+def test_the_models_of_an_agent_share_one_gate_worker_started_ahead(
+    make_agent: Callable[..., Agent], bundles: dict[str, Any]
+) -> None:
+    before = set(_gate_workers_of(os.getpid()))  # other tests' updaters may leave theirs
+    agent = make_agent()
+    a1, b1 = digest_of(bundles["a1"]), digest_of(bundles["b1"])
+    agent.apply_desired(desired(bundles, "a1", model="detector"))
+    wait(committed(agent, "detector", a1), "detector on a1")
+    agent.apply_desired(desired(bundles, "b1", model="classifier"))
+    wait(committed(agent, "classifier", b1), "classifier on b1")
+    workers = agent.host("detector").updater.models.gate_workers
+    assert workers is agent.host("classifier").updater.models.gate_workers
+    assert workers.wait_ready(60) is not None  # the one started after the second gate
+    new = set(_gate_workers_of(os.getpid())) - before
+    assert len(new) == 1  # one per device, not one per model
+    assert workers.warm_served == 1  # the second model's gate used the first's worker
