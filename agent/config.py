@@ -145,7 +145,10 @@ def _path(t: Doc, key: str, base: Path) -> Path | None:
     value = _opt_text(t, key)
     if value is None:
         return None
-    path = Path(value).expanduser()
+    try:
+        path = Path(value).expanduser()
+    except RuntimeError:  # ~user of a user this system does not have
+        raise ConfigError(f"{t.path(key)}: cannot expand {value.split('/')[0]!r}") from None
     return path if path.is_absolute() else base / path
 
 

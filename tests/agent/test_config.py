@@ -148,6 +148,50 @@ def test_relative_paths_are_resolved_against_the_config_file(tmp_path: Path) -> 
     assert load_config(path).state_dir == tmp_path / "state"
 
 
+def test_a_home_directory_of_no_such_user_is_a_config_error() -> None:
+    # Path.expanduser raises RuntimeError for ~user of an unknown user (found by fuzzing).
+    text = MINIMAL.replace('"state"', '"~no-such-user-edgeship/state"')
+    with pytest.raises(ConfigError, match=r"state_dir: cannot expand '~no-such-user-edgeship'"):
+        parse_config(text, base_dir=Path("/x"))
+
+
+def test_several_models_get_their_own_state_runtime_and_cache(tmp_path: Path) -> None:
+    config = parse_config(
+        MINIMAL
+        + "[runtime]\nthreads = 2\n[models.detector]\n[models.classifier]\n"
+        + 'output_kind = "top_score"\n[models.classifier.runtime]\nthreads = 1\n'
+        + "[models.classifier.cache]\nenabled = true\n[models.default]\n",
+        base_dir=tmp_path,
+    )
+    models = {m.name: m for m in config.model_configs()}
+    assert list(models) == ["detector", "classifier", "default"]
+    assert models["detector"].state_dir == tmp_path / "state" / "models" / "detector"
+    assert models["default"].state_dir == tmp_path / "state"
+    assert (models["detector"].runtime.threads, models["classifier"].runtime.threads) == (2, 1)
+    assert (models["detector"].cache.enabled, models["classifier"].cache.enabled) == (False, True)
+    assert models["classifier"].output_kind == "top_score"
+
+
+@pytest.mark.parametrize(
+    ("tables", "message"),
+    [
+        ("[models.Camera]\n", "must match"),
+        ("[models.a]\ntypo = 1\n", "unknown key"),
+        ("[models.a.runtime]\nthreads = -1\n", "threads"),
+        ("[models]\n", "between 1 and 16"),
+        ("".join(f"[models.m{i}]\n" for i in range(17)), "between 1 and 16"),
+    ],
+)
+def test_model_tables_out_of_their_rules_are_refused(tables: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_config(MINIMAL + tables, base_dir=Path("/x"))
+
+
+def test_without_model_tables_the_one_model_is_default_in_the_state_dir() -> None:
+    (model,) = parse_config(MINIMAL, base_dir=Path("/x")).model_configs()
+    assert (model.name, model.state_dir) == ("default", Path("/x/state"))
+
+
 def test_http_token_is_read_from_its_file(tmp_path: Path) -> None:
     (tmp_path / "token").write_text("s3cret-token-0123456789\n")
     c = _parse("[http]\nenabled = true\nhost = '0.0.0.0'\ntoken_file = 'token'\n", tmp_path)
