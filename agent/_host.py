@@ -159,15 +159,14 @@ class ModelHost:
 
             check_request_id(request_id)
         stage = self._stage
-        split, shadow = (None, None) if stage is None else (stage.split, stage.shadow)
-        if split is None and shadow is None:
+        if stage is None or (stage.split is None and stage.shadow is None):
             version, outputs = self.predictor.predict_versioned(inputs)
-        elif split is not None and split.router.choose(key):
+        elif (split := stage.split) is not None and split.router.choose(key):
             version, outputs = _timed(split.predictor, inputs, split.metrics)
         else:
             start = time.perf_counter()
-            own = None if stage is None else stage.serving_metrics
-            version, outputs = _timed(self.predictor, inputs, own)
+            version, outputs = _timed(self.predictor, inputs, stage.serving_metrics)
+            shadow = stage.shadow
             if shadow is not None:
                 shadow.offer(inputs, outputs, time.perf_counter() - start, request_id)
         if request_id is not None and version:

@@ -37,7 +37,7 @@ from agent.daemon import Agent
 from agent.errors import UnknownModelError, UnknownRequestError
 from agent.messages.desired import BundleRef, Desired, ProbationRule, PromotionRule, Split
 from agent.messages.topics import Topics
-from tests.agent.test_daemon import publish_retained
+from tests.agent.test_daemon import _Quiet, publish_retained
 from tests.support.broker import Broker, Subscriber, free_port
 from tests.support.lifecycle import (
     N_IN,
@@ -52,11 +52,6 @@ from tests.support.models import make_onnx_golden_impostor, make_onnx_mlp
 pytestmark = pytest.mark.integration
 
 FLEET, DEVICE = "f", "d1"
-
-
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
 
 
 @pytest.fixture(scope="module")
