@@ -42,7 +42,9 @@ from dataclasses import replace
 from agent.install import faults
 from agent.messages.desired import DEFAULT_MODEL, Split, parse_desired
 from agent.messages.topics import PREFIX, Topics
+from agent.plumbing.backoff import Backoff
 from agent.plumbing.transport import Message, Transport, publish_many
+from sdk.errors import StoreUnavailableError
 from sdk.fleet._ab import version_stats
 from sdk.fleet._reported import ReportedState, Signal, device_view, parse_event, parse_state
 from sdk.fleet._rollout_lease import Runner
@@ -357,25 +359,82 @@ def run_rollout(
     """Drive ``rollout``, held by ``runner``, until it completes, halts or is aborted (or
     ``stop`` is set). A pending wave or revert of an earlier runner is finished first.
 
+    A store that is out for a while (:class:`~sdk.errors.StoreUnavailableError`: a
+    PostgreSQL restart) is waited out: nothing is published that is not recorded, so the
+    runner reloads the record once the store answers and goes on from what it says.
+
     Raises:
         BrokerError: the broker did not acknowledge a publish.
-        ConfigError: the store failed.
+        ConfigError: the store failed for good (StoreUnavailableError: ``stop`` was set
+            during an outage).
         RolloutError: the runner lost its lease to another.
     """
     if watcher is None:
         watcher = FleetWatcher(transport, rollout.fleet, model=rollout.model, clock=clock)
         watcher.settle()
     faults.crash_point("rollout-started")
-    rollout = finish_pending(transport, runner, watcher, rollout)
     stop = stop or threading.Event()
-    while rollout.status == "running" and not stop.is_set():
-        rollout, decision = _advance(runner, watcher, rollout, clock())
-        rollout = finish_pending(transport, runner, watcher, rollout)
-        if decision.action != "wait" and on_change is not None:
-            on_change(rollout, decision)
-        if rollout.status != "running" or stop.wait(poll_s):
-            break
-        # Another process may have aborted it meanwhile: the store is the authority.
-        if runner.aborted():
-            rollout = runner.reload()
+    outage = _Outage(runner, stop)
+    pending = True  # what an earlier runner, or a failed write, may have left to publish
+    while pending or (rollout.status == "running" and not stop.is_set()):
+        try:
+            if pending:
+                rollout = finish_pending(transport, runner, watcher, rollout)
+                pending = False
+                outage.over()
+                continue
+            rollout, decision = _advance(runner, watcher, rollout, clock())
+            rollout = finish_pending(transport, runner, watcher, rollout)
+            outage.over()
+            if decision.action != "wait" and on_change is not None:
+                on_change(rollout, decision)
+            if rollout.status != "running" or stop.wait(poll_s):
+                break
+            # Another process may have aborted it meanwhile: the store is the authority.
+            if runner.aborted():
+                rollout = runner.reload()
+        except StoreUnavailableError as e:
+            rollout = outage.ride_out(e)
+            pending = True
     return rollout
+
+
+class _Outage:
+    """The runner's wait for its store: retried after a backoff, logged once each way."""
+
+    def __init__(self, runner: Runner, stop: threading.Event) -> None:
+        self._runner = runner
+        self._stop = stop
+        self._backoff = Backoff(0.2, 5.0)
+        self._since: float | None = None
+
+    def ride_out(self, error: StoreUnavailableError) -> Rollout:
+        """The record as the store holds it, once it answers again.
+
+        Raises:
+            StoreUnavailableError: ``stop`` was set first.
+        """
+        if self._since is None:
+            self._since = time.monotonic()
+            log.warning(
+                "rollout %s: the store is out (%s); nothing more is published until it is"
+                " back, retrying",
+                self._runner.rollout.id,
+                error,
+            )
+        while not self._stop.wait(self._backoff.next()):
+            try:
+                return self._runner.reload()
+            except StoreUnavailableError as e:
+                error = e
+        raise error
+
+    def over(self) -> None:
+        self._backoff.reset()
+        if self._since is not None:
+            log.warning(
+                "rollout %s: the store is back after %.1f s",
+                self._runner.rollout.id,
+                time.monotonic() - self._since,
+            )
+            self._since = None
