@@ -10,11 +10,11 @@ Series per device, labelled ``fleet`` and ``device`` (docs/fleet.md, "Prometheus
 online, last-seen age, trust root version, heartbeat expiry, held back (at most
 :data:`DEVICE_SERIES`); and per model of the device, labelled ``model`` too: version
 info, requests and errors (counters), latency p50/p95/p99, the bundle's p95 budget, drift
-PSI (the worst feature) and band, confidence, feedback accuracy (at most
-:data:`MODEL_SERIES`) plus ``top_k`` (the highest-PSI features, labelled ``input`` and
-``feature``). Telemetry
-older than ``max_age_s`` is not exported: a silent device shows only its online state
-and last-seen age, not numbers that would keep an alert firing on stale data.
+PSI (the worst feature) and band, confidence, feedback accuracy and, while a candidate is
+held in shadow or A/B, its stage and numbers (at most :data:`MODEL_SERIES`), plus
+``top_k`` (the highest-PSI features, labelled ``input`` and ``feature``). Telemetry older
+than ``max_age_s`` is not exported: a silent device shows only its online state and
+last-seen age, not numbers that would keep an alert firing on stale data.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 # Series per device, and per model of a device besides its top-k drift features (the
 # documented bounds).
 DEVICE_SERIES = 5
-MODEL_SERIES = 11
+MODEL_SERIES = 15
 _DEVICE = ("fleet", "device")
 _MODEL = ("fleet", "device", "model")
 _QUANTILES = (("0.5", "p50_ms"), ("0.95", "p95_ms"), ("0.99", "p99_ms"))
@@ -207,6 +207,7 @@ def _telemetry_families(devices: list[DeviceView]) -> Iterator[Metric]:
         "edgeship_device_confidence", "mean top class score of sampled outputs"
     )
     accuracy = _model_gauge("edgeship_device_feedback_accuracy", "accuracy on labelled feedback")
+    yield from _stage_families(devices)
     for d in devices:
         key = [d.fleet, d.device, d.model or ""]
         for quantile, field in _QUANTILES:
@@ -278,3 +279,33 @@ class MetricsServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join()
+
+
+def _stage_families(devices: list[DeviceView]) -> Iterator[Metric]:
+    """A candidate held in shadow or A/B: which, and how it does so far."""
+    stage = _model_gauge(
+        "edgeship_device_stage_info", "1 for a candidate held in shadow or A/B", "stage", "digest"
+    )
+    samples = _model_gauge("edgeship_device_shadow_samples", "requests the shadow candidate ran")
+    agreement = _model_gauge(
+        "edgeship_device_shadow_agreement", "share of its answers agreeing with serving's"
+    )
+    ratio = _model_gauge(
+        "edgeship_device_shadow_latency_ratio", "its median latency over serving's, same inputs"
+    )
+    share = _model_gauge("edgeship_device_split_share", "the A/B candidate's share of requests")
+    for d in devices:
+        s = d.stage
+        if s is None:
+            continue
+        key = [d.fleet, d.device, d.model or ""]
+        stage.add_metric([*key, s.kind, s.digest], 1.0)
+        for family, value in (
+            (samples, s.samples),
+            (agreement, s.agreement),
+            (ratio, s.latency_ratio),
+            (share, s.share),
+        ):
+            if value is not None:
+                family.add_metric(key, value)
+    yield from (stage, samples, agreement, ratio, share)

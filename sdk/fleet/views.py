@@ -25,6 +25,7 @@ __all__ = [
     "DeviceView",
     "RolloutDevice",
     "RolloutView",
+    "Stage",
     "device_views",
     "rollout_views",
 ]
@@ -83,6 +84,20 @@ class DeviceView:
     trust_root_version: int | None
     heartbeat_expires: float | None
     held_back: str | None  # why updates are held back (a stale heartbeat, ...), if they are
+    stage: Stage | None = None  # a candidate held in shadow or A/B, by the latest telemetry
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A candidate between its health gate and serving everyone (telemetry's ``shadow`` or
+    ``split``): in shadow, its numbers so far; in A/B, its share of requests."""
+
+    kind: str  # "shadow" or "split"
+    digest: str
+    samples: int | None = None
+    agreement: float | None = None
+    latency_ratio: float | None = None
+    share: float | None = None
 
 
 def _obj(value: object) -> dict[str, Any]:
@@ -146,6 +161,21 @@ def _top_features(drift: dict[str, Any], k: int) -> tuple[Feature, ...]:
     return tuple(out)
 
 
+def _stage(telemetry: dict[str, Any]) -> Stage | None:
+    shadow, split = _obj(telemetry.get("shadow")), _obj(telemetry.get("split"))
+    if isinstance(digest := shadow.get("digest"), str):
+        return Stage(
+            "shadow",
+            digest,
+            samples=_int(shadow.get("samples")),
+            agreement=_num(shadow.get("agreement")),
+            latency_ratio=_num(shadow.get("latency_ratio")),
+        )
+    if isinstance(digest := split.get("digest"), str):
+        return Stage("split", digest, share=_num(split.get("share")))
+    return None
+
+
 def _view(row: dict[str, Any], top_k: int) -> DeviceView:
     state = _loads(row["state"])
     trust = _obj(state.get("trust"))
@@ -180,6 +210,7 @@ def _view(row: dict[str, Any], top_k: int) -> DeviceView:
         trust_root_version=_int(trust.get("root_version")),
         heartbeat_expires=_epoch(trust.get("heartbeat_expires")),
         held_back=held if isinstance(held, str) else None,
+        stage=_stage(telemetry),
     )
 
 

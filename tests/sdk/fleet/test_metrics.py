@@ -32,7 +32,12 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 def telemetry(
-    device: str, seq: int, *, ts: float = NOW - 5, requests: int = 100
+    device: str,
+    seq: int,
+    *,
+    ts: float = NOW - 5,
+    requests: int = 100,
+    stage: dict[str, Any] | None = None,
 ) -> TelemetryRecord:
     psi = [0.01 * i for i in range(64)]
     raw = {
@@ -40,6 +45,7 @@ def telemetry(
                               "latency_budget_p95_ms": 5.0}},
         "drift": {"inputs": [{"input": "x", "index": list(range(64)), "psi": psi}],
                   "outputs": {"kind": "top_score", "mean": 0.93}},
+        **(stage or {}),
     }  # fmt: skip
     return TelemetryRecord(
         "f", device, seq, ts, "digits", "1.2.0", 7, requests, 2, 1.0, 2.0, 3.0,
@@ -128,7 +134,39 @@ def test_a_device_without_trust_or_fresh_telemetry_exports_only_presence(
     }  # fmt: skip
 
 
+SHADOW = {
+    "shadow": {"digest": "cd" * 32, "samples": 150, "agreed": 149, "agreement": 149 / 150,
+               "latency_ratio": 1.1, "errors": 0, "accuracy": None, "verdict": "watching"},
+}  # fmt: skip
+
+
+def test_a_candidate_in_shadow_is_exported_with_its_numbers_until_it_leaves_it(
+    store: SqliteStore,
+) -> None:
+    store.write([telemetry("d1", 3, ts=NOW - 4, stage=SHADOW)], NOW - 1)
+    got = scrape(FleetCollector(store, clock=lambda: NOW))
+    assert got[mod("edgeship_device_stage_info", stage="shadow", digest="cd" * 32)] == 1
+    assert got[mod("edgeship_device_shadow_samples")] == 150
+    assert got[mod("edgeship_device_shadow_agreement")] == 149 / 150
+    assert got[mod("edgeship_device_shadow_latency_ratio")] == 1.1
+    assert mod("edgeship_device_split_share") not in got
+    # Promoted: the next telemetry has no shadow, and neither has the scrape.
+    store.write([telemetry("d1", 4, ts=NOW - 3)], NOW - 1)
+    got = scrape(FleetCollector(store, clock=lambda: NOW))
+    assert not [name for name, _ in got if "stage" in name or "shadow" in name]
+
+
+def test_an_ab_candidate_is_exported_with_its_share(store: SqliteStore) -> None:
+    split = {"split": {"digest": "ef" * 32, "share": 0.2}}
+    store.write([telemetry("d1", 3, ts=NOW - 4, stage=split)], NOW - 1)
+    got = scrape(FleetCollector(store, clock=lambda: NOW))
+    assert got[mod("edgeship_device_stage_info", stage="split", digest="ef" * 32)] == 1
+    assert got[mod("edgeship_device_split_share")] == 0.2
+    assert mod("edgeship_device_shadow_samples") not in got
+
+
 def test_series_per_device_stay_within_the_documented_bound(store: SqliteStore) -> None:
+    store.write([telemetry("d1", 3, ts=NOW - 4, stage=SHADOW)], NOW - 1)  # the most series
     got = scrape(FleetCollector(store, top_k=3, clock=lambda: NOW))
     per_device = Counter(dict(labels).get("device") for _, labels in got)
     assert per_device["d1"] <= DEVICE_SERIES + MODEL_SERIES + 3
