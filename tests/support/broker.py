@@ -141,6 +141,12 @@ def _builder(
     )
 
 
+def _authority_key_id(ca_key: ec.EllipticCurvePrivateKey) -> x509.AuthorityKeyIdentifier:
+    # RFC 5280 asks it of every certificate a CA issues; Python 3.13's default context
+    # (VERIFY_X509_STRICT) refuses a chain without it, as a device on Debian 13 would.
+    return x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
+
+
 def _make_ca(directory: Path, name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = _key()
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
@@ -176,6 +182,7 @@ def _issue_client(
         _builder(common_name, ca_cert.subject, key.public_key())
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(_authority_key_id(ca_key), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     stem = directory / f"client-{common_name}-{ca_cert.serial_number % 10_000}"
@@ -198,6 +205,7 @@ def make_pki(directory: Path, clients: tuple[str, ...] = ("device-1",)) -> Pki:
         )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(_authority_key_id(ca_key), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     _write(directory / "server", server_cert, server_key)

@@ -1,6 +1,7 @@
 """Reporter logic without a broker: message shapes and the updater adapter."""
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,10 +13,13 @@ from agent.telemetry import Metrics, Outbox, Reporter
 
 
 @pytest.fixture
-def reporter(tmp_path: Path) -> Reporter:
+def reporter(tmp_path: Path) -> Iterator[Reporter]:
     # Never started: no thread, no connection; messages stay in the outbox.
     transport = MqttClient(BrokerConfig(BrokerUrl("127.0.0.1", 1, tls=False)))
-    return Reporter(Topics("f", "d1"), Outbox(tmp_path / "o.db"), transport, metrics=Metrics())
+    outbox = Outbox(tmp_path / "o.db")
+    yield Reporter(Topics("f", "d1"), outbox, transport, metrics=Metrics())
+    # Closed as the daemon closes it: Python 3.13 warns of a database left to the collector.
+    outbox.close()
 
 
 def _stored(reporter: Reporter) -> list[dict]:
