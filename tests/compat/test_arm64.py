@@ -11,33 +11,24 @@ aarch64 child process.
 
 Emulation costs a minute here, and the first set-up two more (the downloads, and pip
 under emulation): more than CI's budget allows, so these run only when asked,
-EDGESHIP_ARM64=1. Asked, a set-up that fails (no network) fails the tests rather than
-skipping them.
+EDGESHIP_ARM64=1 pytest tests/compat/test_arm64.py (otherwise tests/compat/conftest.py
+deselects them). Asked, a set-up that fails (no network) fails the tests.
 """
 
 from __future__ import annotations
 
-import functools
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.compat._interpreters import install_bundle, run, set_up
 from tests.compat.agent_tests import ROOT
-from tests.support.lifecycle import POLICY, make_model_bundle
 from tests.support.models import make_onnx_mlp, make_tflite_mlp, mlp_reference, mlp_weights
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SCRIPT = ROOT / "scripts" / "arm64.sh"
-HOW = (
-    "aarch64 under qemu runs when asked, minutes of emulation: "
-    "EDGESHIP_ARM64=1 pytest tests/compat/test_arm64.py"
-)
 # Two of the agent's own test files, of the 25 that need no SDK (all of which pass under
 # emulation, in about 150 s together here, five times their native time): the bundle's
 # .npz arrays through the aarch64 numpy and zlib, and manual acknowledgement with paho's
@@ -45,47 +36,13 @@ HOW = (
 AGENT_TEST_FILES = ("tests/agent/bundle/test_arrays.py", "tests/agent/plumbing/test_mqtt_ack.py")
 
 
-@functools.cache
-def _set_up() -> tuple[Path | None, str]:
-    """The launcher of the aarch64 venv's python, or None and why not: set up once per run."""
-    # The venv's scripts (pip, the host python3 that reads pyproject.toml) come first.
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    try:
-        done = subprocess.run(
-            # Within pytest's own 300 s per test: about 110 s here with the downloads.
-            ["bash", str(SCRIPT)],
-            capture_output=True,
-            text=True,
-            timeout=270,
-            env=env,
-            check=True,
-        )
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
-        stderr = exc.stderr if isinstance(exc.stderr, str) else repr(exc.stderr)
-        return None, f"{SCRIPT.name} failed: {stderr[-2000:]}"
-    return Path(done.stdout.strip().splitlines()[-1]), ""
-
-
 @pytest.fixture
 def arm64() -> Path:
-    """The launcher of the aarch64 venv's python, set up only when asked."""
-    if os.environ.get("EDGESHIP_ARM64") != "1":
-        pytest.skip(HOW)
-    launcher, failure = _set_up()
+    """The launcher of the aarch64 venv's python (deselected unless EDGESHIP_ARM64=1)."""
+    launcher, failure = set_up(str(SCRIPT))
     if launcher is None:
         pytest.fail(f"cannot set up aarch64 under qemu (EDGESHIP_ARM64=1): {failure}")
     return launcher
-
-
-def _run(python: Path, *args: str, timeout_s: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(python), *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        check=False,
-    )
 
 
 def test_the_interpreter_is_aarch64_and_so_is_a_child_started_as_sys_executable(
@@ -94,7 +51,7 @@ def test_the_interpreter_is_aarch64_and_so_is_a_child_started_as_sys_executable(
     # The agent starts its health-gate worker as sys.executable: a child that ran natively
     # (or as the sysroot's binary, outside the venv) would test nothing of aarch64.
     child = "import platform, sys; print(platform.machine(), sys.prefix)"
-    done = _run(
+    done = run(
         arm64,
         "-c",
         "import platform, subprocess, sys;"
@@ -143,7 +100,7 @@ def test_onnxruntime_and_litert_answer_as_numpy_does_on_aarch64(
     make_tflite_mlp(tmp_path / "mlp.tflite", seed=3)
     x = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
-    done = _run(arm64, "-c", _INFER, str(tmp_path), timeout_s=120)
+    done = run(arm64, "-c", _INFER, str(tmp_path), timeout_s=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split() == ["CPUExecutionProvider"]
     expected = mlp_reference(x, mlp_weights(64, 32, 10, seed=3))
@@ -158,28 +115,13 @@ def test_a_bundle_built_here_installs_and_passes_its_health_check_on_aarch64(
     # Built by the SDK on this machine; verified, staged, health-checked in an aarch64
     # child process (onnxruntime's answers against the golden outputs) and committed by
     # the agent under emulation: the cross-architecture path a real rollout takes.
-    trust = tmp_path / "trust.toml"
-    trust.write_bytes(POLICY.to_toml())
-    bundle = make_model_bundle(tmp_path / "bundles", seed=1, sequence=1)
-    state = tmp_path / "state"
-    agent = "import sys; from agent.cli import main; sys.exit(main())"
-    done = _run(
-        arm64,
-        *("-c", agent, "install", str(bundle.path)),
-        *("--state-dir", str(state), "--trust", str(trust)),
-        timeout_s=240,
-    )
-    assert (done.returncode, done.stderr) == (0, ""), done.stdout
-    assert "installed: mlp 1.1 (sequence 1)" in done.stdout
-    done = _run(arm64, "-c", agent, "status", "--state-dir", str(state), "--json", timeout_s=60)
-    assert done.returncode == 0, done.stderr
-    status = json.loads(done.stdout)
+    status = install_bundle(arm64, tmp_path)
     assert status["current"]["sequence"] == 1
     assert status["serving"]["runtime"] == "onnxruntime"
 
 
 def test_some_of_the_agents_own_tests_pass_on_aarch64(arm64: Path) -> None:
-    done = _run(
+    done = run(
         arm64, "-m", "pytest", "-q", "-p", "no:cacheprovider", *AGENT_TEST_FILES, timeout_s=280
     )
     summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""

@@ -12,26 +12,23 @@ through the agent's command line, and the project resolves with its extras.
 3.9, the oldest, runs every test here on every run. The others run everything when
 EDGESHIP_PYTHONS names them (EDGESHIP_PYTHONS="3.10 3.12 3.13"; about a minute each once
 cached); otherwise 3.13, the newest, runs only the cheap checks (what it is, and the
-bundle install: about 35 s on a fresh machine, download included), and 3.10 and 3.12
-skip. Without network the tests skip, except under CI=true, where they fail: the Pythons
-the agent supports are a promise the project makes.
+bundle install: about 35 s on a fresh machine, download included), and the rest is
+deselected (tests/compat/conftest.py). Without network the tests skip, except under
+CI=true, where they fail: the Pythons the agent supports are a promise the project makes.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
 
+from tests.compat._interpreters import install_bundle, run, set_up
 from tests.compat.agent_tests import ROOT, agent_only_test_files
-from tests.support.lifecycle import POLICY, make_model_bundle
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -43,20 +40,17 @@ BEFORE_3_11 = ("3.9", "3.10")
 # interpreter (and the agent's child processes, started as sys.executable) must run on
 # its own, through the prefix's loader.
 OWN_GLIBC = {"3.12": "2.39", "3.13": "2.41"}
-ALWAYS = "3.9"  # the oldest: the one that finds most of what breaks
-CHEAP_BY_DEFAULT = "3.13"  # the newest: deprecations and removals show first there
 # numpy 2.0 (the last for 3.9) types less of its API than the numpy of the strict run;
 # what this run adds is each Python's standard library, syntax and numpy, so these stay
 # with that run.
 LOOSER_STUBS = ("no-any-return", "no-untyped-call", "unused-ignore")
 
 _Test = TypeVar("_Test", bound=Callable[..., None])
-_CHEAP: set[Callable[..., None]] = set()
 
 
 def cheap(test: _Test) -> _Test:
-    """A check that also runs on CHEAP_BY_DEFAULT when EDGESHIP_PYTHONS does not name it."""
-    _CHEAP.add(test)
+    """A check that also runs on 3.13 when EDGESHIP_PYTHONS does not name it (conftest)."""
+    test.cheap = True  # type: ignore[attr-defined]
     return test
 
 
@@ -64,41 +58,10 @@ def on(*versions: str) -> pytest.MarkDecorator:
     return pytest.mark.parametrize("version", versions)
 
 
-def _not_selected(version: str, *, is_cheap: bool) -> str | None:
-    named = os.environ.get("EDGESHIP_PYTHONS", "").split()
-    if version == ALWAYS or version in named or (is_cheap and version == CHEAP_BY_DEFAULT):
-        return None
-    return f'CPython {version} runs when EDGESHIP_PYTHONS names it, e.g. "3.10 3.12 3.13"'
-
-
-@functools.cache
-def _set_up(version: str) -> tuple[Path | None, str]:
-    """The launcher of ``version``'s venv, or None and why not: set up once per run."""
-    # The venv's scripts (pip, the host python3 that reads pyproject.toml) come first.
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    try:
-        done = subprocess.run(
-            # Within pytest's own 300 s per test: a slow mirror fails with pip's words.
-            ["bash", str(SCRIPT), version],
-            capture_output=True,
-            text=True,
-            timeout=270,
-            env=env,
-            check=True,
-        )
-    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
-        stderr = exc.stderr if isinstance(exc.stderr, str) else repr(exc.stderr)
-        return None, f"{SCRIPT.name} {version} failed: {stderr[-2000:]}"
-    return Path(done.stdout.strip().splitlines()[-1]), ""
-
-
 @pytest.fixture
-def python(request: pytest.FixtureRequest, version: str) -> Path:
-    """The launcher of ``version``'s venv, set up only for a test that runs."""
-    reason = _not_selected(version, is_cheap=request.function in _CHEAP)
-    if reason is not None:
-        pytest.skip(reason)
-    launcher, failure = _set_up(version)
+def python(version: str) -> Path:
+    """The launcher of ``version``'s venv (a version nobody asked for is deselected)."""
+    launcher, failure = set_up(str(SCRIPT), version)
     if launcher is None:
         if os.environ.get("CI") == "true":
             pytest.fail(f"cannot set up CPython {version} (CI=true): {failure}")
@@ -112,17 +75,6 @@ def test_edgeship_pythons_names_only_pythons_tested_here() -> None:
     assert set(named) <= set(VERSIONS), f"EDGESHIP_PYTHONS={named}: the choices are {VERSIONS}"
 
 
-def _run(python: Path, *args: str, timeout_s: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(python), *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        check=False,
-    )
-
-
 @on(*VERSIONS)
 @cheap
 def test_the_interpreter_is_the_oss_cpython_with_the_agents_dependencies(
@@ -132,7 +84,7 @@ def test_the_interpreter_is_the_oss_cpython_with_the_agents_dependencies(
         ", tomli" if version in BEFORE_3_11 else ""
     )
     child = "import platform; print(*platform.libc_ver())"
-    done = _run(
+    done = run(
         python,
         "-c",
         f"import platform, subprocess, sys, {imports};"
@@ -158,7 +110,7 @@ def test_the_agent_type_checks_with_each_pythons_numpy(
     python: Path, version: str, target: str
 ) -> None:
     disabled = [arg for code in LOOSER_STUBS for arg in ("--disable-error-code", code)]
-    done = _run(
+    done = run(
         python,
         "-m",
         "mypy",
@@ -176,7 +128,7 @@ def test_the_agent_type_checks_with_each_pythons_numpy(
 @on(*VERSIONS)
 def test_the_agents_tests_pass(python: Path, version: str) -> None:
     files = [str(p.relative_to(ROOT)) for p in agent_only_test_files()]
-    done = _run(python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files, timeout_s=280)
+    done = run(python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files, timeout_s=280)
     summary = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]
     assert " passed" in summary, summary
@@ -189,7 +141,7 @@ def test_the_project_installs_with_its_extras_and_the_sdks_packages_only_from_3_
     python: Path, version: str, tmp_path: Path
 ) -> None:
     report = tmp_path / "report.json"
-    done = _run(
+    done = run(
         python,
         *("-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet"),
         *("--disable-pip-version-check", "--report", str(report)),
@@ -211,11 +163,9 @@ def test_the_project_installs_with_its_extras_and_the_sdks_packages_only_from_3_
 def test_the_edgeship_command_says_in_one_line_that_it_needs_python_3_11(
     python: Path, version: str
 ) -> None:
-    patch = _run(python, "-c", "import platform; print(platform.python_version())", timeout_s=60)
+    patch = run(python, "-c", "import platform; print(platform.python_version())", timeout_s=60)
     # What the console script does: import the entry point, call it.
-    done = _run(
-        python, "-c", "import sys; from sdk.cli import main; sys.exit(main())", timeout_s=60
-    )
+    done = run(python, "-c", "import sys; from sdk.cli import main; sys.exit(main())", timeout_s=60)
     assert done.returncode == 1
     assert done.stderr.splitlines() == [
         f"edgeship: the SDK needs Python 3.11 or later, not {patch.stdout.strip()}; "
@@ -230,19 +180,4 @@ def test_a_bundle_built_here_installs_and_passes_its_health_check(
 ) -> None:
     # Built by the SDK on this Python; verified, staged, health-checked in a child process
     # (onnxruntime's answers against the golden outputs) and committed by the agent there.
-    trust = tmp_path / "trust.toml"
-    trust.write_bytes(POLICY.to_toml())
-    bundle = make_model_bundle(tmp_path / "bundles", seed=1, sequence=1)
-    state = tmp_path / "state"
-    agent = "import sys; from agent.cli import main; sys.exit(main())"
-    done = _run(
-        python,
-        *("-c", agent, "install", str(bundle.path)),
-        *("--state-dir", str(state), "--trust", str(trust)),
-        timeout_s=240,
-    )
-    assert (done.returncode, done.stderr) == (0, ""), done.stdout
-    assert "installed: mlp 1.1 (sequence 1)" in done.stdout
-    done = _run(python, "-c", agent, "status", "--state-dir", str(state), "--json", timeout_s=60)
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["current"]["sequence"] == 1
+    assert install_bundle(python, tmp_path)["current"]["sequence"] == 1

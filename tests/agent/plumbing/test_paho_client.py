@@ -9,6 +9,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+
+def _probe(code: str, env: dict[str, str] | None = None) -> str:
+    """What ``code`` prints in a fresh interpreter (nothing imported before it)."""
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env=env,
+    )
+    return done.stdout
+
+
 _PROBE = """
 import sys
 import agent.plumbing.mqtt
@@ -20,18 +34,14 @@ print(dns.resolver.Resolver is not None)
 
 def test_the_agent_loads_paho_without_dnspython_and_leaves_it_importable() -> None:
     # dnspython is in the dev extra so that this runs where paho would load it.
-    done = subprocess.run(
-        [sys.executable, "-c", _PROBE], capture_output=True, text=True, timeout=60, check=True
-    )
-    assert done.stdout.split() == ["False", "False", "True"]
+    out = _probe(_PROBE)
+    assert out.split() == ["False", "False", "True"]
 
 
 def test_an_application_that_imported_dnspython_first_keeps_it() -> None:
     probe = "import dns.resolver, agent.plumbing.mqtt as m; print(m.paho.HAVE_DNS)"
-    done = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
-    )
-    assert done.stdout.strip() == "True"
+    out = _probe(probe)
+    assert out.strip() == "True"
 
 
 # paho imports urllib.request (with http.client and email: ~2 MiB) only to look for a
@@ -46,14 +56,8 @@ print(type(urllib.request) is types.ModuleType, callable(urllib.request.getproxi
 
 
 def test_the_agent_loads_paho_without_urllib_request_and_leaves_it_importable() -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", _URLLIB_PROBE],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    assert done.stdout.split() == ["False", "False", "False", "True", "True"]
+    out = _probe(_URLLIB_PROBE)
+    assert out.split() == ["False", "False", "False", "True", "True"]
 
 
 def test_an_application_that_imported_urllib_request_first_keeps_the_same_module() -> None:
@@ -61,10 +65,8 @@ def test_an_application_that_imported_urllib_request_first_keeps_the_same_module
         "import urllib.request as before, agent.plumbing.mqtt, urllib.request as after;"
         "print(before is after, after.getproxies is not None)"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
-    )
-    assert done.stdout.split() == ["True", "True"]
+    out = _probe(probe)
+    assert out.split() == ["True", "True"]
 
 
 def test_with_pysocks_paho_still_reads_the_brokers_proxy_from_the_environment(
@@ -85,13 +87,6 @@ def test_with_pysocks_paho_still_reads_the_brokers_proxy_from_the_environment(
     }
     env.pop("NO_PROXY", None)
     env.pop("no_proxy", None)
-    done = subprocess.run(
-        [sys.executable, "-c", probe],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-        env=env,
-    )
+    out = _probe(probe, env)
     expected = "{'proxy_type': 2, 'proxy_addr': 'proxy.example', 'proxy_port': 1080}"
-    assert done.stdout.strip() == f"True {expected}"
+    assert out.strip() == f"True {expected}"
